@@ -1,0 +1,34 @@
+"""Trains a DDPM target and exports it as a project checkpoint.
+
+    python experiments/train.py --config experiments/configs/train_digits.py \
+        --workdir runs/digits
+
+Re-running the same command after a kill resumes from the last checkpoint.
+The exported target is ``WORKDIR/target`` (EMA weights, model config,
+schedule, and the exact member / non-member ids).
+"""
+
+from absl import app, flags, logging
+import jax
+from ml_collections import config_flags
+
+from mia_jax import cli, train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/train_digits.py", "Training config.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where state/ and target/ go.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.setup_logging()
+  logging.info("devices: %s", jax.devices())
+  target = train.train(_CONFIG.value, _WORKDIR.value)
+  print(f"trained target: {target}")
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

@@ -1,0 +1,40 @@
+"""Naive (loss) attack (Matsumoto et al. 2023) with OMS.
+
+eps^0 ~ N(0, I); the loss ``||eps^0 - eps_theta(x_t(eps^0), t)||_2^2`` is the
+first residual of the noise-search chain. OMS depth n scores
+``-sum (eps^{n+1} - eps^0)^2`` (squared L2 as in PIA's reference code;
+monotone in the norm).
+"""
+
+from __future__ import annotations
+
+import jax
+
+from mia_jax import fixed_point
+from mia_jax.attacks import base
+from mia_jax.denoiser import EpsFn
+
+
+def make_naive(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
+               p: float = 2.0) -> base.Attack:
+  """Builds the Naive attack.
+
+  Args:
+    eps_fn: the denoiser's eps function.
+    timestep: attack index t (PIA paper: 200 on DDPM; OMS paper: 350).
+    oms_steps: N; scores for every depth 0..N from one chain of N + 1 queries.
+    p: distance exponent (sum |.|^p, no root).
+  """
+  oms_steps = base.check_oms_steps(oms_steps)
+
+  def score_fn(params, sched, x0, keys, cond=None):
+    t = base.full_t(x0, timestep)
+    eps0 = base.per_sample_normal(keys, x0.shape, x0.dtype)
+    chain = fixed_point.run_chain(eps_fn, params, sched, x0, t, eps0,
+                                  oms_steps + 1, cond)
+    return -fixed_point.distances_to_start(chain, p)
+
+  return base.Attack(
+      name="naive", score_fn=jax.jit(score_fn), oms_steps=oms_steps,
+      timestep=timestep, queries_per_sample=oms_steps + 1,
+      config=dict(timestep=timestep, oms_steps=oms_steps, p=p))

@@ -1,0 +1,179 @@
+"""One audit run: checkpoint + member/non-member data + attacks -> run directory.
+
+This is the library behind `experiments/attack.py` (and the notebook): it
+resolves the data, builds the attacks, scores resumably (`runner`), and
+writes ``config.json``, ``scores.npz``, ``metrics.json``, ``roc.png`` and
+``roc_log.png``, ``report.md``/``report.html``, then returns the metric rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Sequence
+
+from absl import logging
+import numpy as np
+
+from mia_jax import attacks as attacks_lib
+from mia_jax import checkpoints, data, metrics, report, runner
+from mia_jax.denoiser import Denoiser
+
+
+@dataclasses.dataclass
+class AuditConfig:
+  """What `run_audit` needs; mirrors the flags of experiments/attack.py.
+
+  Attributes:
+    checkpoint: a project checkpoint directory.
+    output: the run directory to write (resumes if it holds shards).
+    members / nonmembers: data specs (see `mia_jax.data.parse_spec`); None
+      takes the ids recorded in the checkpoint by training.
+    attacks: attack names (`mia_jax.attacks.PRESETS`).
+    oms_steps: N; every depth 0..N is scored.
+    timestep: overrides each attack's preset timestep when set.
+    seed: randomness of the run (Naive noise, bootstrap, ASR splits).
+    batch_size: samples per compiled call.
+    max_samples: keep at most this many members and non-members (the first
+      ones in order), for quick runs; None keeps all.
+    bootstrap: bootstrap resamples for the intervals (0 disables).
+    attack_overrides: per-attack extra keyword arguments.
+  """
+
+  checkpoint: str
+  output: str
+  members: Optional[str] = None
+  nonmembers: Optional[str] = None
+  attacks: Sequence[str] = ("naive", "secmi", "pia", "pian")
+  oms_steps: int = 1
+  timestep: Optional[int] = None
+  seed: int = 0
+  batch_size: int = 64
+  max_samples: Optional[int] = None
+  bootstrap: int = 200
+  attack_overrides: dict = dataclasses.field(default_factory=dict)
+
+
+def _positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
+  lookup = {str(v): i for i, v in enumerate(np.asarray(source.ids).tolist())}
+  missing = [i for i in ids if str(i) not in lookup]
+  if missing:
+    raise ValueError(f"{len(missing)} {what} ids recorded in the checkpoint are "
+                     f"not in the data source (first: {missing[:5]})")
+  return np.asarray([lookup[str(i)] for i in ids], np.int64)
+
+
+def resolve_sets(cfg: AuditConfig, metadata: dict):
+  """The member and non-member `runner.SampleSet`s of a run."""
+  recorded = metadata.get("data") or {}
+  sets = []
+  for label, spec, key in ((1, cfg.members, "members"),
+                           (0, cfg.nonmembers, "nonmembers")):
+    if spec is None:
+      if key not in recorded:
+        raise ValueError(
+            f"--{key} is required: the checkpoint records no {key} (only "
+            "targets trained by mia_jax do). Pass an .npz, an image folder or "
+            "a tfds spec.")
+      source = data.parse_spec(recorded["source"])
+      indices = _positions_of(source, recorded[key], key)
+    else:
+      source = data.parse_spec(spec)
+      indices = np.arange(len(source), dtype=np.int64)
+    if cfg.max_samples is not None:
+      indices = indices[:cfg.max_samples]
+    if not len(indices):
+      raise ValueError(f"the {key} set is empty")
+    sets.append(runner.SampleSet(source, indices, label))
+  member_ids = np.asarray(sets[0].source.ids)[sets[0].indices]
+  nonmember_ids = np.asarray(sets[1].source.ids)[sets[1].indices]
+  if sets[0].source is sets[1].source or (cfg.members == cfg.nonmembers):
+    data.check_disjoint(member_ids, nonmember_ids)
+  return sets
+
+
+def build_attacks(cfg: AuditConfig, denoiser: Denoiser):
+  built = []
+  for name in cfg.attacks:
+    overrides = dict(cfg.attack_overrides.get(name, {}))
+    overrides.setdefault("oms_steps", cfg.oms_steps)
+    if cfg.timestep is not None:
+      overrides["timestep"] = cfg.timestep
+    built.append(attacks_lib.build(name, denoiser.eps_fn, **overrides))
+  return built
+
+
+def metric_rows(table: runner.ScoreTable, built, *, bootstrap: int,
+                seed: int) -> list[dict]:
+  """One metrics row per attack variant."""
+  rows = []
+  for attack in built:
+    for n, variant in enumerate(attack.variant_names()):
+      summary = metrics.summarize(table.scores[variant], table.labels,
+                                  bootstrap=bootstrap, seed=seed)
+      rows.append({"variant": variant, "attack": attack.name, "oms_steps": n,
+                   "timestep": attack.timestep,
+                   "queries_per_sample": attack.queries_per_sample - (attack.oms_steps - n),
+                   **summary})
+  return rows
+
+
+def _manifest(cfg: AuditConfig, denoiser: Denoiser, sets) -> dict:
+  import jax
+  ids_hash = runner.fingerprint(
+      {"members": np.asarray(sets[0].source.ids)[sets[0].indices].tolist(),
+       "nonmembers": np.asarray(sets[1].source.ids)[sets[1].indices].tolist()})
+  return {
+      "devices": [str(d) for d in jax.devices()],
+      "seed": cfg.seed, "split_sha256": ids_hash,
+      "checkpoint": os.path.abspath(cfg.checkpoint),
+      "checkpoint_params_sha256": checkpoints.params_fingerprint(denoiser.params),
+      "checkpoint_provenance": denoiser.provenance,
+  }
+
+
+def run_audit(cfg: AuditConfig, *, progress: bool = True,
+              denoiser: Optional[Denoiser] = None) -> list[dict]:
+  """Runs the audit of ``cfg`` and writes the run directory (see module doc)."""
+  metadata = checkpoints.read_metadata(cfg.checkpoint)
+  denoiser = denoiser or checkpoints.load_denoiser(cfg.checkpoint)
+  sets = resolve_sets(cfg, metadata)
+  built = build_attacks(cfg, denoiser)
+  os.makedirs(cfg.output, exist_ok=True)
+  manifest = _manifest(cfg, denoiser, sets)
+  resolved = {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
+              "attack_configs": {a.name: a.config for a in built},
+              "schedule": denoiser.schedule.to_config(), "family": denoiser.family}
+  report.atomic_write_text(os.path.join(cfg.output, "config.json"),
+                           json.dumps(resolved, indent=2, default=str))
+  logging.info("auditing %s: %d members, %d non-members, attacks %s, OMS 0..%d",
+               cfg.checkpoint, len(sets[0].indices), len(sets[1].indices),
+               [a.name for a in built], cfg.oms_steps)
+  table = runner.score_samples(
+      denoiser, built, sets, batch_size=cfg.batch_size, seed=cfg.seed,
+      shard_dir=os.path.join(cfg.output, "shards"),
+      run_fingerprint={"config": resolved,
+                       "params": manifest["checkpoint_params_sha256"],
+                       "split": manifest["split_sha256"]},
+      progress=progress)
+  write_outputs(cfg.output, table, built, resolved, manifest,
+                bootstrap=cfg.bootstrap, seed=cfg.seed)
+  with open(os.path.join(cfg.output, "metrics.json")) as f:
+    return json.load(f)
+
+
+def write_outputs(run_dir: str, table: runner.ScoreTable, built, resolved: dict,
+                  manifest: dict, *, bootstrap: int, seed: int) -> list[dict]:
+  """scores.npz, metrics.json, ROC plots and the report of a scored run."""
+  scores_path = os.path.join(run_dir, "scores.npz")
+  tmp = os.path.join(run_dir, f".scores.tmp-{os.getpid()}.npz")
+  np.savez(tmp, ids=table.ids, labels=table.labels, **table.scores)
+  os.replace(tmp, scores_path)
+  rows = metrics.jsonable(metric_rows(table, built, bootstrap=bootstrap,
+                                      seed=seed))
+  report.atomic_write_text(os.path.join(run_dir, "metrics.json"),
+                           json.dumps(rows, indent=2))
+  report.write_report(run_dir, rows, scores_path, resolved,
+                      report.environment_manifest(manifest))
+  return rows

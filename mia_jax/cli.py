@@ -1,0 +1,44 @@
+"""Shared set-up of the absl binaries in experiments/ (kept out of main()s)."""
+
+from __future__ import annotations
+
+import logging as std_logging
+import os
+
+from absl import logging
+
+# Libraries whose INFO chatter (orbax: one line per file written) buries the
+# progress lines a user is waiting for. Their warnings still show.
+_CHATTY = (f"{os.sep}orbax{os.sep}", f"{os.sep}jax{os.sep}_src{os.sep}")
+
+
+class _DropChattyInfo(std_logging.Filter):
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return True
+    return not any(part in record.pathname for part in _CHATTY)
+
+
+def setup_logging() -> None:
+  """INFO for mia_jax, WARNING and up for orbax / jax internals."""
+  logging.set_verbosity(logging.INFO)
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropChattyInfo) for f in handler.filters):
+    handler.addFilter(_DropChattyInfo())
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+  """Calls `jax.distributed.initialize()` for multi-host runs when asked.
+
+  On TPU pods and SLURM/Kubernetes clusters JAX discovers the coordinator
+  from the environment; elsewhere set JAX_COORDINATOR_ADDRESS,
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
+  if not enabled:
+    return
+  import jax
+  jax.distributed.initialize()
+  logging.info("process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())

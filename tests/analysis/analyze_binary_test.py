@@ -1,0 +1,54 @@
+"""experiments/analyze.py end to end on a tiny saved DDPM checkpoint (slow)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mia_jax import checkpoints, data, models, schedules
+from mia_jax.denoiser import InputSpec
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_analyze_binary_on_a_tiny_checkpoint(tmp_path):
+  config = dict(ch=32, ch_mult=(1, 2), attn_levels=(1,), num_res_blocks=1,
+                dropout=0.1, in_channels=1, out_channels=1,
+                num_timesteps=1000)
+  module = models.build_module("ddpm_unet", config)
+  spec = InputSpec(resolution=8, channels=1)
+  params = models.init_params("ddpm_unet", module, jax.random.key(0), spec)
+  members, nonmembers = data.digits_split(0)
+  ids = np.asarray(data.digits_source().ids)
+  ckpt = checkpoints.save_denoiser(
+      str(tmp_path / "ckpt"), family="ddpm_unet", model_config=config,
+      schedule=schedules.linear(), spec=spec, params=params,
+      provenance={"note": "random init, test only"},
+      data={"source": "digits", "members": ids[members].tolist(),
+            "nonmembers": ids[nonmembers].tolist()})
+  out = tmp_path / "analysis"
+  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "experiments" / "analyze.py"),
+       f"--checkpoint={ckpt}", f"--output={out}", "--num_samples=4",
+       "--batch_size=4", "--timesteps=50,200", "--num_iterations=2",
+       "--chain_length=4", "--num_probes=4", "--num_pairs=2"],
+      env=env, capture_output=True, text=True, timeout=1200, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "P(member smaller)" in proc.stdout
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["counts"] == {"members": 4, "nonmembers": 4}
+  assert summary["dim"] == 64
+  assert summary["timesteps"] == [50, 200]
+  with np.load(out / "arrays.npz") as z:
+    assert z["spectral"].shape == (8, 2, 2)
+    assert z["residuals"].shape == (8, 2, 4)
+    assert np.all(np.isfinite(z["spectral"]))
+  for name in ("figure1", "frobenius", "errors", "contraction"):
+    assert (out / f"{name}.png").stat().st_size > 1000

@@ -1,0 +1,1 @@
+"""PyTorch reference modules for parity tests (never imported by mia_jax)."""
