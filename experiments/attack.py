@@ -28,6 +28,11 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Samples per call.")
 _MAX_SAMPLES = flags.DEFINE_integer("max_samples", None,
                                     "Use at most N members and N non-members.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples.")
+_REFERENCE = flags.DEFINE_string(
+    "reference", None, "Public non-member data for fitted attacks (qr, gsa); "
+    "defaults to the public ids recorded by training.")
+_SHADOWS = flags.DEFINE_list("shadow_checkpoints", [],
+                             "Shadow model checkpoints (gsa).")
 _OUTPUT = flags.DEFINE_string("output", None, "Run directory.")
 
 
@@ -41,7 +46,8 @@ def main(argv):
       attacks=tuple(_ATTACKS.value), oms_steps=_OMS_STEPS.value,
       timestep=_TIMESTEP.value, seed=_SEED.value,
       batch_size=_BATCH_SIZE.value, max_samples=_MAX_SAMPLES.value,
-      bootstrap=_BOOTSTRAP.value)
+      bootstrap=_BOOTSTRAP.value, reference=_REFERENCE.value,
+      shadow_checkpoints=tuple(_SHADOWS.value))
   rows = audit.run_audit(cfg)
   print(report.format_table(rows))
   print(f"\nrun directory: {cfg.output}")

@@ -18,6 +18,7 @@ import numpy as np
 
 from mia_jax import attacks as attacks_lib
 from mia_jax import checkpoints, data, metrics, report, runner
+from mia_jax.attacks import fitted
 from mia_jax.denoiser import Denoiser
 
 
@@ -39,6 +40,9 @@ class AuditConfig:
       ones in order), for quick runs; None keeps all.
     bootstrap: bootstrap resamples for the intervals (0 disables).
     attack_overrides: per-attack extra keyword arguments.
+    reference: data spec of public non-member images for fitted attacks (QR,
+      GSA shadows); None takes the "public" ids recorded by training, if any.
+    shadow_checkpoints: shadow model checkpoints for GSA.
   """
 
   checkpoint: str
@@ -53,6 +57,8 @@ class AuditConfig:
   max_samples: Optional[int] = None
   bootstrap: int = 200
   attack_overrides: dict = dataclasses.field(default_factory=dict)
+  reference: Optional[str] = None
+  shadow_checkpoints: Sequence[str] = ()
 
 
 def _positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
@@ -93,9 +99,25 @@ def resolve_sets(cfg: AuditConfig, metadata: dict):
   return sets
 
 
+def resolve_reference(cfg: AuditConfig, metadata: dict):
+  """The reference (public non-member) `runner.SampleSet`, or None."""
+  recorded = metadata.get("data") or {}
+  if cfg.reference is not None:
+    source = data.parse_spec(cfg.reference)
+    return runner.SampleSet(source, np.arange(len(source), dtype=np.int64), 0)
+  if recorded.get("public"):
+    source = data.parse_spec(recorded["source"])
+    return runner.SampleSet(
+        source, _positions_of(source, recorded["public"], "public"), 0)
+  return None
+
+
 def build_attacks(cfg: AuditConfig, denoiser: Denoiser):
+  """The per-sample attacks of ``cfg`` (fitted ones run separately)."""
   built = []
   for name in cfg.attacks:
+    if fitted.is_fitted(name):
+      continue
     overrides = dict(cfg.attack_overrides.get(name, {}))
     overrides.setdefault("oms_steps", cfg.oms_steps)
     if cfg.timestep is not None:
@@ -110,11 +132,14 @@ def metric_rows(table: runner.ScoreTable, built, *, bootstrap: int,
   rows = []
   for attack in built:
     for n, variant in enumerate(attack.variant_names()):
+      depth = attack.variant_depth(n)
       summary = metrics.summarize(table.scores[variant], table.labels,
                                   bootstrap=bootstrap, seed=seed)
-      rows.append({"variant": variant, "attack": attack.name, "oms_steps": n,
-                   "timestep": attack.timestep,
-                   "queries_per_sample": attack.queries_per_sample - (attack.oms_steps - n),
+      rows.append({"variant": variant, "attack": attack.name,
+                   "oms_steps": depth, "timestep": attack.timestep,
+                   # A depth-n score alone needs N - n fewer chain steps.
+                   "queries_per_sample": attack.queries_per_sample
+                                         - (attack.oms_steps - depth),
                    **summary})
   return rows
 
@@ -157,21 +182,60 @@ def run_audit(cfg: AuditConfig, *, progress: bool = True,
                        "params": manifest["checkpoint_params_sha256"],
                        "split": manifest["split_sha256"]},
       progress=progress)
+  fitted_variants = run_fitted_attacks(cfg, denoiser, sets,
+                                       resolve_reference(cfg, metadata))
   write_outputs(cfg.output, table, built, resolved, manifest,
-                bootstrap=cfg.bootstrap, seed=cfg.seed)
+                bootstrap=cfg.bootstrap, seed=cfg.seed,
+                fitted_variants=fitted_variants)
   with open(os.path.join(cfg.output, "metrics.json")) as f:
     return json.load(f)
 
 
+def run_fitted_attacks(cfg: AuditConfig, denoiser: Denoiser, sets,
+                       reference) -> list[fitted.FittedVariant]:
+  """Runs the fitted attacks (QR, GSA) of ``cfg`` on the evaluation sets."""
+  out = []
+  for name in cfg.attacks:
+    if not fitted.is_fitted(name):
+      continue
+    ctx = fitted.FittedContext(
+        denoiser=denoiser, eval_sets=sets, reference_set=reference,
+        shadow_checkpoints=list(cfg.shadow_checkpoints),
+        batch_size=cfg.batch_size, seed=cfg.seed,
+        work_dir=os.path.join(cfg.output, "fitted", name))
+    os.makedirs(ctx.work_dir, exist_ok=True)
+    overrides = dict(cfg.attack_overrides.get(name, {}))
+    overrides.setdefault("oms_steps", cfg.oms_steps)
+    logging.info("running fitted attack %s", name)
+    out.extend(fitted.run(name, ctx, **overrides))
+  return out
+
+
+def fitted_rows(variants, labels, *, bootstrap: int, seed: int) -> list[dict]:
+  rows = []
+  for v in variants:
+    summary = metrics.summarize(v.scores, labels, bootstrap=bootstrap, seed=seed)
+    rows.append({"variant": v.name, "attack": v.name.rsplit("_oms", 1)[0],
+                 "oms_steps": v.oms_steps, "timestep": v.timestep,
+                 "queries_per_sample": v.queries_per_sample, **summary,
+                 **v.extra})
+  return rows
+
+
 def write_outputs(run_dir: str, table: runner.ScoreTable, built, resolved: dict,
-                  manifest: dict, *, bootstrap: int, seed: int) -> list[dict]:
+                  manifest: dict, *, bootstrap: int, seed: int,
+                  fitted_variants=()) -> list[dict]:
   """scores.npz, metrics.json, ROC plots and the report of a scored run."""
+  for v in fitted_variants:
+    table.scores[v.name] = v.scores
   scores_path = os.path.join(run_dir, "scores.npz")
   tmp = os.path.join(run_dir, f".scores.tmp-{os.getpid()}.npz")
   np.savez(tmp, ids=table.ids, labels=table.labels, **table.scores)
   os.replace(tmp, scores_path)
-  rows = metrics.jsonable(metric_rows(table, built, bootstrap=bootstrap,
-                                      seed=seed))
+  rows = metrics.jsonable(
+      metric_rows(table, built, bootstrap=bootstrap, seed=seed) +
+      fitted_rows(fitted_variants, table.labels, bootstrap=bootstrap,
+                  seed=seed))
   report.atomic_write_text(os.path.join(run_dir, "metrics.json"),
                            json.dumps(rows, indent=2))
   report.write_report(run_dir, rows, scores_path, resolved,

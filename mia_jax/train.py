@@ -92,12 +92,30 @@ def batch_indices(seed: int, step: int, batch_size: int, num: int) -> np.ndarray
   return out
 
 
+def split_data(num: int, member_fraction: float, public_fraction: float,
+               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Seeded (members, non-members, public) positions of a training set.
+
+  Members train the target; non-members are the audit's held-out half; the
+  public part (possibly empty) is reference data that attacks may fit on
+  (QR's public set, GSA's shadow models) and that is never evaluated.
+  """
+  members, rest = data.member_split(num, fraction=member_fraction, seed=seed)
+  if public_fraction <= 0:
+    return np.asarray(members), np.asarray(rest), np.zeros(0, np.int64)
+  share = public_fraction / (1.0 - member_fraction)
+  public_pos, nonmember_pos = data.member_split(len(rest), fraction=share,
+                                                seed=seed + 1)
+  return (np.asarray(members), np.asarray(rest)[nonmember_pos],
+          np.asarray(rest)[public_pos])
+
+
 def _member_data(cfg: ml_collections.ConfigDict):
-  """(source, member positions, non-member positions) of the training split."""
+  """(source, members, non-members, public) positions of the training split."""
   source = data.parse_spec(cfg.data.source)
-  members, nonmembers = data.member_split(
-      len(source), fraction=cfg.data.member_fraction, seed=cfg.data.split_seed)
-  return source, np.asarray(members), np.asarray(nonmembers)
+  parts = split_data(len(source), cfg.data.member_fraction,
+                     cfg.data.get("public_fraction", 0.0), cfg.data.split_seed)
+  return (source, *parts)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str) -> str:
@@ -116,7 +134,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> str:
                  target_dir)
     return target_dir
 
-  source, members, nonmembers = _member_data(cfg)
+  source, members, nonmembers, public = _member_data(cfg)
   images = np.asarray(source.get(members)).astype(np.float32) / 127.5 - 1.0
   spec = InputSpec(resolution=images.shape[1], channels=images.shape[3])
   model_config = dict(cfg.model)
@@ -130,8 +148,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> str:
   state = TrainState(jnp.zeros((), jnp.int32), params,
                      jax.tree.map(jnp.copy, params), optimizer.init(params))
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  logging.info("model %s: %.3f M parameters; %d members, %d non-members",
-               cfg.family, num_params / 1e6, len(members), len(nonmembers))
+  logging.info("model %s: %.3f M parameters; %d members, %d non-members, "
+               "%d public (reference) images", cfg.family, num_params / 1e6,
+               len(members), len(nonmembers), len(public))
 
   manager = ocp.CheckpointManager(
       os.path.join(workdir, "state"),
@@ -169,6 +188,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> str:
       provenance={"trained_by": "mia_jax.train", "steps": int(state.step),
                   "config": cfg.to_dict()},
       data={"source": cfg.data.source, "members": ids[members].tolist(),
-            "nonmembers": ids[nonmembers].tolist()})
+            "nonmembers": ids[nonmembers].tolist(),
+            "public": ids[public].tolist()})
   logging.info("exported the EMA target to %s", target_dir)
   return target_dir

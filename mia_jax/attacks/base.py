@@ -33,6 +33,8 @@ class Attack:
     timestep: the attack's main timestep (reported in metrics).
     queries_per_sample: network forward passes per sample for all depths.
     config: the resolved hyperparameters (JSON-able).
+    variants: output names of the score rows when they are not OMS depths
+      (e.g. the noise probe's distances); empty means ``<name>_oms<n>``.
   """
 
   name: str
@@ -41,9 +43,16 @@ class Attack:
   timestep: int
   queries_per_sample: int
   config: dict[str, Any]
+  variants: tuple[str, ...] = ()
 
   def variant_names(self) -> list[str]:
+    if self.variants:
+      return list(self.variants)
     return [f"{self.name}_oms{n}" for n in range(self.oms_steps + 1)]
+
+  def variant_depth(self, index: int) -> int:
+    """The OMS depth of score row ``index`` (0 for non-OMS variants)."""
+    return 0 if self.variants else index
 
 
 def per_sample_normal(keys: jax.Array, shape: tuple[int, ...],

@@ -94,8 +94,13 @@ def init_params(family: str, module: nn.Module, rng: jax.Array,
   # than RngBitGenerator ones. The result is a deterministic function of
   # ``rng`` on a given backend (RngBitGenerator streams are backend-specific).
   seed = int(jax.random.randint(rng, (), 0, jnp.iinfo(jnp.int32).max))
-  return _jit_init(module, jax.random.key(seed, impl="rbg"), x, time_input,
-                   cond)
+  key = jax.random.key(seed, impl="rbg")
+  try:
+    hash(module)
+  except TypeError:  # a field holds a list/dict: no compile cache, same result
+    return jax.jit(functools.partial(_jit_init.__wrapped__, module))(
+        key, x, time_input, cond)
+  return _jit_init(module, key, x, time_input, cond)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

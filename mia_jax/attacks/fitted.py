@@ -1,0 +1,113 @@
+"""Attacks that fit something before scoring (quantile regression, GSA).
+
+A per-sample attack (`base.Attack`) scores each record on its own. A fitted
+attack first learns from *reference* data that is never evaluated -- public
+non-member images (QR) or shadow models trained on it (GSA) -- and then
+scores the run's evaluation samples. Its module defines
+
+    run_fitted(ctx: FittedContext, **overrides) -> list[FittedVariant]
+
+and is registered in `FITTED` by name. Every variant scores exactly the run's
+evaluation samples, in the runner's order, higher = more likely member, so
+its rows sit in the same table as the loss attacks'. Evaluation labels are
+never given to the fitting code: `ctx.eval_sets` carry them only because the
+runner needs them to lay out outputs; a fitted attack must use
+`ctx.eval_images()`, which hides them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from mia_jax.denoiser import Denoiser
+
+# name -> module path (imported lazily).
+FITTED: dict[str, str] = {
+    "qr": "mia_jax.attacks.quantile",
+    "gsa": "mia_jax.attacks.gsa",
+}
+
+
+@dataclasses.dataclass
+class FittedVariant:
+  """Scores of one fitted-attack variant over the evaluation samples.
+
+  Attributes:
+    name: output name, e.g. "qr_oms0", "gsa2_oms1".
+    scores: [M] float, higher = more likely member, runner order.
+    oms_steps: OMS depth of the underlying statistic.
+    timestep: main timestep (or None).
+    queries_per_sample: forward (+ backward) passes per evaluated sample.
+    extra: additional row fields (e.g. QR's TPR at its own alpha levels).
+  """
+
+  name: str
+  scores: np.ndarray
+  oms_steps: int = 0
+  timestep: Optional[int] = None
+  queries_per_sample: Optional[float] = None
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class FittedContext:
+  """What a fitted attack may use.
+
+  Attributes:
+    denoiser: the target model.
+    eval_sets: the run's member and non-member `runner.SampleSet`s (labels
+      are for output layout only; use `eval_batches`).
+    reference_set: `runner.SampleSet` of public non-member images (never
+      evaluated), or None when the run has none.
+    shadow_checkpoints: checkpoint directories of shadow models (GSA).
+    batch_size, seed: as in the run.
+    work_dir: a directory of the run for caches (features, fitted models);
+      write atomically there so a killed run resumes.
+  """
+
+  denoiser: Denoiser
+  eval_sets: Sequence[Any]
+  reference_set: Optional[Any]
+  shadow_checkpoints: Sequence[str]
+  batch_size: int
+  seed: int
+  work_dir: str
+
+  def num_eval(self) -> int:
+    return int(sum(len(s.indices) for s in self.eval_sets))
+
+  def eval_batches(self) -> Iterator[tuple[np.ndarray, list]]:
+    """(uint8 images [b, H, W, C], captions) of the evaluation samples in
+    runner order, in chunks of ``batch_size``; labels are not exposed."""
+    for s in self.eval_sets:
+      for start in range(0, len(s.indices), self.batch_size):
+        idx = s.indices[start:start + self.batch_size]
+        yield np.asarray(s.source.get(idx)), _captions(s.source, idx)
+
+
+def _captions(source, idx) -> list:
+  from mia_jax.data import sources
+  if sources.has_captions(source):
+    return list(source.captions(idx))
+  return [""] * len(idx)
+
+
+def is_fitted(name: str) -> bool:
+  return name in FITTED
+
+
+def run(name: str, ctx: FittedContext, **overrides) -> list[FittedVariant]:
+  """Runs fitted attack ``name`` and checks its outputs."""
+  module = importlib.import_module(FITTED[name])
+  variants = module.run_fitted(ctx, **overrides)
+  for v in variants:
+    scores = np.asarray(v.scores, np.float64)
+    if scores.shape != (ctx.num_eval(),):
+      raise ValueError(f"fitted attack {name} variant {v.name} returned "
+                       f"{scores.shape} scores for {ctx.num_eval()} samples")
+    v.scores = scores
+  return variants
