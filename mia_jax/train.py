@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import flax.struct
@@ -118,14 +118,18 @@ def _member_data(cfg: ml_collections.ConfigDict):
   return (source, *parts)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str) -> str:
+def train(cfg: ml_collections.ConfigDict, workdir: str, *,
+          max_steps_this_run: Optional[int] = None) -> Optional[str]:
   """Trains (or resumes) a target and exports it to ``workdir/target``.
 
   Args:
     cfg: see `experiments/configs/train_digits.py` for the fields.
     workdir: holds ``state/`` (orbax training checkpoints) and ``target/``.
+    max_steps_this_run: stop (with a checkpoint) after this many steps of
+      this invocation, e.g. to fit a pre-emptible job's time slot; the next
+      call resumes.
   Returns:
-    The exported checkpoint directory.
+    The exported checkpoint directory, or None when stopped early.
   """
   workdir = os.path.abspath(workdir)
   target_dir = os.path.join(workdir, "target")
@@ -164,7 +168,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> str:
                             cfg.train.ema_decay, cfg.train.random_flip)
   batch_size, num_steps = cfg.train.batch_size, cfg.train.num_steps
   start, t0, losses = int(state.step), time.time(), []
-  for step in range(start, num_steps):
+  stop = num_steps if max_steps_this_run is None else min(
+      num_steps, start + max_steps_this_run)
+  for step in range(start, stop):
     idx = batch_indices(cfg.seed, step, batch_size, len(images))
     state, loss = step_fn(state, jnp.asarray(images[idx]),
                           jax.random.fold_in(root, 2 + step))
@@ -176,10 +182,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str) -> str:
                    num_steps, float(jnp.mean(jnp.stack(losses))), rate,
                    (num_steps - done) / max(rate, 1e-9))
       losses = []
-    if done % cfg.train.checkpoint_every == 0 or done == num_steps:
+    if (done % cfg.train.checkpoint_every == 0 or done == num_steps or
+        done == stop):
       manager.save(done, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   manager.close()
+  if int(state.step) < num_steps:
+    logging.info("stopped at step %d of %d; run again to resume",
+                 int(state.step), num_steps)
+    return None
 
   ids = np.asarray(source.ids)
   checkpoints.save_denoiser(

@@ -227,6 +227,16 @@ class ConvertPytorchDDPMTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "mean_type"):
       ddpm_convert.convert_pytorch_ddpm(path)
 
+  def test_parse_flagfile_comma_lists(self):
+    path = os.path.join(_tempdir(self), "flagfile.txt")
+    with open(path, "w") as f:
+      f.write("# absl\n--ch_mult=1,2,2\n--attn=1\n--attn=2\n--T=500\n"
+              "--img_size=16\n")
+    model, extras = ddpm_convert.parse_flagfile(path)
+    self.assertEqual(model, {"ch_mult": (1, 2, 2), "attn_levels": (1, 2),
+                             "num_timesteps": 500})
+    self.assertEqual(extras, {"img_size": "16"})
+
   def test_unsafe_and_truncated_files(self):
 
     class Payload:
@@ -246,6 +256,27 @@ class ConvertPytorchDDPMTest(absltest.TestCase):
     with self.assertRaises(ckpt_io.CheckpointReadError) as cm:
       ddpm_convert.convert_pytorch_ddpm(bad, model_config=FLAX_SMALL)
     self.assertNotIsInstance(cm.exception, ckpt_io.UnsafeCheckpointError)
+
+  def test_full_training_checkpoint_loads_without_code(self):
+    # What pytorch-ddpm's main.py saves: optimizer and LambdaLR state too
+    # (the lambda itself is not pickled), all weights_only-loadable.
+    model = ref.UNet(**TORCH_SMALL)
+    optim = torch.optim.Adam(model.parameters(), lr=2e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lr_lambda=lambda step: min(step, 5000) / 5000)
+    loss = model(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).square()
+    loss.mean().backward()
+    optim.step()
+    sched.step()
+    path = self._save_state({"net_model": model.state_dict(),
+                             "ema_model": self.ema.state_dict(),
+                             "sched": sched.state_dict(),
+                             "optim": optim.state_dict(), "step": 1,
+                             "x_T": torch.randn(2, 3, 8, 8)})
+    params, _, prov = ddpm_convert.convert_pytorch_ddpm(
+        path, model_config=FLAX_SMALL)
+    self.assertEqual(prov["weights"], "ema_model")
+    jax.tree.map(np.testing.assert_array_equal, params, self.params)
 
   def test_not_a_checkpoint(self):
     path = self._save_state({"model": {"w": torch.zeros(1)}, "step": 3})

@@ -210,9 +210,11 @@ def test_naive_attack_with_oms_on_latents_matches_pytorch(sd_folder,
 
 def test_guidance_and_v_prediction_match_formula(sd_folder, converted):
   s = 3.0
+  # Also runs the UNet's attention in query chunks (64 tokens -> 4 x 16).
   den = pipeline.make_sd_denoiser(dict(converted,
                                        prediction_type="v_prediction"),
-                                  guidance_scale=s)
+                                  guidance_scale=s, attention_query_chunk=16)
+  assert den.model_config["unet"]["attention_query_chunk"] == 16
   cond = den.cond_fn(_CAPTIONS[:2])
   assert set(cond) == {"text", "uncond"}
   z = np.random.RandomState(2).randn(2, 8, 8, 4).astype(np.float32)

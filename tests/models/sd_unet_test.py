@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from mia_jax.convert import sd as convert_sd
 from mia_jax.models import sd as sd_models
+from mia_jax.models.sd import blocks
 from mia_jax.models.sd import unet as unet_lib
 
 _REL_TOL = 1e-5  # max |flax - torch| / max |torch|, float32, highest precision
@@ -126,6 +127,23 @@ def test_bfloat16_is_close_to_float32():
   assert 1e-4 < err < 5e-2, err  # really bf16 (not silently f32), yet close
 
 
+def test_query_chunked_attention_equals_full():
+  rng = np.random.RandomState(3)
+  q, k, v = (rng.randn(2, 64, 12).astype(np.float32) for _ in range(3))
+  full = blocks.dot_product_attention(q, k, v, heads=3)
+  chunked = blocks.dot_product_attention(q, k, v, heads=3, query_chunk=16)
+  np.testing.assert_allclose(chunked, full, rtol=1e-6, atol=1e-7)
+  # Reference: float64 NumPy softmax attention.
+  qh, kh, vh = (a.astype(np.float64).reshape(2, 64, 3, 4) for a in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", qh, kh) / 2.0
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.einsum("bhqk,bkhd->bqhd", p, vh).reshape(2, 64, 12)
+  np.testing.assert_allclose(chunked, want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="must divide"):
+    blocks.dot_product_attention(q, k, v, heads=3, query_chunk=24)
+
+
 def test_bad_inputs():
   module = unet_lib.UNet2DCondition(**unet_lib.unet_config_from_diffusers(
       dict(UNet2DConditionModel(**TINY_SD1).config)))
@@ -196,4 +214,6 @@ def test_full_config_parameter_count_and_parity(name, config):
   with jax.default_matmul_precision("highest"):
     got = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t,
                                                     cond=c))(params, x, t, cond)
-  assert _rel_err(got, want) <= _REL_TOL
+  err = _rel_err(got, want)
+  print(f"{name} UNet parity: max-rel error {err:.2e}")  # shown with -s
+  assert err <= _REL_TOL

@@ -136,5 +136,6 @@ def test_full_sd_vae_parameter_count_and_parity():
         {"params": p}, x, method=vae_lib.AutoencoderKL.encode)[0])(params, x)
     got_dec = jax.jit(lambda p, z: module.apply(
         {"params": p}, z, method=vae_lib.AutoencoderKL.decode))(params, mean)
-  assert _rel_err(got, mean) <= _REL_TOL
-  assert _rel_err(got_dec, dec) <= _REL_TOL
+  errs = _rel_err(got, mean), _rel_err(got_dec, dec)
+  print(f"SD VAE parity: encoder mean {errs[0]:.2e}, decoder {errs[1]:.2e}")
+  assert max(errs) <= _REL_TOL

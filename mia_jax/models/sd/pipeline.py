@@ -197,11 +197,15 @@ class TextEmbeddingCache:
 
 def _dict_config(converted: Mapping[str, Any], guidance_scale: float,
                  image_resolution: Optional[int],
-                 text_skip_last_layers: Optional[int]) -> dict[str, Any]:
+                 text_skip_last_layers: Optional[int],
+                 attention_query_chunk: Optional[int]) -> dict[str, Any]:
   if text_skip_last_layers is None:
     text_skip_last_layers = converted.get("text_skip_last_layers", 0)
+  unet_cfg = dict(converted["unet"][1])
+  if attention_query_chunk is not None:
+    unet_cfg["attention_query_chunk"] = int(attention_query_chunk)
   return dict(
-      unet=dict(converted["unet"][1]), vae=dict(converted["vae"][1]),
+      unet=unet_cfg, vae=dict(converted["vae"][1]),
       text_encoder=dict(converted["text_encoder"][1]),
       prediction_type=converted["prediction_type"],
       latent_scaling=dict(converted["latent_scaling"]),
@@ -215,6 +219,7 @@ def make_sd_denoiser(converted: Mapping[str, Any], *,
                      image_resolution: Optional[int] = None,
                      text_cache_path: Optional[str] = None,
                      text_skip_last_layers: Optional[int] = None,
+                     attention_query_chunk: Optional[int] = None,
                      tokenize=None) -> Denoiser:
   """A latent-space `Denoiser` for a converted Stable Diffusion folder.
 
@@ -232,6 +237,9 @@ def make_sd_denoiser(converted: Mapping[str, Any], *,
       last one (then ``final_layer_norm``). Default: the converted value, 0
       for diffusers folders, whose SD2 text encoder is stored already cut at
       the penultimate layer; use 1 for a full 24-layer OpenCLIP-H encoder.
+    attention_query_chunk: UNet attention in query chunks of this size (a
+      memory option with identical outputs; e.g. 1024 for 512 px images,
+      whose first level has 4096 tokens). None keeps the converted value.
     tokenize: optional ``captions -> [N, 77] int32`` (default: the folder's
       CLIPTokenizer through `mia_jax.convert.sd.load_tokenizer`).
   Returns:
@@ -239,7 +247,7 @@ def make_sd_denoiser(converted: Mapping[str, Any], *,
     ``[N, L, D]`` embeddings, or ``{"text", "uncond"}`` when ``s != 1``.
   """
   cfg = _dict_config(converted, guidance_scale, image_resolution,
-                     text_skip_last_layers)
+                     text_skip_last_layers, attention_query_chunk)
   sched = schedules.from_config(converted["schedule"])
   unet = unet_lib.UNet2DCondition(**cfg["unet"])
   vae = vae_lib.AutoencoderKL(**cfg["vae"])

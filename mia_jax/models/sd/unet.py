@@ -57,6 +57,10 @@ class UNet2DCondition(nn.Module):
     freq_shift: timestep embedding frequency shift (0 in SD).
     downsample_padding: padding of the stride-2 convs (1 in SD).
     mid_block_scale_factor: output scale of the mid-block resnets (1).
+    attention_query_chunk: if > 0, attention runs this many query tokens at a
+      time (a memory option, same outputs; see
+      `blocks.dot_product_attention`). It must divide h * w of every level
+      where it is smaller than h * w.
     dtype: compute dtype (see `blocks` for the precision policy).
     param_dtype: parameter dtype.
   """
@@ -80,6 +84,7 @@ class UNet2DCondition(nn.Module):
   freq_shift: float = 0.0
   downsample_padding: int = 1
   mid_block_scale_factor: float = 1.0
+  attention_query_chunk: int = 0
   dtype: Dtype = "float32"
   param_dtype: Dtype = "float32"
 
@@ -190,6 +195,7 @@ class UNet2DCondition(nn.Module):
         heads=self.num_attention_heads[level], groups=self.norm_num_groups,
         num_layers=self.transformer_layers_per_block[level],
         use_linear_projection=self.use_linear_projection,
+        query_chunk=self.attention_query_chunk,
         dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype),
         name=name)
 
@@ -256,12 +262,15 @@ def _per_level(value: Any, levels: int, name: str) -> tuple[int, ...]:
 
 
 def unet_config_from_diffusers(cfg: Mapping[str, Any], *,
-                               dtype: str = "float32") -> dict[str, Any]:
+                               dtype: str = "float32",
+                               attention_query_chunk: int = 0
+                               ) -> dict[str, Any]:
   """Translates a diffusers ``UNet2DConditionModel`` config.json.
 
   Args:
     cfg: the parsed ``unet/config.json``.
     dtype: compute and parameter dtype name ("float32" or "bfloat16").
+    attention_query_chunk: see `UNet2DCondition` (0 = off).
   Returns:
     Keyword arguments of `UNet2DCondition` (JSON-able).
   Raises:
@@ -327,6 +336,7 @@ def unet_config_from_diffusers(cfg: Mapping[str, Any], *,
       freq_shift=float(cfg.get("freq_shift", 0)),
       downsample_padding=int(cfg.get("downsample_padding", 1)),
       mid_block_scale_factor=float(cfg.get("mid_block_scale_factor", 1.0)),
+      attention_query_chunk=int(attention_query_chunk),
       dtype=dtype, param_dtype=dtype)
 
 

@@ -1,0 +1,82 @@
+"""PyTorch checkpoint -> project checkpoint directory, one call per format.
+
+`convert_to_checkpoint(format, source, output)` converts with the family's
+strict key table (see the converter modules) and writes a directory that
+`mia_jax.checkpoints.load_denoiser` and experiments/attack.py accept
+unchanged: params, model config, schedule, input spec, and a provenance that
+records the source file's sha256.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from mia_jax import checkpoints, schedules
+from mia_jax.denoiser import InputSpec
+
+FORMATS = ("pytorch_ddpm", "diffusers", "uvit", "stable_diffusion")
+
+
+def _pixel_spec(model_config: dict, provenance: dict, default_res: int,
+                channels_key: str) -> InputSpec:
+  res = provenance.get("resolution") or default_res
+  return InputSpec(resolution=int(res), channels=int(model_config[channels_key]))
+
+
+def convert_to_checkpoint(fmt: str, source: str, output: str, *,
+                          use_ema: bool = True,
+                          model_config: Optional[Any] = None,
+                          resolution: Optional[int] = None) -> str:
+  """Converts ``source`` of format ``fmt`` and writes ``output``.
+
+  Args:
+    fmt: one of `FORMATS`.
+    source: the checkpoint file or directory.
+    output: the project checkpoint directory to create.
+    use_ema: pytorch-ddpm: take ``ema_model`` (default) or ``net_model``.
+    model_config: architecture overrides or a preset name (pytorch-ddpm,
+      U-ViT); diffusers and Stable Diffusion read their config.json.
+    resolution: image resolution when the source does not record it
+      (pytorch-ddpm and U-ViT CIFAR-10 default to 32).
+  Returns:
+    The absolute output directory.
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"--source {source!r} does not exist")
+  if fmt == "stable_diffusion":
+    from mia_jax.models.sd import pipeline  # heavy; only when asked for
+    return pipeline.convert_and_save(source, output)
+  if fmt == "pytorch_ddpm":
+    from mia_jax.convert import ddpm_unet
+    params, config, prov = ddpm_unet.convert_pytorch_ddpm(
+        source, use_ema=use_ema, model_config=model_config)
+    family = "ddpm_unet"
+    sched = schedules.from_config(prov.get("schedule") or {"kind": "linear"})
+    spec = InputSpec(resolution or prov.get("resolution") or 32,
+                     int(config["in_channels"]))
+  elif fmt == "diffusers":
+    from mia_jax.convert import diffusers_unet
+    params, config, prov = diffusers_unet.convert_diffusers_unet(source)
+    family = "ddpm_unet"
+    sched = schedules.from_config(prov.get("schedule") or {"kind": "linear"})
+    spec = InputSpec(resolution or prov.get("resolution") or 32,
+                     int(config["in_channels"]))
+  else:
+    from mia_jax.convert import uvit
+    kwargs = {}
+    if isinstance(model_config, str):
+      kwargs["preset"] = model_config
+    elif model_config is not None:
+      kwargs["model_config"] = model_config
+    params, config, prov = uvit.convert_uvit(source, **kwargs)
+    family = "uvit"
+    # U-ViT CIFAR-10: continuous VP-SDE, attack index i -> t = i / 1000.
+    sched = schedules.vp_sde()
+    spec = InputSpec(resolution or int(config["img_size"]),
+                     int(config["in_chans"]))
+  return checkpoints.save_denoiser(
+      output, family=family, model_config=config, schedule=sched, spec=spec,
+      params=params, provenance={"converted_from": fmt, **prov})
