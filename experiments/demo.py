@@ -3,7 +3,8 @@
     python experiments/demo.py --workdir runs/demo
 
 1. trains the digits target (scikit-learn's 1,797 real 8x8 handwritten
-   digits, 898 members / 899 non-members, fixed seed) -> runs/demo/target;
+   digits: 719 members, 719 non-members, 359 public reference images,
+   fixed seed) -> runs/demo/train/target;
 2. runs every attack with OMS depths 0..N on all members and non-members
    -> runs/demo/audit (scores.npz, metrics.json, roc.png, roc_log.png,
    report.md, report.html);

@@ -92,29 +92,12 @@ def batch_indices(seed: int, step: int, batch_size: int, num: int) -> np.ndarray
   return out
 
 
-def split_data(num: int, member_fraction: float, public_fraction: float,
-               seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Seeded (members, non-members, public) positions of a training set.
-
-  Members train the target; non-members are the audit's held-out half; the
-  public part (possibly empty) is reference data that attacks may fit on
-  (QR's public set, GSA's shadow models) and that is never evaluated.
-  """
-  members, rest = data.member_split(num, fraction=member_fraction, seed=seed)
-  if public_fraction <= 0:
-    return np.asarray(members), np.asarray(rest), np.zeros(0, np.int64)
-  share = public_fraction / (1.0 - member_fraction)
-  public_pos, nonmember_pos = data.member_split(len(rest), fraction=share,
-                                                seed=seed + 1)
-  return (np.asarray(members), np.asarray(rest)[nonmember_pos],
-          np.asarray(rest)[public_pos])
-
-
 def _member_data(cfg: ml_collections.ConfigDict):
   """(source, members, non-members, public) positions of the training split."""
   source = data.parse_spec(cfg.data.source)
-  parts = split_data(len(source), cfg.data.member_fraction,
-                     cfg.data.get("public_fraction", 0.0), cfg.data.split_seed)
+  parts = data.three_way_split(len(source), cfg.data.member_fraction,
+                               cfg.data.get("public_fraction", 0.0),
+                               cfg.data.split_seed)
   return (source, *parts)
 
 

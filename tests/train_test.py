@@ -59,6 +59,11 @@ def test_batches_depend_only_on_seed_and_step():
   assert sorted(seen) == list(range(12))
 
 
-def test_split_fractions_validated():
+def test_digits_training_split_matches_the_data_specs():
+  from mia_jax import data
+  m, n, p = data.three_way_split(1797, 0.4, 0.2, 0)
+  np.testing.assert_array_equal(data.parse_spec("digits:members").ids, m)
+  np.testing.assert_array_equal(data.parse_spec("digits:nonmembers").ids, n)
+  np.testing.assert_array_equal(data.parse_spec("digits:public").ids, p)
   with pytest.raises(ValueError):
-    train.split_data(100, 1.2, 0.0, 0)
+    data.three_way_split(100, 0.6, 0.5, 0)

@@ -23,6 +23,8 @@ from mia_jax.data.spec import parse_member_specs
 from mia_jax.data.spec import parse_spec
 from mia_jax.data.spec import SpecError
 from mia_jax.data.splits import check_disjoint
+from mia_jax.data.splits import digits_parts
 from mia_jax.data.splits import digits_split
 from mia_jax.data.splits import load_index_split
 from mia_jax.data.splits import member_split
+from mia_jax.data.splits import three_way_split

@@ -27,14 +27,16 @@ Python (`mia_jax.data.sources`) instead.
 Examples::
 
   digits                           all digits
-  digits:members                   the demo split's members (seed 0)
+  digits:members                   the demo target's members (719; also
+                                   :nonmembers 719 and :public 359)
   digits:nonmembers:seed=3         another seeded split
   data/candidates.npz
   data/pokemon_train               folder (+ captions.txt)
   tfds:cifar10:train:split_file=cifar10:part=members:data_dir=/data/tfds
 
 A ``part`` needs a ``split_file`` or a ``seed``, except for ``digits``,
-whose default split is `splits.digits_split` (seed 0).
+whose default split is the demo target's 40/40/20 split
+(`splits.digits_parts`, seed 0); ``public`` exists only there.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from typing import Optional
 from mia_jax.data import sources as sources_lib
 from mia_jax.data import splits as splits_lib
 
-_PARTS = ("members", "nonmembers", "all")
+_PARTS = ("members", "nonmembers", "public", "all")
 _COMMON_KEYS = {"part", "split_file", "seed", "fraction", "limit"}
 _KEYS_BY_KIND = {
     "digits": set(),
@@ -81,13 +83,13 @@ def split_spec(spec: str) -> list[str]:
 def _parse_options(spec: str, tokens: list[str]) -> dict[str, str]:
   options = {}
   for token in tokens:
-    if token in ("members", "nonmembers"):
+    if token in ("members", "nonmembers", "public"):
       key, value = "part", token
     elif "=" in token:
       key, value = token.split("=", 1)
     else:
       raise SpecError(f"data spec {spec!r}: cannot read option {token!r}; "
-                      "expected key=value, 'members' or 'nonmembers'.")
+                      "expected key=value, 'members', 'nonmembers' or 'public'.")
     if key in options:
       raise SpecError(f"data spec {spec!r}: option {key!r} given twice.")
     options[key] = value
@@ -261,7 +263,13 @@ def select(base, *, spec: str, kind: str, options: dict[str, str]):
       path = splits_lib.resolve_split_path(split_file)
       provenance.update(split_file=str(path),
                         split_sha256=splits_lib.sha256_file(path))
-    elif seed is not None or fraction is not None or kind == "digits":
+    elif kind == "digits" and seed is None and fraction is None:
+      parts = splits_lib.digits_parts(0)
+      members, nonmembers = parts["members"], parts["nonmembers"]
+      provenance.update(split="digits demo 40/40/20, seed 0")
+      if part == "public":
+        members = parts["public"]
+    elif seed is not None or fraction is not None:
       try:
         share = float(fraction) if fraction is not None else 0.5
       except ValueError:
@@ -274,7 +282,11 @@ def select(base, *, spec: str, kind: str, options: dict[str, str]):
       raise SpecError(
           f"data spec {spec!r}: part={part} needs a split; add "
           ":split_file=PATH (e.g. split_file=cifar10) or :seed=INT.")
-    indices = members if part == "members" else nonmembers
+    if part == "public" and not (kind == "digits" and seed is None
+                                 and fraction is None):
+      raise SpecError(f"data spec {spec!r}: part=public exists only in the "
+                      "default digits split.")
+    indices = members if part in ("members", "public") else nonmembers
   if limit is not None:
     if limit <= 0:
       raise SpecError(f"data spec {spec!r}: limit must be positive.")

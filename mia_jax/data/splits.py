@@ -59,9 +59,42 @@ def member_split(num: int, fraction: float = 0.5,
           np.sort(perm[num_members:]).astype(np.int64))
 
 
+def three_way_split(num: int, member_fraction: float, public_fraction: float,
+                    seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Seeded (members, non-members, public) positions of ``range(num)``.
+
+  Members train the target; non-members are the audit's held-out side; the
+  public part (empty when ``public_fraction`` is 0) is reference data that
+  attacks may fit on (QR's public set, GSA's shadow models) and that is never
+  audited. Each part is sorted; together they are ``range(num)``.
+  """
+  members, rest = member_split(num, member_fraction, seed)
+  if public_fraction <= 0:
+    return members, rest, np.zeros(0, np.int64)
+  if member_fraction + public_fraction >= 1.0:
+    raise ValueError(f"three_way_split: member_fraction {member_fraction} + "
+                     f"public_fraction {public_fraction} leaves no non-members")
+  share = public_fraction / (1.0 - member_fraction)
+  public_pos, nonmember_pos = member_split(len(rest), share, seed + 1)
+  return members, rest[nonmember_pos], rest[public_pos]
+
+
+# The demo target's split of the digits: 719 members, 719 non-members and 359
+# public reference images (experiments/configs/train_digits.py uses it).
+DIGITS_DEMO_SPLIT = dict(member_fraction=0.4, public_fraction=0.2)
+
+
+def digits_parts(seed: int = 0) -> dict[str, np.ndarray]:
+  """The demo split of scikit-learn's digits by part name."""
+  members, nonmembers, public = three_way_split(DIGITS_SIZE, seed=seed,
+                                                **DIGITS_DEMO_SPLIT)
+  return {"members": members, "nonmembers": nonmembers, "public": public}
+
+
 def digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """The demo split of scikit-learn's digits: 898 members, 899 non-members."""
-  return member_split(DIGITS_SIZE, 0.5, seed)
+  """(members, non-members) of the demo split: 719 and 719 (359 public)."""
+  parts = digits_parts(seed)
+  return parts["members"], parts["nonmembers"]
 
 
 def check_disjoint(member_ids, nonmember_ids, *, max_shown: int = 5) -> None:

@@ -23,7 +23,8 @@ def test_digits_specs_follow_the_default_split():
   nonmembers = spec_lib.parse_spec("digits:part=nonmembers")
   np.testing.assert_array_equal(members.ids, members_idx)
   np.testing.assert_array_equal(nonmembers.ids, nonmembers_idx)
-  assert (len(members), len(nonmembers)) == (898, 899)
+  assert (len(members), len(nonmembers)) == (719, 719)
+  assert len(spec_lib.parse_spec("digits:public")) == 359
   np.testing.assert_array_equal(members.get([0, 1]),
                                 full.get(members_idx[:2]))
   other = spec_lib.parse_spec("digits:members:seed=1")
@@ -47,7 +48,7 @@ def test_subset_describe_reports_provenance():
 def test_parse_member_specs_checks_overlap_and_shapes(tmp_path):
   members, nonmembers = spec_lib.parse_member_specs("digits:members",
                                                     "digits:nonmembers")
-  assert len(members) + len(nonmembers) == 1797
+  assert len(members) + len(nonmembers) == 1797 - 359  # 359 public
   with pytest.raises(spec_lib.SpecError, match="overlap: 5 id"):
     spec_lib.parse_member_specs("digits:members", "digits:members:limit=5")
   np.savez(tmp_path / "rgb.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
