@@ -36,7 +36,8 @@ _POWER_ITERATIONS = flags.DEFINE_integer("power_iterations", 50,
 _POWER_TOL = flags.DEFINE_float("power_tol", 1e-3,
                                 "Relative tolerance of the power iteration.")
 _NUM_PROBES = flags.DEFINE_integer("num_probes", 16, "Hutchinson probes.")
-_NUM_PAIRS = flags.DEFINE_integer("num_pairs", 4, "Contraction pairs per scale.")
+_NUM_PAIRS = flags.DEFINE_integer("num_pairs", 4,
+                                  "Contraction pairs per scale.")
 _PAIR_SCALES = flags.DEFINE_list("pair_scales", ["0.1", "1.0"],
                                  "Per-dimension scales of the pairs.")
 _NUM_SAMPLES = flags.DEFINE_integer(

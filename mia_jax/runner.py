@@ -9,6 +9,17 @@ ends with exactly the scores of an uninterrupted run. ``shards/fingerprint.json`
 pins the config, checkpoint and sample list: a run whose inputs changed
 refuses to mix with old shards.
 
+Parallelism (`mia_jax.parallel`): with several local devices each batch is
+split over a ``"data"`` mesh (params replicated); per-sample scores are
+bit-for-bit those of one device. On several hosts each process scores the
+batches ``k % process_count == process_index`` (reading only those samples),
+writes their shards, and the scores are gathered to every process at the end
+(write outputs on process 0 only).
+
+Streaming: images are read from the sources one batch at a time
+(``source.get(indices)``), the next batch on a background thread while the
+current one is scored, so data sets larger than memory stream through.
+
 Randomness: sample i of attack a draws from
 ``fold_in(fold_in(key(seed), crc32(a.name)), i)``, so scores do not depend on
 the batch size, the sharding or which other attacks run.
@@ -16,11 +27,12 @@ the batch size, the sharding or which other attacks run.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-import glob
 import hashlib
 import json
 import os
+import re
 import sys
 import time
 import zlib
@@ -32,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mia_jax import data
+from mia_jax import parallel
 from mia_jax.attacks.base import Attack
 from mia_jax.denoiser import Denoiser
 
@@ -139,28 +152,109 @@ def fingerprint(payload: dict) -> str:
                                    default=str).encode()).hexdigest()
 
 
+_SHARD_RE = re.compile(r"^shard_(\d{6,})\.npz$")
+AUTO = "auto"
+
+
+def shard_path(shard_dir: str, k: int) -> str:
+  return os.path.join(shard_dir, f"shard_{k:06d}.npz")
+
+
+def _load_shards(shard_dir: str, num_batches: int,
+                 variants: Sequence[str]) -> dict[int, dict[str, np.ndarray]]:
+  """Finished shards of ``shard_dir``; leftovers of killed writes are removed."""
+  done = {}
+  for name in sorted(os.listdir(shard_dir)):
+    path = os.path.join(shard_dir, name)
+    if ".tmp-" in name:
+      # A write interrupted before its rename: never a finished shard.
+      if parallel.process_index() == 0:
+        os.remove(path)
+      continue
+    m = _SHARD_RE.match(name)
+    if not m:
+      continue
+    k = int(m.group(1))
+    with np.load(path) as z:
+      shard = {n: z[n] for n in z.files}
+    missing = [v for v in ("positions", "mask", *variants) if v not in shard]
+    if k >= num_batches or missing:
+      raise RuntimeError(
+          f"{path} does not belong to this run (batch {k} of {num_batches}, "
+          f"missing arrays {missing}); use a new output directory")
+    done[k] = shard
+  return done
+
+
+def _check_fingerprint(shard_dir: str, fp: dict) -> None:
+  """Writes ``fingerprint.json`` or refuses if it pins a different run."""
+  fp_path = os.path.join(shard_dir, "fingerprint.json")
+  if parallel.process_index() == 0 and not os.path.exists(fp_path):
+    _atomic_write_json(fp_path, fp)
+  parallel.sync("mia_jax.runner.fingerprint")
+  with open(fp_path) as f:
+    old = json.load(f)
+  if old.get("fingerprint") != fp["fingerprint"]:
+    raise RuntimeError(
+        f"{shard_dir} holds shards of a different run (config, checkpoint "
+        "or samples changed). Use a new --output directory, or delete "
+        "the old shards to recompute.")
+
+
+def _batch_positions(k: int, batch_size: int, total: int):
+  """(valid global positions, positions padded to batch_size) of batch k."""
+  positions = np.arange(k * batch_size, min((k + 1) * batch_size, total))
+  # Padding repeats the last sample: real data, so no NaN/Inf can appear,
+  # and its rows are dropped before anything is stored.
+  padded = np.concatenate(
+      [positions, np.full(batch_size - len(positions), positions[-1])])
+  return positions, padded
+
+
+def _read_batch(sets, k: int, batch_size: int, total: int):
+  positions, padded = _batch_positions(k, batch_size, total)
+  images, ids, labels, captions = _gather(sets, padded)
+  return positions, padded, to_model_range(images), ids, labels, list(captions)
+
+
+def all_ids_labels(sets: Sequence[SampleSet]) -> tuple[np.ndarray, np.ndarray]:
+  """ids [M] and labels [M] int64 in global order, without reading images."""
+  ids = np.concatenate([np.asarray(s.source.ids)[s.indices] for s in sets])
+  labels = np.concatenate([np.full(len(s.indices), s.label, np.int64)
+                           for s in sets])
+  return ids, labels
+
+
 def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
                   sets: Sequence[SampleSet], *, batch_size: int, seed: int,
                   shard_dir: Optional[str] = None,
                   run_fingerprint: Optional[dict] = None,
                   progress: bool = True,
-                  prepare_batch: Optional[Callable] = None) -> ScoreTable:
+                  prepare_batch: Optional[Callable] = None,
+                  mesh: Any = AUTO,
+                  prefetch: bool = True) -> ScoreTable:
   """Scores every sample of ``sets`` with every attack, resumably.
 
   Args:
     denoiser: the model.
     attacks: built attacks (all depths of each come from one chain).
     sets: member and non-member sample sets, in output order.
-    batch_size: samples per compiled call; the last batch is padded.
+    batch_size: samples per compiled call (over all local devices); the last
+      batch is padded.
     seed: the run seed (see module docstring).
-    shard_dir: where shards go; None keeps everything in memory.
+    shard_dir: where shards go; None keeps everything in memory. On several
+      hosts it must be a shared directory.
     run_fingerprint: what must match for old shards to be reused.
     progress: report samples/s and ETA.
     prepare_batch: optional ``(images [B,...] float32, captions, keys) ->
       (x0, cond)`` hook; by default latent models are encoded with
       ``denoiser.encode_fn`` and conditional ones get ``denoiser.cond_fn``.
+    mesh: a `jax.sharding.Mesh` with a ``"data"`` axis to split each batch
+      over (`parallel.data_mesh`); ``"auto"`` (default) uses every local
+      device when there are several; None runs on the default device.
+    prefetch: read the next batch on a thread while this one is scored.
   Returns:
-    The `ScoreTable` in global sample order.
+    The `ScoreTable` in global sample order (on every process).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -171,76 +265,97 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
   variants = [v for a in attacks for v in a.variant_names()]
   if len(set(variants)) != len(variants):
     raise ValueError(f"duplicate attack variants {variants}")
+  if isinstance(mesh, str):
+    if mesh != AUTO:
+      raise ValueError(f"mesh must be a Mesh, None or 'auto', got {mesh!r}")
+    mesh = parallel.default_mesh()
+  parallel.check_batch_size(batch_size, mesh)
 
   done: dict[int, dict[str, np.ndarray]] = {}
   if shard_dir is not None:
     os.makedirs(shard_dir, exist_ok=True)
-    fp_path = os.path.join(shard_dir, "fingerprint.json")
-    fp = {"fingerprint": fingerprint(
+    # The mesh is not part of the fingerprint: scores do not depend on it,
+    # so a run may resume on a different device count.
+    _check_fingerprint(shard_dir, {"fingerprint": fingerprint(
         {**(run_fingerprint or {}), "batch_size": batch_size, "seed": seed,
-         "variants": variants, "total": total}), "num_batches": num_batches}
-    if os.path.exists(fp_path):
-      with open(fp_path) as f:
-        old = json.load(f)
-      if old.get("fingerprint") != fp["fingerprint"]:
-        raise RuntimeError(
-            f"{shard_dir} holds shards of a different run (config, checkpoint "
-            "or samples changed). Use a new --output directory, or delete "
-            "the old shards to recompute.")
-    else:
-      _atomic_write_json(fp_path, fp)
-    for path in sorted(glob.glob(os.path.join(shard_dir, "shard_*.npz"))):
-      k = int(os.path.basename(path)[6:-4])
-      with np.load(path) as z:
-        done[k] = {name: z[name] for name in z.files}
+         "variants": variants, "total": total}), "num_batches": num_batches})
+    done = _load_shards(shard_dir, num_batches, variants)
     if done:
       logging.info("resuming: %d of %d batches already scored in %s",
                    len(done), num_batches, shard_dir)
 
+  owned = parallel.owned_batches(num_batches)
+  todo = [int(k) for k in owned if int(k) not in done]
+  params = parallel.replicate(denoiser.params, mesh)
+  sched = parallel.replicate(denoiser.schedule, mesh)
   base_keys = [attack_key(seed, a.name) for a in attacks]
   encode_key = attack_key(seed, "__encode__")
-  bar = _Progress(total, sum(int(d["mask"].sum()) for d in done.values()),
-                  progress)
-  for k in range(num_batches):
-    if k in done:
-      continue
-    positions = np.arange(k * batch_size, min((k + 1) * batch_size, total))
-    n_valid = len(positions)
-    padded = np.concatenate(
-        [positions, np.full(batch_size - n_valid, positions[-1])])
-    images, ids, labels, captions = _gather(sets, padded)
-    x = jnp.asarray(to_model_range(images))
-    captions = list(captions)
-    if prepare_batch is not None:
-      x0, cond = prepare_batch(x, captions, sample_keys(encode_key, padded))
-    else:
-      x0, cond = x, None
-      if denoiser.encode_fn is not None:
-        x0 = denoiser.encode_fn(denoiser.params, x,
-                                sample_keys(encode_key, padded))
-      if denoiser.cond_fn is not None:
-        cond = denoiser.cond_fn(captions)
-    shard = {"positions": positions, "mask": np.ones(n_valid, bool),
-             "ids": ids[:n_valid], "labels": labels[:n_valid]}
-    for attack, base_key in zip(attacks, base_keys):
-      scores = attack.score_fn(denoiser.params, denoiser.schedule, x0,
-                               sample_keys(base_key, padded), cond)
-      scores = np.asarray(jax.device_get(scores), np.float64)[:, :n_valid]
-      if not np.all(np.isfinite(scores)):
-        raise FloatingPointError(
-            f"attack {attack.name} produced non-finite scores in batch {k} "
-            f"(sample ids {ids[:n_valid][~np.isfinite(scores).all(0)][:5]}); "
-            "check the checkpoint and the input range")
-      for n, name in enumerate(attack.variant_names()):
-        shard[name] = scores[n]
-    if shard_dir is not None:
-      _atomic_savez(os.path.join(shard_dir, f"shard_{k:06d}.npz"), **shard)
-    done[k] = shard
-    bar.update(n_valid)
-  bar.close()
+  mine_total = sum(len(_batch_positions(int(k), batch_size, total)[0])
+                   for k in owned)
+  mine_done = sum(int(done[int(k)]["mask"].sum()) for k in owned
+                  if int(k) in done)
+  bar = _Progress(mine_total, mine_done, progress)
 
-  order = [done[k] for k in range(num_batches)]
-  return ScoreTable(
-      ids=np.concatenate([d["ids"] for d in order]),
-      labels=np.concatenate([d["labels"] for d in order]).astype(np.int64),
-      scores={v: np.concatenate([d[v] for d in order]) for v in variants})
+  pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
+  read = lambda k: _read_batch(sets, k, batch_size, total)
+  pending = pool.submit(read, todo[0]) if (pool and todo) else None
+  try:
+    for i, k in enumerate(todo):
+      batch = pending.result() if pool else read(k)
+      if pool and i + 1 < len(todo):
+        pending = pool.submit(read, todo[i + 1])
+      done[k] = _score_batch(denoiser, attacks, base_keys, encode_key, params,
+                             sched, mesh, prepare_batch, k, batch)
+      if shard_dir is not None:
+        _atomic_savez(shard_path(shard_dir, k), **done[k])
+      bar.update(len(batch[0]))
+  finally:
+    if pool is not None:
+      pool.shutdown(wait=True, cancel_futures=True)
+    bar.close()
+
+  ids, labels = all_ids_labels(sets)
+  scores = np.zeros((total, len(variants)), np.float64)
+  owned_rows = np.zeros(total, bool)
+  for k in owned:
+    shard = done[int(k)]
+    scores[shard["positions"]] = np.stack([shard[v] for v in variants], -1)
+    owned_rows[shard["positions"]] = True
+  if parallel.process_count() == 1 and not owned_rows.all():
+    raise AssertionError("some samples were never scored")  # a runner bug
+  scores = parallel.gather_rows(scores, owned_rows)
+  return ScoreTable(ids=ids, labels=labels,
+                    scores={v: scores[:, j] for j, v in enumerate(variants)})
+
+
+def _score_batch(denoiser, attacks, base_keys, encode_key, params, sched, mesh,
+                 prepare_batch, k, batch) -> dict[str, np.ndarray]:
+  """One batch through every attack -> the shard dict (valid rows only)."""
+  positions, padded, images, ids, labels, captions = batch
+  n_valid = len(positions)
+  x = parallel.shard_batch(jnp.asarray(images), mesh)
+  if prepare_batch is not None:
+    x0, cond = prepare_batch(x, captions,
+                             parallel.shard_batch(
+                                 sample_keys(encode_key, padded), mesh))
+  else:
+    x0, cond = x, None
+    if denoiser.encode_fn is not None:
+      x0 = denoiser.encode_fn(params, x, parallel.shard_batch(
+          sample_keys(encode_key, padded), mesh))
+    if denoiser.cond_fn is not None:
+      cond = parallel.shard_batch(denoiser.cond_fn(captions), mesh)
+  shard = {"positions": positions, "mask": np.ones(n_valid, bool),
+           "ids": ids[:n_valid], "labels": labels[:n_valid]}
+  for attack, base_key in zip(attacks, base_keys):
+    keys = parallel.shard_batch(sample_keys(base_key, padded), mesh)
+    scores = attack.score_fn(params, sched, x0, keys, cond)
+    scores = np.asarray(jax.device_get(scores), np.float64)[:, :n_valid]
+    if not np.all(np.isfinite(scores)):
+      raise FloatingPointError(
+          f"attack {attack.name} produced non-finite scores in batch {k} "
+          f"(sample ids {ids[:n_valid][~np.isfinite(scores).all(0)][:5]}); "
+          "check the checkpoint and the input range")
+    for n, name in enumerate(attack.variant_names()):
+      shard[name] = scores[n]
+  return shard

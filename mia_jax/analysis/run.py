@@ -17,7 +17,10 @@ Batching. One sample's whole computation is written for a batch of one and
 batch statistics); timesteps go through `lax.map` (sequential by default,
 ``timestep_chunk`` at a time otherwise), iterates and probes through
 `lax.map` too, so memory is that of ONE linearised forward pass of the batch
-plus small per-sample state, whatever S, K or the probe count.
+plus small per-sample state, whatever S, K or the probe count. Measured with
+`compiled_memory` (XLA:CPU memory_analysis, default config): the CIFAR-10
+UNet (pytorch-ddpm, 35.7M params) at batch 16 needs 1.48 GiB (1.34 GiB of
+temporaries + 0.14 GiB of params), the same for 1, 4 or 8 timesteps.
 
 `analyze_sets` drives it over member and non-member sets in fixed-size,
 padded batches; `summarize` turns the per-sample arrays into the medians and
@@ -99,7 +102,8 @@ class AnalysisConfig:
 
   def __post_init__(self):
     if self.num_iterations < 1:
-      raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
+      raise ValueError(
+          f"num_iterations must be >= 1, got {self.num_iterations}")
     if self.chain_length < max(2, self.num_iterations):
       raise ValueError(
           f"chain_length (L = {self.chain_length}) must be >= 2 and >= "
@@ -526,6 +530,16 @@ def summarize(result: AnalysisResult, config: AnalysisConfig) -> dict:
       "seconds": result.seconds,
       "stats": stats,
       "comparisons": comparisons,
+      "comparisons_help": {
+          "spectral_fraction_at_least_1": "share of (sample, n) with "
+                                          "||J(eps^n)||_2 >= 1, n = 0..K-1",
+          "pair_ratio_max": "largest pair ratio over samples, iterates and "
+                            "pairs, per scale",
+          "p_member_*_smaller": "P(member value < non-member value) + ties/2 "
+                                "at each n (an AUC); > 0.5: members smaller",
+          "median_chain_ratio": "median over samples and n = 1..K-1 of "
+                                "||delta^{n+1}|| / ||delta^n||",
+      },
   }
 
 
@@ -628,10 +642,10 @@ def format_summary(summary: dict) -> str:
           f"  {res[0]['median']:9.4f}  {res2:9.4f}  {err1:7.4f}  "
           f"{(rate if rate is not None else float('nan')):6.4f}")
     comp = summary["comparisons"][t]
-    lines.append(
-        f"      P(member smaller): residual n=1.. "
-        f"{[round(p, 3) for p in comp['p_member_residual_smaller']['p']]}, "
-        f"error n=1.. {[round(p, 3) for p in comp['p_member_error_smaller']['p']]}")
+    res_p = [round(p, 3) for p in comp["p_member_residual_smaller"]["p"]]
+    err_p = [round(p, 3) for p in comp["p_member_error_smaller"]["p"]]
+    lines.append(f"      P(member smaller): residual n=1.. {res_p}, "
+                 f"error n=1.. {err_p}")
   return "\n".join(lines)
 
 

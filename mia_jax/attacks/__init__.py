@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from mia_jax.attacks import base, naive, pia, secmi
+from mia_jax.attacks import probe
 from mia_jax.attacks.base import Attack
 
 # name -> (factory, preset keyword arguments). Timesteps follow PIA's paper
@@ -26,6 +27,14 @@ PRESETS: dict[str, tuple[Any, dict[str, Any]]] = {
     "pian": (pia.make_pia, dict(timestep=200, p=4.0, normalize="code")),
     "pian_paper": (pia.make_pia, dict(timestep=200, p=4.0, normalize="paper",
                                       name="pian_paper")),
+    # Noise as a Probe: DDIM-invert to the last step, regenerate, pixel L2.
+    "probe": (probe.make_probe, dict(timestep=None, inversion="ddim",
+                                     inversion_steps=50, sample_steps=50,
+                                     distances=("l2",))),
+    # The forward-diffusion variant of the semantic initial noise.
+    "probe_forward": (probe.make_probe, dict(timestep=None, inversion="forward",
+                                             sample_steps=50, distances=("l2",),
+                                             name="probe_forward")),
 }
 
 LOSS_BASED = ("naive", "secmi", "pia", "pian")

@@ -88,7 +88,7 @@ def torch_key(flax_path: str) -> str:
       if seg.startswith(flat):
         seg = nested + seg[len(flat):]
     seg = _CONTAINER_RE.sub(r"\1.\2", seg)
-    seg = re.sub(r"\.(\d+)_", r".\1.", seg)  # "blocks.0_resnets" -> ".0.resnets"
+    seg = re.sub(r"\.(\d+)_", r".\1.", seg)  # "s.0_resnets" -> "s.0.resnets"
     parts.append(seg)
   if leaf not in _LEAF_NAMES:
     raise ValueError(f"unknown Flax leaf name {leaf!r} in {flax_path!r}")

@@ -208,6 +208,29 @@ def test_naive_attack_with_oms_on_latents_matches_pytorch(sd_folder,
   np.testing.assert_allclose(scores, np.stack(want), rtol=1e-4)
 
 
+def test_pia_with_oms_on_latents_matches_pytorch(sd_folder, denoiser):
+  """PIA: eps^0 = unet(z0, 0), eps^n = unet(sqrt(a) z0 + sqrt(1-a) eps^{n-1},
+  t), scores -sum |eps^n - eps^0|^4, all in PyTorch."""
+  params = denoiser.params
+  z0 = denoiser.encode_fn(params, _images(), None)
+  cond = denoiser.cond_fn(_CAPTIONS)
+  attack = attacks.build("pia", denoiser.eps_fn, timestep=500, oms_steps=1)
+  keys = jax.random.split(jax.random.key(0), 3)
+  with jax.default_matmul_precision("highest"):
+    scores = attack.score_fn(params, denoiser.schedule, z0, keys, cond)
+  emb = _torch_text(sd_folder, _CAPTIONS)
+  abar = float(sd_folder["sched"].alphas_cumprod[500])
+  z0 = np.asarray(z0)
+  eps0 = _torch_unet(sd_folder, z0, np.zeros(3, np.int32), emb)
+  e, want = eps0, []
+  for _ in range(2):
+    z_t = (np.sqrt(abar) * z0.astype(np.float64)
+           + np.sqrt(1 - abar) * e).astype(np.float32)
+    e = _torch_unet(sd_folder, z_t, np.full(3, 500), emb)
+    want.append(-(np.abs(e - eps0) ** 4).sum(axis=(1, 2, 3)))
+  np.testing.assert_allclose(scores, np.stack(want), rtol=1e-4)
+
+
 def test_guidance_and_v_prediction_match_formula(sd_folder, converted):
   s = 3.0
   # Also runs the UNet's attention in query chunks (64 tokens -> 4 x 16).

@@ -44,7 +44,7 @@ def group_norm(num_groups: int, epsilon: float, dtype: Dtype,
 
 def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype,
                name: str) -> nn.LayerNorm:
-  """torch ``nn.LayerNorm`` (elementwise affine) with the epsilon written out."""
+  """torch ``nn.LayerNorm`` (elementwise affine), epsilon written out."""
   return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, dtype=dtype,
                       param_dtype=param_dtype, name=name)
 
@@ -80,26 +80,25 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     v: [B, Lk, heads * dv] values.
     heads: number of heads.
     mask: optional boolean [B or 1, 1 or heads, Lq, Lk], True = attend.
-    query_chunk: if > 0 and smaller than ``Lq`` (which it must divide),
-      queries are processed ``query_chunk`` at a time (`jax.lax.map`), so only a
-      ``[B, heads, query_chunk, Lk]`` block of logits is live: the same
-      numbers, O(chunk * Lk) instead of O(Lq * Lk) memory (the 4096-token
-      self-attention of a 512 px SD image needs 64 MB of float32 logits per
-      head without it).
+    query_chunk: if > 0 and smaller than ``Lq``, queries are processed
+      ``query_chunk`` at a time (`jax.lax.map`; the last chunk zero-padded),
+      so only a ``[B, heads, query_chunk, Lk]`` block of logits is live: the
+      same numbers, O(chunk * Lk) instead of O(Lq * Lk) memory (the
+      4096-token self-attention of a 512 px SD image needs 64 MB of float32
+      logits per head without it).
   Returns:
     [B, Lq, heads * dv] in v's dtype. The scale is ``d ** -0.5`` (diffusers
     ``Attention.scale`` and CLIP's ``head_dim ** -0.5``).
   """
   b, lq, _ = q.shape
   if query_chunk and lq > query_chunk and mask is None:
-    if lq % query_chunk:
-      raise ValueError(f"attention query_chunk={query_chunk} must divide the "
-                       f"number of queries {lq}")
-    n = lq // query_chunk
-    chunks = q.reshape(b, n, query_chunk, q.shape[-1]).swapaxes(0, 1)
+    n = -(-lq // query_chunk)
+    # Rows are independent: zero queries pad the last chunk and are dropped.
+    qp = jnp.pad(q, ((0, 0), (0, n * query_chunk - lq), (0, 0)))
+    chunks = qp.reshape(b, n, query_chunk, q.shape[-1]).swapaxes(0, 1)
     out = jax.lax.map(lambda qc: dot_product_attention(qc, k, v, heads),
                       chunks)
-    return out.swapaxes(0, 1).reshape(b, lq, -1)
+    return out.swapaxes(0, 1).reshape(b, n * query_chunk, -1)[:, :lq]
   lk = k.shape[1]
   q = q.reshape(b, lq, heads, -1)
   k = k.reshape(b, lk, heads, -1)
@@ -264,7 +263,8 @@ class BasicTransformerBlock(nn.Module):
     # BasicTransformerBlock's norm_eps default (1e-5), elementwise affine.
     x = x + attn("attn1")(layer_norm(1e-5, name="norm1", **kw)(x))
     x = x + attn("attn2")(layer_norm(1e-5, name="norm2", **kw)(x), context)
-    x = x + FeedForward(name="ff", **kw)(layer_norm(1e-5, name="norm3", **kw)(x))
+    x = x + FeedForward(name="ff", **kw)(
+        layer_norm(1e-5, name="norm3", **kw)(x))
     return x
 
 

@@ -3,10 +3,11 @@
 A port of diffusers' ``UNet2DConditionModel`` (diffusers v0.42.1,
 ``diffusers/models/unets/unet_2d_condition.py`` and ``unet_2d_blocks.py``)
 restricted to what Stable Diffusion 1.x and 2.x use: positional timestep
-embeddings, ``CrossAttnDownBlock2D`` / ``DownBlock2D`` / ``UNetMidBlock2DCrossAttn``
-/ ``UpBlock2D`` / ``CrossAttnUpBlock2D``, per-block attention heads, conv (SD1)
-or linear (SD2) projections in the transformers. Rombach et al., "High-
-Resolution Image Synthesis with Latent Diffusion Models", CVPR 2022.
+embeddings, ``CrossAttnDownBlock2D`` / ``DownBlock2D`` /
+``UNetMidBlock2DCrossAttn`` / ``UpBlock2D`` / ``CrossAttnUpBlock2D``,
+per-block attention heads, conv (SD1) or linear (SD2) projections in the
+transformers. Rombach et al., "High-Resolution Image Synthesis with Latent
+Diffusion Models", CVPR 2022.
 
 diffusers' ``attention_head_dim`` is, for SD, the number of heads (a
 historical misnomer diffusers keeps; see the ``num_attention_heads`` comment in
@@ -59,8 +60,7 @@ class UNet2DCondition(nn.Module):
     mid_block_scale_factor: output scale of the mid-block resnets (1).
     attention_query_chunk: if > 0, attention runs this many query tokens at a
       time (a memory option, same outputs; see
-      `blocks.dot_product_attention`). It must divide h * w of every level
-      where it is smaller than h * w.
+      `blocks.dot_product_attention`).
     dtype: compute dtype (see `blocks` for the precision policy).
     param_dtype: parameter dtype.
   """

@@ -178,7 +178,7 @@ class AutoencoderKL(nn.Module):
     return mean, jnp.clip(logvar, -30.0, 20.0)
 
   def decode(self, z: jax.Array) -> jax.Array:
-    """z: [B, h, w, latent_channels] (unscaled) -> [B, f h, f w, out] float32."""
+    """z: [B, h, w, latent] (unscaled) -> [B, f h, f w, out] float32."""
     z = z.astype(jnp.dtype(self.dtype))
     if self.use_post_quant_conv:
       z = self.post_quant_conv(z)

@@ -1,0 +1,40 @@
+"""Sweeps noise-search iteration schemes at equal query budget (issue 9).
+
+    python experiments/sweep_schemes.py \
+        --config experiments/configs/scheme_sweep.py \
+        --config.checkpoint=runs/demo/train/target \
+        --config.output=runs/demo/scheme_sweep
+
+See experiments/configs/scheme_sweep.py and `mia_jax.attacks.schemes`.
+Writes sweep.json (every row, with intervals and fitted weights) and
+sweep.md (the tables) to --config.output and prints the tables.
+"""
+
+from absl import app
+from ml_collections import config_flags
+
+from mia_jax import cli
+from mia_jax.attacks import schemes
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/scheme_sweep.py", "Sweep config.",
+    lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.setup_logging()
+  c = _CONFIG.value
+  cfg = schemes.SweepConfig(
+      checkpoint=c.checkpoint, output=c.output, attacks=tuple(c.attacks),
+      schemes=tuple(c.schemes), budgets=tuple(int(b) for b in c.budgets),
+      calibration_fraction=c.calibration_fraction, max_samples=c.max_samples,
+      seed=c.seed, batch_size=c.batch_size, bootstrap=c.bootstrap)
+  rows = schemes.run_sweep(cfg)
+  print(schemes.markdown_tables(rows))
+  print(f"output: {cfg.output}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,703 @@
+"""GSA (Pang et al. 2023): white-box gradient features, a shadow-fitted classifier, and OMS.
+
+Features. For a record x0, K timesteps t_k (the reference's 99, 199, ..., 999)
+and one fixed noise eps_k per timestep (drawn from the sample's key, see
+`sample_noise`), the per-timestep training loss is
+
+    L_k(theta) = mean over pixels of (eps_k - eps_theta(x_t_k, t_k))^2,
+    x_t_k = sqrt(abar) x0 + sqrt(1 - abar) eps_k,
+
+and g_k = dL_k / dtheta. The feature vector has one entry per trainable
+parameter tensor (not per layer; peer-implementations.md pitfall 16):
+
+* GSA1: ||mean_k g_k||_2 per tensor -- the gradient of the loss averaged
+  over the K timesteps (the reference's one backward of a batch of K).
+* GSA2: mean_k ||g_k||_2 per tensor -- a backward per timestep, norms
+  averaged.
+
+Both come from the same K per-timestep gradients (GSA1 by linearity of the
+gradient), so one pass computes both at the cost of either:
+K forward + K backward passes per sample.
+
+OMS (OMS paper Sec. 4.4 / E.3: "backpropagate the loss after OMS", Eq. 9).
+At OMS depth n the loss is the squared distance between the starting noise
+and the (n+1)-th iterate of the noise-search chain (`fixed_point.run_chain`)
+started at the same eps_k,
+
+    L_k^(n)(theta) = mean over pixels of (eps_k - eps^{n+1}_k(theta))^2,
+    eps^{j+1} = eps_theta(sqrt(abar) x0 + sqrt(1 - abar) eps^j, t_k),
+
+differentiated through the whole chain (every eps^j depends on theta; eps^0
+= eps_k does not). Depth 0 is exactly the GSA loss above. Depth n costs
+K (n + 1) forward + K (n + 1) backward passes per sample; depths are
+computed separately (each its own chain), so depths 0..N together cost
+K (N + 1)(N + 2) / 2 of each.
+
+Frozen parameters: only trainable tensors give features. Our DDPM UNet keeps
+pytorch-ddpm's frozen sinusoid table as a constant, not a parameter, so all
+its parameters are trainable; Stable Diffusion checkpoints hold the VAE and
+text encoder, which are frozen (only ``params["unet"]`` is differentiated);
+``exclude`` (regular expressions on the parameter paths) removes more.
+
+Classifier (`run_fitted`). Shadow models trained by the project on disjoint
+halves of public data (``experiments/configs/train_digits_shadow.py``) give
+labelled features (their members = 1, their held-out half = 0); a
+classifier (scikit-learn's HistGradientBoostingClassifier by default,
+xgboost's XGBClassifier(n_estimators=200) as the reference, if installed)
+is fitted per variant and scores the target's features on the evaluation
+samples with ``predict_proba`` (higher = member). Differences from the
+reference (py85252876/GSA): features are standardised with statistics of the
+shadow data only (``scaling="shadow"``; the reference standardises the
+target set with its own statistics, which is transductive -- available as
+``scaling="per_model"``); noise is seeded per sample; members are not
+truncated to the non-member count (the classifier uses balanced class
+weights instead); the classifier is fitted on all shadow data and its
+transfer is estimated by leave-one-shadow-out AUC (a 70/30 split with one
+shadow); gradients are taken on the checkpoint's weights (EMA weights for
+targets trained here; the reference uses the non-EMA model); dropout is off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+import zlib
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mia_jax import checkpoints, fixed_point
+from mia_jax.attacks import fitted
+from mia_jax.denoiser import Denoiser, EpsFn
+
+# The reference's timesteps: range(100, 1001, 100) - 1 (0-based indices).
+DEFAULT_TIMESTEPS = tuple(range(99, 1000, 100))
+VARIANTS = ("gsa1", "gsa2")
+CLASSIFIERS = ("hgb", "xgboost", "logistic")
+SCALINGS = ("shadow", "per_model", "none")
+SHADOW_CONFIG = "experiments/configs/train_digits_shadow.py"
+
+
+# --------------------------------------------------------------------------
+# Trainable parameters.
+
+
+def param_paths(params: Any) -> list[str]:
+  """Path strings of the parameter leaves, in `jax.tree.leaves` order."""
+  return [jax.tree_util.keystr(path)
+          for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+
+
+def trainable_mask(params: Any, family: Optional[str] = None,
+                   exclude: Sequence[str] = ()) -> tuple[bool, ...]:
+  """Which parameter leaves are trained (and so give GSA features).
+
+  Args:
+    params: the model's parameter pytree.
+    family: the model family; for ``"sd"`` only the UNet (``['unet']``) is
+      trained, the VAE and text encoder are frozen.
+    exclude: regular expressions; a leaf whose path (e.g.
+      ``"['time_embedding']['table']"``) matches any is frozen.
+  Returns:
+    One bool per leaf, in `jax.tree.leaves` order.
+  """
+  paths = param_paths(params)
+  patterns = [re.compile(p) for p in exclude]
+  mask = []
+  for path in paths:
+    keep = not any(p.search(path) for p in patterns)
+    if family == "sd" and not path.startswith("['unet']"):
+      keep = False
+    mask.append(keep)
+  if not any(mask):
+    raise ValueError(f"no trainable parameter tensor left (family={family!r}, "
+                     f"exclude={list(exclude)!r}); GSA needs at least one")
+  return tuple(mask)
+
+
+def feature_names(params: Any, mask: Sequence[bool]) -> list[str]:
+  """Names of the feature columns: the trainable leaves' paths."""
+  return [p for p, m in zip(param_paths(params), mask) if m]
+
+
+# --------------------------------------------------------------------------
+# Features.
+
+
+def sample_noise(keys: jax.Array, num_timesteps: int,
+                 shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+  """The fixed noise of each sample: [B] keys -> [B, K, *shape[1:]].
+
+  Sample b's noise for timestep k is ``normal(keys[b], (K, ...))[k]``, a
+  function of its key only (not of the batch it is in).
+  """
+  return jax.vmap(lambda k: jax.random.normal(
+      k, (num_timesteps,) + tuple(shape[1:]), dtype))(keys)
+
+
+def _squared_norms(leaves: Sequence[jax.Array]) -> jax.Array:
+  """[B, ...] leaves -> [B, P] per-sample sum of squares of each leaf."""
+  return jnp.stack([jnp.sum(jnp.reshape(g, (g.shape[0], -1))**2, axis=1)
+                    for g in leaves], axis=1)
+
+
+def make_feature_fn(eps_fn: EpsFn, *,
+                    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+                    oms_steps: int = 0,
+                    mask: Optional[Sequence[bool]] = None) -> Callable:
+  """Builds the jitted GSA feature function.
+
+  Args:
+    eps_fn: the denoiser's eps function ``(params, x_t, t, cond) -> eps``.
+    timesteps: the K attack indices (default 99, 199, ..., 999).
+    oms_steps: N; features for every OMS depth 0..N.
+    mask: `trainable_mask` of the params (None: every leaf is trainable).
+  Returns:
+    ``features(params, sched, x0 [B,H,W,C], keys [B], cond=None)`` ->
+    [N + 1, 2, B, P] float32: depth, variant (GSA1, GSA2), sample, tensor
+    (the P trainable leaves in `jax.tree.leaves` order).
+  """
+  timesteps = tuple(int(t) for t in timesteps)
+  if not timesteps or min(timesteps) < 0:
+    raise ValueError(f"timesteps must be non-empty attack indices >= 0, got "
+                     f"{timesteps!r}")
+  if int(oms_steps) != oms_steps or oms_steps < 0:
+    raise ValueError(f"oms_steps must be an integer >= 0, got {oms_steps!r}")
+  num_k = len(timesteps)
+
+  def features(params, sched, x0, keys, cond=None):
+    if max(timesteps) >= sched.num_timesteps:
+      raise ValueError(f"timesteps {timesteps} exceed the schedule's "
+                       f"{sched.num_timesteps} steps")
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keep = tuple(mask) if mask is not None else (True,) * len(leaves)
+    if len(keep) != len(leaves):
+      raise ValueError(f"the trainable mask has {len(keep)} entries but the "
+                       f"params have {len(leaves)} leaves")
+    trainable = [l for l, m in zip(leaves, keep) if m]
+    frozen = [l for l, m in zip(leaves, keep) if not m]
+
+    def merge(train_leaves):
+      it_t, it_f = iter(train_leaves), iter(frozen)
+      return jax.tree_util.tree_unflatten(
+          treedef, [next(it_t) if m else next(it_f) for m in keep])
+
+    batch = x0.shape[0]
+    # [K, B, H, W, C]: the scan below runs over timesteps.
+    noise = jnp.moveaxis(sample_noise(keys, num_k, x0.shape, x0.dtype), 1, 0)
+    ts = jnp.asarray(timesteps, jnp.int32)
+    out = []
+    for depth in range(int(oms_steps) + 1):  # static, small: one graph each
+
+      def sample_loss(train_leaves, x, eps0, t, c, depth=depth):
+        # One sample, one timestep: the loss after `depth` OMS steps.
+        one = lambda a: a[None]
+        chain = fixed_point.run_chain(
+            eps_fn, merge(train_leaves), sched, one(x), one(t), one(eps0),
+            depth + 1, jax.tree.map(one, c))
+        return jnp.mean((chain[-1] - chain[0])**2)
+
+      per_sample_grad = jax.vmap(jax.grad(sample_loss),
+                                 in_axes=(None, 0, 0, None, 0))
+
+      def step(carry, xs):
+        grad_sum, norm_sum = carry
+        eps_k, t_k = xs
+        g = per_sample_grad(trainable, x0, eps_k, t_k, cond)
+        grad_sum = [a + b for a, b in zip(grad_sum, g)]
+        return (grad_sum, norm_sum + jnp.sqrt(_squared_norms(g))), None
+
+      init = ([jnp.zeros((batch,) + l.shape, l.dtype) for l in trainable],
+              jnp.zeros((batch, len(trainable)), jnp.float32))
+      (grad_sum, norm_sum), _ = jax.lax.scan(step, init, (noise, ts))
+      gsa1 = jnp.sqrt(_squared_norms(grad_sum)) / num_k
+      gsa2 = norm_sum / num_k
+      out.append(jnp.stack([gsa1, gsa2]))
+    return jnp.stack(out)
+
+  return jax.jit(features)
+
+
+def passes_per_sample(num_timesteps: int, depth: int) -> tuple[int, int]:
+  """(forward, backward) network passes per sample of one depth's features."""
+  return num_timesteps * (depth + 1), num_timesteps * (depth + 1)
+
+
+# --------------------------------------------------------------------------
+# Feature extraction over data sets (cached, resumable).
+
+
+def _rebatch(chunks: Iterable[tuple[np.ndarray, list]], size: int
+             ) -> Iterator[tuple[np.ndarray, list]]:
+  """Re-cuts (images, captions) chunks into chunks of ``size`` (last short)."""
+  images, captions = [], []
+  held = 0
+  for imgs, caps in chunks:
+    images.append(np.asarray(imgs))
+    captions.extend(caps)
+    held += len(imgs)
+    while held >= size:
+      cat = np.concatenate(images)
+      yield cat[:size], captions[:size]
+      images, captions = [cat[size:]], captions[size:]
+      held -= size
+  if held:
+    yield np.concatenate(images), captions
+
+
+def _to_model_range(images: np.ndarray) -> np.ndarray:
+  if images.dtype == np.uint8:
+    return images.astype(np.float32) / 127.5 - 1.0
+  return images.astype(np.float32)
+
+
+def _keys(base: jax.Array, positions: np.ndarray) -> jax.Array:
+  return jax.vmap(lambda p: jax.random.fold_in(base, p))(
+      jnp.asarray(positions, jnp.uint32))
+
+
+def _atomic_savez(path: str, **arrays) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class FeatureStats:
+  """Cost of one extraction: samples computed now and their wall time."""
+
+  computed: int = 0
+  seconds: float = 0.0
+  compile_seconds: float = 0.0
+
+
+def extract_features(denoiser: Denoiser, chunks: Iterable[tuple[np.ndarray, list]],
+                     num: int, *, feature_fn: Callable, noise_key: jax.Array,
+                     encode_key: jax.Array, batch_size: int,
+                     cache_dir: Optional[str] = None,
+                     label: str = "features",
+                     stats: Optional[FeatureStats] = None) -> np.ndarray:
+  """GSA features of ``num`` samples, chunk by chunk, resumable.
+
+  Args:
+    denoiser: the model whose gradients are taken.
+    chunks: (uint8 or float images [b, H, W, C], captions) in sample order.
+    num: total number of samples in ``chunks``.
+    feature_fn: from `make_feature_fn`.
+    noise_key: sample i's noise key is ``fold_in(noise_key, i)``.
+    encode_key: the same for latent encoding (`Denoiser.encode_fn`).
+    batch_size: samples per compiled call (the last chunk is padded).
+    cache_dir: finished chunks are saved here (atomically) and reused.
+    label: for log messages.
+    stats: filled with the number of samples computed and their time.
+  Returns:
+    [N + 1, 2, num, P] float32 features.
+  """
+  if cache_dir:
+    os.makedirs(cache_dir, exist_ok=True)
+  out = []
+  done = 0
+  t_start = time.time()
+  for k, (images, captions) in enumerate(_rebatch(chunks, batch_size)):
+    n_valid = len(images)
+    path = os.path.join(cache_dir, f"chunk_{k:06d}.npz") if cache_dir else None
+    if path and os.path.exists(path):
+      with np.load(path) as z:
+        out.append(z["features"])
+      done += n_valid
+      continue
+    positions = np.arange(done, done + n_valid)
+    pad = batch_size - n_valid
+    if pad:
+      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
+      captions = list(captions) + [captions[-1]] * pad
+      positions = np.concatenate([positions, np.full(pad, positions[-1])])
+    x = jnp.asarray(_to_model_range(np.asarray(images)))
+    x0, cond = x, None
+    if denoiser.encode_fn is not None:
+      x0 = denoiser.encode_fn(denoiser.params, x, _keys(encode_key, positions))
+    if denoiser.cond_fn is not None:
+      cond = denoiser.cond_fn(list(captions))
+    t0 = time.time()
+    feats = np.asarray(jax.device_get(feature_fn(
+        denoiser.params, denoiser.schedule, x0, _keys(noise_key, positions),
+        cond)), np.float32)[:, :, :n_valid]
+    elapsed = time.time() - t0
+    if not np.all(np.isfinite(feats)):
+      raise FloatingPointError(f"{label}: non-finite gradient norms in chunk "
+                               f"{k}; check the checkpoint and input range")
+    if stats is not None:
+      if stats.computed == 0 and stats.compile_seconds == 0.0:
+        stats.compile_seconds = elapsed  # the first call compiles
+      else:
+        stats.seconds += elapsed
+        stats.computed += n_valid
+    if path:
+      _atomic_savez(path, features=feats)
+    out.append(feats)
+    done += n_valid
+    logging.info("%s: %d / %d samples (%.0f s)", label, done, num,
+                 time.time() - t_start)
+  if done != num:
+    raise ValueError(f"{label}: got {done} samples, expected {num}")
+  return np.concatenate(out, axis=2)
+
+
+# --------------------------------------------------------------------------
+# Classifier.
+
+
+def make_classifier(name: str, seed: int):
+  """An unfitted binary classifier with ``fit`` / ``predict_proba``."""
+  if name == "hgb":
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    return HistGradientBoostingClassifier(random_state=seed,
+                                          class_weight="balanced")
+  if name == "xgboost":
+    try:
+      import xgboost  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError("classifier='xgboost' needs the xgboost package, which "
+                        "is not installed; use classifier='hgb' (scikit-"
+                        "learn's HistGradientBoostingClassifier)") from e
+    return xgboost.XGBClassifier(n_estimators=200, random_state=seed)
+  if name == "logistic":
+    from sklearn.linear_model import LogisticRegression
+    return LogisticRegression(max_iter=2000, class_weight="balanced")
+  raise ValueError(f"unknown classifier {name!r}; expected one of {CLASSIFIERS}")
+
+
+def _standardize(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+  mean = ref.mean(axis=0)
+  std = ref.std(axis=0)
+  return (x - mean) / np.where(std > 0, std, 1.0)
+
+
+def scale_features(shadow_x: np.ndarray, shadow_groups: np.ndarray,
+                   target_x: np.ndarray, scaling: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Standardises features for the classifier.
+
+  Args:
+    shadow_x: [S, P] shadow features; shadow_groups: [S] shadow model index.
+    target_x: [M, P] target features (evaluation samples; no labels).
+    scaling: ``"shadow"``: mean / std of all shadow rows, applied to both
+      (never looks at the target's distribution); ``"per_model"``: each
+      shadow model's rows with their own statistics and the target's with
+      the target's (the reference's transductive scaling); ``"none"``.
+  """
+  shadow_x = np.asarray(shadow_x, np.float64)
+  target_x = np.asarray(target_x, np.float64)
+  if scaling == "shadow":
+    return _standardize(shadow_x, shadow_x), _standardize(target_x, shadow_x)
+  if scaling == "per_model":
+    out = np.empty_like(shadow_x)
+    for g in np.unique(shadow_groups):
+      rows = shadow_groups == g
+      out[rows] = _standardize(shadow_x[rows], shadow_x[rows])
+    return out, _standardize(target_x, target_x)
+  if scaling == "none":
+    return shadow_x, target_x
+  raise ValueError(f"unknown scaling {scaling!r}; expected one of {SCALINGS}")
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+  from sklearn.metrics import roc_auc_score
+  return float(roc_auc_score(labels, scores))
+
+
+def validation_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *,
+                   classifier: str, seed: int) -> float:
+  """How well the classifier transfers between models, on shadow data only.
+
+  With two or more shadow models: leave-one-shadow-out (fit on the others,
+  AUC on the held-out model's members vs non-members), averaged. With one:
+  a seeded stratified 70/30 split of its samples.
+  """
+  aucs = []
+  if len(np.unique(groups)) >= 2:
+    for g in np.unique(groups):
+      test = groups == g
+      clf = make_classifier(classifier, seed).fit(x[~test], y[~test])
+      aucs.append(_auc(y[test], clf.predict_proba(x[test])[:, 1]))
+  else:
+    from sklearn.model_selection import train_test_split
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.3,
+                              random_state=seed, stratify=y)
+    clf = make_classifier(classifier, seed).fit(x[tr], y[tr])
+    aucs.append(_auc(y[te], clf.predict_proba(x[te])[:, 1]))
+  return float(np.mean(aucs))
+
+
+def fit_and_score(shadow_x: np.ndarray, shadow_y: np.ndarray,
+                  shadow_groups: np.ndarray, target_x: np.ndarray, *,
+                  classifier: str = "hgb", scaling: str = "shadow",
+                  seed: int = 0, validate: bool = True
+                  ) -> tuple[np.ndarray, dict[str, Any]]:
+  """Fits on shadow features and scores the target's.
+
+  Args:
+    shadow_x: [S, P] features; shadow_y: [S] 1 = shadow member;
+    shadow_groups: [S] which shadow model each row comes from.
+    target_x: [M, P] target features of the evaluation samples.
+    classifier, scaling, seed: see `make_classifier`, `scale_features`.
+    validate: also compute `validation_auc` (reported, not used to fit).
+  Returns:
+    (scores [M] = P(member), info dict).
+  """
+  shadow_y = np.asarray(shadow_y).astype(np.int64)
+  if set(np.unique(shadow_y)) != {0, 1}:
+    raise ValueError("shadow labels must contain both members (1) and "
+                     f"non-members (0), got {np.unique(shadow_y)}")
+  if shadow_x.shape[1] != target_x.shape[1]:
+    raise ValueError(f"shadow features have {shadow_x.shape[1]} columns, "
+                     f"target features {target_x.shape[1]}")
+  sx, tx = scale_features(shadow_x, shadow_groups, target_x, scaling)
+  info: dict[str, Any] = {"classifier": classifier, "scaling": scaling,
+                          "num_shadow_samples": int(len(shadow_y))}
+  if validate:
+    info["shadow_validation_auc"] = validation_auc(
+        sx, shadow_y, np.asarray(shadow_groups), classifier=classifier,
+        seed=seed)
+  clf = make_classifier(classifier, seed).fit(sx, shadow_y)
+  return np.asarray(clf.predict_proba(tx)[:, 1], np.float64), info
+
+
+# --------------------------------------------------------------------------
+# The fitted attack.
+
+
+def shadow_training_help(shadow_config: str = SHADOW_CONFIG) -> str:
+  return (
+      "Train shadow models on the target's public reference images with the "
+      "project's training binary, e.g. for the digits demo target:\n"
+      f"  python experiments/train.py --config {shadow_config}:0 "
+      "--workdir runs/digits_shadow0\n"
+      f"  python experiments/train.py --config {shadow_config}:1 "
+      "--workdir runs/digits_shadow1\n"
+      "then pass --shadow_checkpoints "
+      "runs/digits_shadow0/target,runs/digits_shadow1/target. For another "
+      "target, copy that config and point data.source at public data of the "
+      "target's distribution (never its members or evaluated non-members), "
+      "with the target's model and training recipe.")
+
+
+@dataclasses.dataclass
+class ShadowData:
+  """A shadow model and its labelled samples (members first)."""
+
+  directory: str
+  denoiser: Denoiser
+  source: Any
+  positions: np.ndarray
+  labels: np.ndarray
+
+  def chunks(self, size: int) -> Iterator[tuple[np.ndarray, list]]:
+    from mia_jax.attacks.fitted import _captions
+    for start in range(0, len(self.positions), size):
+      idx = self.positions[start:start + size]
+      yield np.asarray(self.source.get(idx)), _captions(self.source, idx)
+
+
+def _positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
+  lookup = {str(v): i for i, v in enumerate(np.asarray(source.ids).tolist())}
+  missing = [i for i in ids if str(i) not in lookup]
+  if missing:
+    raise ValueError(f"{len(missing)} {what} ids are not in the data source "
+                     f"(first: {missing[:5]})")
+  return np.asarray([lookup[str(i)] for i in ids], np.int64)
+
+
+def load_shadow(directory: str, max_per_side: Optional[int] = None
+                ) -> ShadowData:
+  """A shadow checkpoint with its recorded members / non-members."""
+  from mia_jax import data
+  metadata = checkpoints.read_metadata(directory)
+  recorded = metadata.get("data") or {}
+  if not recorded.get("members") or not recorded.get("nonmembers"):
+    raise ValueError(
+        f"shadow checkpoint {directory!r} records no members and non-members "
+        "(only models trained by experiments/train.py do).\n"
+        + shadow_training_help())
+  source = data.parse_spec(recorded["source"])
+  members = _positions_of(source, recorded["members"],
+                          f"shadow {directory} member")
+  nonmembers = _positions_of(source, recorded["nonmembers"],
+                             f"shadow {directory} non-member")
+  if max_per_side is not None:
+    members, nonmembers = members[:max_per_side], nonmembers[:max_per_side]
+  return ShadowData(
+      directory=directory, denoiser=checkpoints.load_denoiser(directory),
+      source=source, positions=np.concatenate([members, nonmembers]),
+      labels=np.concatenate([np.ones(len(members), np.int64),
+                             np.zeros(len(nonmembers), np.int64)]))
+
+
+def _tensor_signature(params, mask) -> list[tuple[str, tuple[int, ...]]]:
+  leaves = jax.tree.leaves(params)
+  return [(p, tuple(l.shape)) for p, l, m in
+          zip(param_paths(params), leaves, mask) if m]
+
+
+def _check_compatible(target: Denoiser, shadow: ShadowData, mask) -> None:
+  want = _tensor_signature(target.params, mask)
+  got_paths = param_paths(shadow.denoiser.params)
+  if len(got_paths) != len(mask):
+    raise ValueError(
+        f"shadow {shadow.directory!r} has {len(got_paths)} parameter tensors, "
+        f"the target {len(mask)}; shadows must use the target's architecture "
+        "(GSA compares per-tensor gradient norms)")
+  got = _tensor_signature(shadow.denoiser.params, mask)
+  for (wp, ws), (gp, gs) in zip(want, got):
+    if (wp, ws) != (gp, gs):
+      raise ValueError(f"shadow {shadow.directory!r}: tensor {gp} {gs} differs "
+                       f"from the target's {wp} {ws}; shadows must use the "
+                       "target's architecture")
+  if (shadow.denoiser.schedule.to_config() != target.schedule.to_config()):
+    logging.warning("shadow %s has a different noise schedule than the "
+                    "target; its features may not transfer", shadow.directory)
+
+
+def _eval_ids(ctx) -> set[str]:
+  return {str(v) for s in ctx.eval_sets
+          for v in np.asarray(s.source.ids)[s.indices].tolist()}
+
+
+def _fingerprint(payload: dict) -> str:
+  return hashlib.sha256(json.dumps(payload, sort_keys=True,
+                                   default=str).encode()).hexdigest()[:16]
+
+
+def _noise_key(seed: int, tag: str) -> jax.Array:
+  return jax.random.fold_in(jax.random.key(seed),
+                            zlib.crc32(tag.encode()) & 0x7FFFFFFF)
+
+
+_DEFAULTS = dict(oms_steps=1, timesteps=DEFAULT_TIMESTEPS, classifier="hgb",
+                 scaling="shadow", feature_batch_size=16, exclude=(),
+                 max_shadow_samples=None, validate=True)
+
+
+def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVariant]:
+  """GSA1 / GSA2 at OMS depths 0..N on the run's evaluation samples.
+
+  Args:
+    ctx: the fitted-attack context (target, evaluation samples, shadow
+      checkpoints, work_dir for the feature cache).
+    **overrides: ``oms_steps`` (N, default 1), ``timesteps`` (default
+      99..999), ``classifier`` ("hgb" | "xgboost" | "logistic"),
+      ``scaling`` ("shadow" | "per_model" | "none"), ``feature_batch_size``
+      (samples per compiled gradient call, default 16), ``exclude`` (regexes
+      of frozen parameter paths), ``max_shadow_samples`` (per side and
+      shadow, for quick runs), ``validate`` (shadow validation AUC).
+  Returns:
+    Variants ``gsa1_oms<n>``, ``gsa2_oms<n>`` for n = 0..N.
+  """
+  unknown = sorted(set(overrides) - set(_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown gsa option(s) {unknown}; expected some of "
+                     f"{sorted(_DEFAULTS)}")
+  opts = {**_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+  if opts["classifier"] not in CLASSIFIERS:
+    raise ValueError(f"unknown classifier {opts['classifier']!r}; expected one "
+                     f"of {CLASSIFIERS}")
+  if opts["scaling"] not in SCALINGS:
+    raise ValueError(f"unknown scaling {opts['scaling']!r}; expected one of "
+                     f"{SCALINGS}")
+  if not ctx.shadow_checkpoints:
+    raise ValueError("gsa needs shadow models: pass --shadow_checkpoints "
+                     "DIR[,DIR...].\n" + shadow_training_help())
+  oms_steps = int(opts["oms_steps"])
+  timesteps = tuple(int(t) for t in opts["timesteps"])
+  batch_size = int(opts["feature_batch_size"])
+  target = ctx.denoiser
+  mask = trainable_mask(target.params, target.family, tuple(opts["exclude"]))
+  feature_fn = make_feature_fn(target.eps_fn, timesteps=timesteps,
+                               oms_steps=oms_steps, mask=mask)
+  common = {"timesteps": timesteps, "oms_steps": oms_steps, "seed": ctx.seed,
+            "mask": _fingerprint({"m": mask}), "batch": batch_size,
+            "exclude": list(opts["exclude"])}
+  feature_dir = os.path.join(ctx.work_dir, "features")
+  eval_ids = _eval_ids(ctx)
+
+  shadow_x, shadow_y, shadow_g = [], [], []
+  for i, directory in enumerate(ctx.shadow_checkpoints):
+    shadow = load_shadow(directory, opts["max_shadow_samples"])
+    _check_compatible(target, shadow, mask)
+    shadow_ids = {str(v) for v in
+                  np.asarray(shadow.source.ids)[shadow.positions].tolist()}
+    overlap = len(shadow_ids & eval_ids)
+    if overlap:
+      logging.warning("shadow %s was trained/held out on %d images that are "
+                      "also evaluated; shadows should use public data only",
+                      directory, overlap)
+    tag = f"shadow{i}"
+    fp = _fingerprint({**common, "tag": tag, "params":
+                       checkpoints.params_fingerprint(shadow.denoiser.params),
+                       "ids": sorted(shadow_ids),
+                       "labels": shadow.labels.tolist()})
+    shadow_fn = make_feature_fn(shadow.denoiser.eps_fn, timesteps=timesteps,
+                                oms_steps=oms_steps, mask=mask)
+    feats = extract_features(
+        shadow.denoiser, shadow.chunks(batch_size), len(shadow.positions),
+        feature_fn=shadow_fn, noise_key=_noise_key(ctx.seed, f"gsa/{tag}"),
+        encode_key=_noise_key(ctx.seed, f"gsa/{tag}/encode"),
+        batch_size=batch_size,
+        cache_dir=os.path.join(feature_dir, f"{tag}-{fp}"),
+        label=f"gsa {tag} ({directory})")
+    shadow_x.append(feats)
+    shadow_y.append(shadow.labels)
+    shadow_g.append(np.full(len(shadow.labels), i))
+    del shadow
+  shadow_x = np.concatenate(shadow_x, axis=2)
+  shadow_y = np.concatenate(shadow_y)
+  shadow_g = np.concatenate(shadow_g)
+
+  # The target: same noise keys and latents as the per-sample attacks use
+  # (runner.attack_key(seed, "gsa"), runner.attack_key(seed, "__encode__")).
+  from mia_jax import runner
+  stats = FeatureStats()
+  fp = _fingerprint({**common, "tag": "target", "params":
+                     checkpoints.params_fingerprint(target.params),
+                     "ids": [str(v) for s in ctx.eval_sets for v in
+                             np.asarray(s.source.ids)[s.indices].tolist()]})
+  target_x = extract_features(
+      target, ctx.eval_batches(), ctx.num_eval(), feature_fn=feature_fn,
+      noise_key=runner.attack_key(ctx.seed, "gsa"),
+      encode_key=runner.attack_key(ctx.seed, "__encode__"),
+      batch_size=batch_size, cache_dir=os.path.join(feature_dir,
+                                                    f"target-{fp}"),
+      label="gsa target", stats=stats)
+  seconds_per_sample = (stats.seconds / stats.computed if stats.computed
+                        else None)
+  if seconds_per_sample is not None:
+    logging.info("gsa: %.4f s per sample for depths 0..%d (%d timesteps); "
+                 "first call (compile) %.1f s", seconds_per_sample, oms_steps,
+                 len(timesteps), stats.compile_seconds)
+
+  out = []
+  for depth in range(oms_steps + 1):
+    fwd, bwd = passes_per_sample(len(timesteps), depth)
+    for v, variant in enumerate(VARIANTS):
+      scores, info = fit_and_score(
+          shadow_x[depth, v], shadow_y, shadow_g, target_x[depth, v],
+          classifier=opts["classifier"], scaling=opts["scaling"],
+          seed=ctx.seed, validate=bool(opts["validate"]))
+      extra = {**info, "forward_passes": fwd, "backward_passes": bwd,
+               "num_shadow_models": len(ctx.shadow_checkpoints),
+               "num_features": int(target_x.shape[-1])}
+      if seconds_per_sample is not None:
+        extra["feature_seconds_per_sample_all_depths"] = seconds_per_sample
+      logging.info("gsa %s_oms%d: shadow validation AUC %s", variant, depth,
+                   info.get("shadow_validation_auc"))
+      out.append(fitted.FittedVariant(
+          name=f"{variant}_oms{depth}", scores=scores, oms_steps=depth,
+          timestep=None, queries_per_sample=fwd + bwd, extra=extra))
+  return out

@@ -1,0 +1,380 @@
+"""Relaxed and accelerated noise search at equal query budget (issue 9).
+
+For each base attack (Naive, SecMI, PIA, PIAN) the noise-search chain of
+`mia_jax.fixed_point` can run any `fixed_point.Scheme`. This module
+
+* rebuilds each attack's chain *start* (the record the map acts on, the
+  timestep, eps^0 and the score scale) from the attack's resolved config, so
+  the same start feeds every scheme (`chain_start`);
+* compiles one program per attack that runs every scheme's longest chain
+  from that start and emits, per scheme, the distance scores
+  ``-c sum |eps^n - eps^0|^p`` (n = 1..N) and residual scores
+  ``-c sum |g^n|^p`` (n = 0..N-1), higher = member (`make_sweep_attack`);
+  the plain distance rows are bit-for-bit the attack's OMS scores;
+* turns those rows into the three scores at a query budget B
+  (`budget_scores`): ``distance`` (the paper's ||eps^N - eps^0||), ``residual``
+  (the last residual g^{N-1}) and ``weighted`` (a logistic regression over
+  log residuals fitted on a calibration split, `mia_jax.residual_weights`);
+* runs the whole sweep and writes JSON + markdown (`run_sweep`).
+
+Query budget. A budget of B extra queries means at most B model calls
+beyond the base attack's (which include the chain's first application of f,
+the one that gives the base score). A scheme with q queries per step gets
+N = floor((1 + B) / q) steps; every scheme's iterates are prefixes of its
+longest chain, so all budgets come from one chain of N_max steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mia_jax import diffusion, fixed_point, metrics, residual_weights
+from mia_jax.attacks import base, naive, pia, secmi
+from mia_jax.denoiser import EpsFn
+from mia_jax.fixed_point import Scheme
+
+SCORES = ("distance", "residual", "weighted")
+DEFAULT_SCHEMES = ("plain", "km:0.5", "km:1.5", "ishikawa:0.5,0.5",
+                   "anderson:2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainStart:
+  """The chain of an attack: f(eps) = eps_theta(q_sample(records, t, eps), t).
+
+  Attributes:
+    records: [B, H, W, C] what f noises (x0, or SecMI's x0_hat).
+    t: [B] int32 timestep of f.
+    eps0: [B, H, W, C] start of the chain.
+    scale: the attack's score scale c (SecMI's |t-error factor|^p), or None.
+  """
+
+  records: jax.Array
+  t: jax.Array
+  eps0: jax.Array
+  scale: Optional[jax.Array]
+
+
+def _factory(name: str):
+  from mia_jax import attacks
+  if name not in attacks.PRESETS:
+    raise ValueError(f"unknown attack {name!r}; expected one of "
+                     f"{sorted(attacks.PRESETS)}")
+  return attacks.PRESETS[name][0]
+
+
+def chain_start(name: str, attack: base.Attack, eps_fn: EpsFn) -> Callable:
+  """``(params, sched, x0, keys, cond) -> ChainStart`` of a built attack.
+
+  Mirrors the attack's own score function up to its `run_chain` call (the
+  bit-for-bit test in tests/attacks/schemes_test.py keeps them in step).
+  """
+  factory, cfg = _factory(name), attack.config
+  if factory is naive.make_naive:
+    def start(params, sched, x0, keys, cond=None):
+      del params, sched, cond
+      return ChainStart(x0, base.full_t(x0, cfg["timestep"]),
+                        base.per_sample_normal(keys, x0.shape, x0.dtype), None)
+  elif factory is pia.make_pia:
+    def start(params, sched, x0, keys, cond=None):
+      del sched, keys
+      eps0 = eps_fn(params, x0, base.full_t(x0, 0), cond)
+      if cfg["normalize"] is not None:
+        eps0 = pia.normalize_eps(eps0, cfg["normalize"])
+      return ChainStart(x0, base.full_t(x0, cfg["timestep"]), eps0, None)
+  elif factory is secmi.make_secmi:
+    t_cmp, t_probe = cfg["compare_step"], cfg["probe_step"]
+    walk = jnp.arange(0, t_cmp + 1, cfg["interval"], dtype=jnp.int32)
+
+    def start(params, sched, x0, keys, cond=None):
+      del keys
+      x_t = diffusion.ddim_invert(eps_fn, params, sched, x0, walk, cond)
+      t = base.full_t(x0, t_cmp)
+      eps_a = eps_fn(params, x_t, t, cond)
+      x0_hat = diffusion.predict_x0(sched, x_t, t, eps_a)
+      scale = jnp.abs(secmi.t_error_scale(sched, t_cmp, t_probe))**cfg["p"]
+      return ChainStart(x0_hat, base.full_t(x0, t_probe), eps_a, scale)
+  else:
+    raise ValueError(f"attack {name!r} has no noise-search chain to vary")
+  return start
+
+
+def _signed(start: ChainStart, values: jax.Array) -> jax.Array:
+  # The same expression as the attacks' (-d, or -c * d) so plain rows match
+  # them bit for bit.
+  return -values if start.scale is None else -start.scale * values
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepLayout:
+  """Where each scheme's rows sit in a sweep attack's output.
+
+  Attributes:
+    attack: the base attack name.
+    schemes: the schemes, in output order.
+    steps: {scheme label: N_max}.
+    base_queries: model calls of the base attack outside the chain.
+  """
+
+  attack: str
+  schemes: tuple[Scheme, ...]
+  steps: dict[str, int]
+  base_queries: int
+
+  def distance_name(self, scheme: Scheme, n: int) -> str:
+    return f"{self.attack}|{scheme.label}|dist{n}"
+
+  def residual_name(self, scheme: Scheme, n: int) -> str:
+    return f"{self.attack}|{scheme.label}|res{n}"
+
+  def variant_names(self) -> tuple[str, ...]:
+    names = []
+    for s in self.schemes:
+      n_max = self.steps[s.label]
+      names += [self.distance_name(s, n) for n in range(1, n_max + 1)]
+      names += [self.residual_name(s, n) for n in range(n_max)]
+    return tuple(names)
+
+
+def steps_for_budget(scheme: Scheme, budget: int) -> int:
+  """Chain steps of ``scheme`` within ``budget`` extra queries (see module doc)."""
+  if budget < 0:
+    raise ValueError(f"query budget must be >= 0, got {budget}")
+  return scheme.steps_for_queries(1 + budget)
+
+
+def make_sweep_attack(name: str, eps_fn: EpsFn, schemes: Sequence[Scheme],
+                      max_budget: int, **overrides) -> tuple[base.Attack,
+                                                             SweepLayout]:
+  """One compiled program: attack ``name``'s start, then every scheme's chain.
+
+  Args:
+    name: a preset of `mia_jax.attacks.PRESETS` with a noise-search chain.
+    eps_fn: the denoiser's eps function.
+    schemes: distinct schemes (by label).
+    max_budget: the largest query budget; each scheme runs
+      `steps_for_budget(scheme, max_budget)` steps.
+    **overrides: the attack's hyperparameters (as for `attacks.build`).
+  Returns:
+    (attack, layout): ``attack.score_fn(params, sched, x0, keys, cond)`` ->
+    [V, B] scores in the order of ``layout.variant_names()``; the attack keeps
+    the base attack's name, so the runner draws the same per-sample keys as
+    an audit of that attack.
+  """
+  from mia_jax import attacks
+  overrides = {k: v for k, v in overrides.items() if k != "oms_steps"}
+  built = attacks.build(name, eps_fn, oms_steps=0, **overrides)
+  labels = [s.label for s in schemes]
+  if len(set(labels)) != len(labels):
+    raise ValueError(f"duplicate schemes {labels}")
+  steps = {s.label: steps_for_budget(s, max_budget) for s in schemes}
+  layout = SweepLayout(attack=name, schemes=tuple(schemes), steps=steps,
+                       base_queries=built.queries_per_sample - 1)
+  start_fn = chain_start(name, built, eps_fn)
+  p = built.config["p"]
+
+  def score_fn(params, sched, x0, keys, cond=None):
+    start = start_fn(params, sched, x0, keys, cond)
+    rows = []
+    for s in schemes:
+      chain = fixed_point.run_scheme(eps_fn, params, sched, start.records,
+                                     start.t, start.eps0, steps[s.label], s,
+                                     cond)
+      rows.append(_signed(start, fixed_point.distances_to_start(
+          chain.iterates, p)))
+      rows.append(_signed(start, fixed_point.lp_power(chain.residuals, p)))
+    return jnp.concatenate(rows, axis=0)
+
+  queries = layout.base_queries + sum(
+      steps[s.label] * s.queries_per_step for s in schemes)
+  attack = base.Attack(
+      name=name, score_fn=jax.jit(score_fn), oms_steps=0,
+      timestep=built.timestep, queries_per_sample=queries,
+      config=dict(built.config, schemes=labels, max_budget=max_budget),
+      variants=layout.variant_names())
+  return attack, layout
+
+
+def budget_scores(scores: dict[str, np.ndarray], layout: SweepLayout,
+                  scheme: Scheme, budget: int, labels: np.ndarray,
+                  calibration: np.ndarray) -> dict[str, Any]:
+  """The three scores of ``scheme`` at ``budget`` over all evaluation samples.
+
+  Args:
+    scores: variant name -> [M] rows of the sweep attack.
+    layout: its layout.
+    scheme, budget: which chain prefix.
+    labels: [M] 1 = member; only ``labels[calibration]`` is read (to fit the
+      weighted score).
+    calibration: [M] bool calibration mask.
+  Returns:
+    dict(steps, chain_queries, distance [M], residual [M], weighted [M],
+    weights (`ResidualWeights`)), or {} when the budget allows no step.
+  """
+  n = steps_for_budget(scheme, budget)
+  if n == 0:
+    return {}
+  if n > layout.steps[scheme.label]:
+    raise ValueError(f"budget {budget} needs {n} steps of {scheme.label}, the "
+                     f"sweep ran {layout.steps[scheme.label]}")
+  res = np.stack([scores[layout.residual_name(scheme, k)] for k in range(n)])
+  feats = residual_weights.residual_features(res)
+  weights = residual_weights.fit_residual_weights(feats, labels, calibration)
+  return {"steps": n, "chain_queries": n * scheme.queries_per_step,
+          "distance": np.asarray(scores[layout.distance_name(scheme, n)]),
+          "residual": res[-1], "weighted": weights.score(feats),
+          "weights": weights}
+
+
+def sweep_rows(scores: dict[str, np.ndarray], labels: np.ndarray,
+               layouts: Sequence[SweepLayout], budgets: Sequence[int], *,
+               calibration_fraction: float = 0.3, seed: int = 0,
+               bootstrap: int = 200) -> list[dict]:
+  """Metric rows: attack x scheme x score x budget, on the held-out samples.
+
+  A random ``calibration_fraction`` of the evaluation samples (the same for
+  every row) fits the weighted score and is excluded from every metric, so
+  all rows are measured on the same held-out samples. Budget 0 adds the base
+  attack (plain distance at one step) as a reference row.
+  """
+  labels = np.asarray(labels)
+  calibration = residual_weights.calibration_split(len(labels),
+                                                   calibration_fraction, seed)
+  held = ~calibration
+  rows = []
+  for layout in layouts:
+    for scheme in layout.schemes:
+      for budget in sorted(set([0, *budgets])):
+        if budget == 0 and scheme.kind != "plain":
+          continue
+        out = budget_scores(scores, layout, scheme, budget, labels, calibration)
+        if not out:
+          continue
+        for score in (("distance",) if budget == 0 else SCORES):
+          summary = metrics.summarize(out[score][held], labels[held],
+                                      bootstrap=bootstrap, seed=seed)
+          row = {"attack": layout.attack,
+                 "scheme": "base" if budget == 0 else scheme.label,
+                 "scheme_kind": scheme.kind, "score": score, "budget": budget,
+                 "steps": out["steps"], "chain_queries": out["chain_queries"],
+                 "extra_queries": out["chain_queries"] - 1,
+                 "queries_per_sample": layout.base_queries + out["chain_queries"],
+                 "num_calibration": int(calibration.sum()),
+                 **summary}
+          if score == "weighted":
+            row["weights"] = out["weights"].to_json()
+          rows.append(row)
+  return rows
+
+
+def _fmt(row: dict, key: str) -> str:
+  ci = row.get(f"{key}_ci")
+  text = f"{row[key]:.3f}"
+  if ci:
+    text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+  return text
+
+
+def markdown_tables(rows: Sequence[dict]) -> str:
+  """The sweep as markdown: a full table and the winners per attack/budget."""
+  lines = ["| attack | scheme | score | budget | steps | extra queries | AUC [95% CI] "
+           "| TPR@1%FPR [95% CI] |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['attack']} | {r['scheme']} | {r['score']} | {r['budget']} "
+                 f"| {r['steps']} | {r['extra_queries']} | {_fmt(r, 'auc')} | "
+                 f"{_fmt(r, 'tpr_at_1pct_fpr')} |")
+  lines += ["", "Best per attack and budget (by AUC; TPR@1%FPR winner in the "
+            "last column; plain distance = the OMS paper's score):", "",
+            "| attack | budget | best by AUC | AUC | plain-distance AUC | "
+            "best by TPR@1%FPR | TPR | plain-distance TPR |",
+            "|---|---|---|---|---|---|---|---|"]
+  for attack in dict.fromkeys(r["attack"] for r in rows):
+    for budget in sorted({r["budget"] for r in rows if r["budget"] > 0}):
+      group = [r for r in rows if r["attack"] == attack and r["budget"] == budget]
+      if not group:
+        continue
+      plain = [r for r in group if r["scheme"] == "plain" and
+               r["score"] == "distance"]
+      best_auc = max(group, key=lambda r: r["auc"])
+      best_tpr = max(group, key=lambda r: r["tpr_at_1pct_fpr"])
+      p_auc = _fmt(plain[0], "auc") if plain else "-"
+      p_tpr = _fmt(plain[0], "tpr_at_1pct_fpr") if plain else "-"
+      lines.append(
+          f"| {attack} | {budget} | {best_auc['scheme']} / {best_auc['score']} | "
+          f"{_fmt(best_auc, 'auc')} | {p_auc} | {best_tpr['scheme']} / "
+          f"{best_tpr['score']} | {_fmt(best_tpr, 'tpr_at_1pct_fpr')} | {p_tpr} |")
+  return "\n".join(lines) + "\n"
+
+
+@dataclasses.dataclass
+class SweepConfig:
+  """What `run_sweep` needs (the fields of experiments/configs/scheme_sweep.py).
+
+  Attributes:
+    checkpoint: a project checkpoint (members / non-members recorded, or
+      given as data specs).
+    output: the run directory (resumable shards, sweep.json, sweep.md).
+    attacks: base attack presets.
+    schemes: scheme specs (`fixed_point.parse_scheme`).
+    budgets: extra-query budgets.
+    calibration_fraction: part of the evaluation set that fits the weighted
+      score and is excluded from all metrics.
+    max_samples: at most this many members and non-members (None: all).
+    members, nonmembers: data specs (None: the checkpoint's ids).
+    seed, batch_size, bootstrap: as for an audit.
+  """
+
+  checkpoint: str
+  output: str
+  attacks: Sequence[str] = ("naive", "secmi", "pia", "pian")
+  schemes: Sequence[str] = DEFAULT_SCHEMES
+  budgets: Sequence[int] = (1, 2, 3, 4)
+  calibration_fraction: float = 0.3
+  max_samples: Optional[int] = None
+  members: Optional[str] = None
+  nonmembers: Optional[str] = None
+  seed: int = 0
+  batch_size: int = 64
+  bootstrap: int = 200
+
+
+def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> list[dict]:
+  """Scores the sweep (resumably) and writes sweep.json and sweep.md."""
+  from mia_jax import audit, checkpoints, report, runner
+
+  metadata = checkpoints.read_metadata(cfg.checkpoint)
+  denoiser = checkpoints.load_denoiser(cfg.checkpoint)
+  sets = audit.resolve_sets(
+      audit.AuditConfig(checkpoint=cfg.checkpoint, output=cfg.output,
+                        members=cfg.members, nonmembers=cfg.nonmembers,
+                        max_samples=cfg.max_samples), metadata)
+  schemes = [fixed_point.parse_scheme(s) for s in cfg.schemes]
+  built = [make_sweep_attack(a, denoiser.eps_fn, schemes, max(cfg.budgets))
+           for a in cfg.attacks]
+  os.makedirs(cfg.output, exist_ok=True)
+  resolved = {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
+              "schemes": [s.label for s in schemes],
+              "budgets": list(cfg.budgets)}
+  table = runner.score_samples(
+      denoiser, [a for a, _ in built], sets, batch_size=cfg.batch_size,
+      seed=cfg.seed, shard_dir=os.path.join(cfg.output, "shards"),
+      run_fingerprint={"sweep": resolved,
+                       "params": checkpoints.params_fingerprint(denoiser.params)},
+      progress=progress)
+  rows = sweep_rows(table.scores, table.labels, [l for _, l in built],
+                    cfg.budgets, calibration_fraction=cfg.calibration_fraction,
+                    seed=cfg.seed, bootstrap=cfg.bootstrap)
+  rows = metrics.jsonable(rows)
+  report.atomic_write_text(os.path.join(cfg.output, "sweep.json"),
+                           json.dumps({"config": resolved, "rows": rows},
+                                      indent=2, default=str))
+  report.atomic_write_text(os.path.join(cfg.output, "sweep.md"),
+                           markdown_tables(rows))
+  return rows
