@@ -39,6 +39,7 @@ evaluation t-errors, and each fitted regressor.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -142,9 +143,31 @@ def _ascending(cfg: FitConfig) -> np.ndarray:
   return np.argsort(order)
 
 
-def _predict_std(cfg, params, images, batch_size) -> np.ndarray:
+@functools.lru_cache(maxsize=16)
+def _compiled(cfg: FitConfig):
+  """Jitted (init, apply, train_step, eval_loss) and the optimiser of a
+  config, built once so every OMS depth's regressor (and reruns) share
+  compilations."""
   module = _module(cfg)
-  apply = jax.jit(module.apply)
+  taus = jnp.asarray(np.sort(np.asarray(cfg.alphas)), jnp.float32)
+  opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+
+  def loss_fn(p, x, t):
+    q = module.apply(p, x)                                # [b, K] ascending
+    return jnp.mean(jnp.sum(quantile_cnn.pinball_loss(t[:, None], q, taus),
+                            axis=-1))
+
+  def train_step(p, s, x, t):
+    loss, grads = jax.value_and_grad(loss_fn)(p, x, t)
+    updates, s = opt.update(grads, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  return (jax.jit(module.init), jax.jit(module.apply), jax.jit(train_step),
+          jax.jit(loss_fn), opt)
+
+
+def _predict_std(cfg, params, images, batch_size) -> np.ndarray:
+  apply = _compiled(cfg)[1]
   cols = _ascending(cfg)
   outs = []
   for s in range(0, images.shape[0], batch_size):
@@ -169,6 +192,10 @@ def fit_quantiles(images: np.ndarray, targets: np.ndarray, cfg: FitConfig,
                   seed: int = 0) -> QuantileModel:
   """Fits a `QuantileCNN` to the alpha-quantiles of ``targets`` given images.
 
+  The loss is the sum over heads of the mean pinball loss on standardised
+  targets; the params with the lowest hold-out loss are kept (early
+  stopping after ``cfg.patience`` epochs without improvement).
+
   Args:
     images: [N, H, W, C] float32 in [-1, 1] (reference images only).
     targets: [N] float (log t-errors).
@@ -188,25 +215,10 @@ def fit_quantiles(images: np.ndarray, targets: np.ndarray, cfg: FitConfig,
   mean = float(targets[fit_idx].mean())
   std = float(targets[fit_idx].std()) or 1.0
   y = ((targets - mean) / std).astype(np.float32)
-  module = _module(cfg)
-  taus = jnp.asarray(np.sort(np.asarray(cfg.alphas)), jnp.float32)
-  key = jax.random.key(seed)
-  params = module.init(key, jnp.zeros((1,) + images.shape[1:], jnp.float32))
-  opt = optax.adamw(cfg.lr, weight_decay=cfg.weight_decay)
+  init, _, train_step, eval_loss, opt = _compiled(cfg)
+  params = init(jax.random.key(seed),
+                jnp.zeros((1,) + images.shape[1:], jnp.float32))
   opt_state = opt.init(params)
-
-  def loss_fn(p, x, t):
-    q = module.apply(p, x)                                # [b, K] ascending
-    return jnp.mean(jnp.sum(quantile_cnn.pinball_loss(t[:, None], q, taus),
-                            axis=-1))
-
-  @jax.jit
-  def train_step(p, s, x, t):
-    loss, grads = jax.value_and_grad(loss_fn)(p, x, t)
-    updates, s = opt.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
-  eval_loss = jax.jit(loss_fn)
   x_fit, y_fit = images[fit_idx], y[fit_idx]
   x_hold, y_hold = jnp.asarray(images[hold_idx]), jnp.asarray(y[hold_idx])
   rng = np.random.default_rng(seed + 1)
@@ -277,7 +289,7 @@ def load_model(path: str, fingerprint: str, cfg: FitConfig,
     meta = json.load(f)
   if meta.get("fingerprint") != fingerprint:
     return None
-  template = _module(cfg).init(jax.random.key(0), jnp.asarray(example[:1]))
+  template = _compiled(cfg)[0](jax.random.key(0), jnp.asarray(example[:1]))
   with open(path + ".msgpack", "rb") as f:
     params = flax.serialization.from_bytes(template, f.read())
   return QuantileModel(params=params, config=cfg, mean=meta["mean"],
@@ -297,7 +309,8 @@ def _reference_batches(ref, batch_size: int) -> Iterator[tuple[np.ndarray, list]
 
 def t_errors(denoiser, attack, batches, *, batch_size: int,
              encode_key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-  """SecMI t-errors [M, N+1] and pixel images [M, H, W, C] of ``batches``.
+  """SecMI t-errors [M, N+1] and the images [M, H, W, C] of ``batches``
+  (as given: uint8 from sources).
 
   Every call is padded to ``batch_size`` (one compiled shape). Latent models
   encode with per-sample keys from ``encode_key`` and the running position.
@@ -306,8 +319,8 @@ def t_errors(denoiser, attack, batches, *, batch_size: int,
   for images, captions in batches:
     n = images.shape[0]
     pad = batch_size - n
+    pix.append(np.asarray(images))
     x = runner.to_model_range(np.asarray(images))
-    pix.append(x)
     if pad:
       x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
       captions = list(captions) + [captions[-1]] * pad
@@ -342,6 +355,22 @@ def _cached_t_errors(path: str, fingerprint: str, compute) -> tuple[np.ndarray,
   return te, images
 
 
+def regressor_inputs(images: np.ndarray, max_resolution: int) -> np.ndarray:
+  """Images -> float32 [-1, 1] regressor inputs, downsized (antialiased) to
+  at most ``max_resolution`` pixels a side so large (e.g. 512 px) images stay
+  cheap; the regressor needs the coarse content, not the detail."""
+  images = np.asarray(images)
+  if images.shape[1] <= max_resolution:
+    return runner.to_model_range(images)
+  out = []
+  for s in range(0, images.shape[0], 256):  # chunks bound the float copy
+    x = jnp.asarray(runner.to_model_range(images[s:s + 256]))
+    out.append(np.asarray(jax.image.resize(
+        x, (x.shape[0], max_resolution, max_resolution, x.shape[3]),
+        "linear", antialias=True)))
+  return np.concatenate(out)
+
+
 def _alpha_tag(alpha: float) -> str:
   return f"{alpha * 100:g}pct"
 
@@ -354,6 +383,14 @@ def _alpha_rates(flags: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 # ------------------------------------------------------------------ attack --
 
+@functools.lru_cache(maxsize=8)
+def _secmi(eps_fn, oms_steps, timestep, interval, convention):
+  """The SecMI statistic, built (and compiled) once per eps_fn and config."""
+  return attacks_lib.build("secmi", eps_fn, oms_steps=oms_steps,
+                           timestep=timestep, interval=interval,
+                           convention=convention)
+
+
 def run_fitted(ctx: fitted.FittedContext, *, oms_steps: int = 1,
                timestep: int = 100, interval: int = 10,
                convention: str = "probe_after",
@@ -362,6 +399,7 @@ def run_fitted(ctx: fitted.FittedContext, *, oms_steps: int = 1,
                patience: int = 30, lr: float = 1e-3,
                weight_decay: float = 1e-4, train_batch_size: int = 64,
                channels: Sequence[int] = (32, 64, 64), hidden: int = 64,
+               max_resolution: int = 64,
                seed: Optional[int] = None) -> list[fitted.FittedVariant]:
   """Runs QR on the context's evaluation samples (see module docstring).
 
@@ -372,6 +410,7 @@ def run_fitted(ctx: fitted.FittedContext, *, oms_steps: int = 1,
     alphas: quantile levels, one head each.
     score_alpha: the level whose quantile defines the continuous score.
     holdout_fraction .. hidden: see `FitConfig`.
+    max_resolution: regressor input size cap (see `regressor_inputs`).
     seed: fitting seed; None takes ``ctx.seed``.
   Returns:
     One `fitted.FittedVariant` per depth, ``qr_oms<n>``.
@@ -390,14 +429,17 @@ def run_fitted(ctx: fitted.FittedContext, *, oms_steps: int = 1,
                   channels=tuple(channels), hidden=hidden)
   seed = ctx.seed if seed is None else int(seed)
   den = ctx.denoiser
-  attack = attacks_lib.build("secmi", den.eps_fn, oms_steps=oms_steps,
-                             timestep=timestep, interval=interval,
-                             convention=convention)
+  attack = _secmi(den.eps_fn, oms_steps, timestep, interval, convention)
   os.makedirs(ctx.work_dir, exist_ok=True)
   ref = ctx.reference_set
   ref_ids = np.asarray(ref.source.ids)[ref.indices].tolist()
   eval_ids = [x for s in ctx.eval_sets
               for x in np.asarray(s.source.ids)[s.indices].tolist()]
+  _atomic_bytes(os.path.join(ctx.work_dir, "config.json"), json.dumps(
+      dict(secmi=attack.config, fit=dataclasses.asdict(cfg), seed=seed,
+           score_alpha=float(score_alpha), num_reference=len(ref_ids),
+           max_resolution=max_resolution),
+      indent=2).encode())
   base_fp = dict(params=checkpoints.params_fingerprint(den.params),
                  schedule=den.schedule.to_config(), secmi=attack.config,
                  seed=ctx.seed)
@@ -410,11 +452,13 @@ def run_fitted(ctx: fitted.FittedContext, *, oms_steps: int = 1,
                        batch_size=ctx.batch_size,
                        encode_key=runner.attack_key(ctx.seed,
                                                     "__encode_reference__")))
+  ref_images = regressor_inputs(ref_images, max_resolution)
   ref_log = np.log(np.maximum(ref_te, _LOG_FLOOR))
   models = []
   for n in range(attack.oms_steps + 1):
     fp = _digest({"t_errors": ref_fp, "depth": n, "seed": seed,
-                  "config": dataclasses.asdict(cfg)})
+                  "config": dataclasses.asdict(cfg),
+                  "max_resolution": max_resolution})
     path = os.path.join(ctx.work_dir, f"regressor_oms{n}")
     model = load_model(path, fp, cfg, ref_images)
     if model is None:
@@ -431,6 +475,7 @@ def run_fitted(ctx: fitted.FittedContext, *, oms_steps: int = 1,
       lambda: t_errors(den, attack, ctx.eval_batches(),
                        batch_size=ctx.batch_size,
                        encode_key=runner.attack_key(ctx.seed, "__encode__")))
+  eval_images = regressor_inputs(eval_images, max_resolution)
   eval_log = np.log(np.maximum(eval_te, _LOG_FLOOR))
 
   # 3. Scores are final here; labels enter only the alpha-level rates.

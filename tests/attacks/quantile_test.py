@@ -39,17 +39,6 @@ def test_pinball_loss_closed_form_and_minimiser():
     assert abs(coarse - np.quantile(y, tau, method="inverted_cdf")) < 0.05
 
 
-def test_heads_are_monotone():
-  module = quantile_cnn.QuantileCNN(num_heads=3, channels=(8, 16), hidden=16)
-  x = jax.random.normal(jax.random.key(0), (5, 8, 8, 1))
-  params = module.init(jax.random.key(1), x)
-  # Push the increments negative: softplus keeps the heads ordered anyway.
-  params = jax.tree_util.tree_map(lambda p: p * 5.0, params)
-  out = np.asarray(module.apply(params, x))
-  assert out.shape == (5, 3)
-  assert np.all(np.diff(out, axis=1) >= 0)
-
-
 def _synthetic(n, rng, sigma=0.3):
   """Images whose mean brightness c sets mu(x) = 1.5 c; log t-error =
   mu(x) + sigma z. The true alpha-quantile is mu(x) + sigma Phi^-1(alpha)."""
@@ -60,11 +49,29 @@ def _synthetic(n, rng, sigma=0.3):
   return x, mu, mu + sigma * rng.normal(size=n)
 
 
-def test_qr_recovers_known_per_sample_quantiles():
+@pytest.fixture(scope="module")
+def synthetic_fit():
   rng = np.random.default_rng(0)
   x, _, y = _synthetic(3000, rng)
   cfg = quantile.FitConfig(alphas=(0.05, 0.01, 0.001), **SMALL)
-  model = quantile.fit_quantiles(x, y, cfg, seed=0)
+  return quantile.fit_quantiles(x, y, cfg, seed=0), rng
+
+
+def test_heads_are_monotone(synthetic_fit):
+  model, _ = synthetic_fit
+  x = np.asarray(jax.random.normal(jax.random.key(0), (5, 8, 8, 1)))
+  # Large weights push raw increments far negative; softplus keeps the
+  # heads ordered anyway (module heads ascend in alpha).
+  params = jax.tree_util.tree_map(lambda p: p * 5.0, model.params)
+  out = np.asarray(quantile._compiled(model.config)[1](params, x))  # jitted apply
+  assert out.shape == (5, 3)
+  assert np.all(np.diff(out, axis=1) >= 0)
+  # Predictions in the caller's alpha order (0.05, 0.01, 0.001): descending.
+  assert np.all(np.diff(model.predict(x), axis=1) <= 0)
+
+
+def test_qr_recovers_known_per_sample_quantiles(synthetic_fit):
+  model, rng = synthetic_fit
   x_new, mu_new, y_new = _synthetic(4000, rng)
   q = model.predict(x_new)
   # Mean error within a third (0.05) / half (0.01) of sigma = 0.3.
@@ -93,11 +100,15 @@ def test_split_and_config_errors():
 
 # ---------------------------------------------------- run_fitted end to end --
 
+# One model for every context, so SecMI's compilation is shared.
+_TOY = toy_models.TinyNonlinear((4, 4, 1), seed=1)
+
+
 def _context(tmp_path, swap_labels=False, name="run"):
   rng = np.random.default_rng(7)
   images = rng.integers(0, 256, (40, 4, 4, 1), dtype=np.uint8)
   source = sources.ArraySource(images)
-  model = toy_models.TinyNonlinear((4, 4, 1), seed=1)
+  model = _TOY
   den = Denoiser(eps_fn=model.eps_fn, params=model.params,
                  schedule=schedules.linear(), spec=InputSpec(4, 1),
                  family="toy")
@@ -115,7 +126,10 @@ TINY = dict(oms_steps=1, epochs=3, patience=3, train_batch_size=8,
             channels=(8,), hidden=8, timestep=20)
 
 
-def test_run_fitted_outputs_and_label_blindness(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+  """One QR run on the toy context, recording what the fitting saw."""
+  tmp_path = tmp_path_factory.mktemp("qr")
   seen = []
   real_fit = quantile.fit_quantiles
 
@@ -123,9 +137,15 @@ def test_run_fitted_outputs_and_label_blindness(tmp_path, monkeypatch):
     seen.append(np.asarray(images))
     return real_fit(images, targets, cfg, seed)
 
-  monkeypatch.setattr(quantile, "fit_quantiles", spy)
-  ctx = _context(tmp_path)
-  out = fitted.run("qr", ctx, **TINY)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(quantile, "fit_quantiles", spy)
+    ctx = _context(tmp_path)
+    out = fitted.run("qr", ctx, **TINY)
+  return tmp_path, ctx, out, seen
+
+
+def test_run_fitted_outputs_and_label_blindness(first_run):
+  tmp_path, ctx, out, seen = first_run
   assert [v.name for v in out] == ["qr_oms0", "qr_oms1"]
   # Fitting saw only the reference images, never an evaluation image.
   ref = runner.to_model_range(ctx.reference_set.source.get(np.arange(20, 40)))
@@ -156,7 +176,6 @@ def test_run_fitted_outputs_and_label_blindness(tmp_path, monkeypatch):
   assert out[1].queries_per_sample == secmi.queries_per_sample
 
   # Swapping the evaluation labels changes no score.
-  monkeypatch.setattr(quantile, "fit_quantiles", real_fit)
   swapped = fitted.run("qr", _context(tmp_path, swap_labels=True, name="swap"),
                        **TINY)
   for a, b in zip(out, swapped):
@@ -169,9 +188,8 @@ def _fingerprint_of(path):
     return json.load(f)["fingerprint"]
 
 
-def test_rerun_uses_the_caches(tmp_path, monkeypatch):
-  ctx = _context(tmp_path)
-  first = fitted.run("qr", ctx, **TINY)
+def test_rerun_uses_the_caches(first_run, monkeypatch):
+  _, ctx, first, _ = first_run
 
   def boom(*args, **kwargs):
     raise AssertionError("refitted although a matching regressor is cached")
@@ -187,3 +205,13 @@ def test_missing_reference_raises(tmp_path):
   ctx = dataclasses.replace(_context(tmp_path), reference_set=None)
   with pytest.raises(ValueError, match="public non-member reference"):
     fitted.run("qr", ctx, **TINY)
+
+
+def test_regressor_inputs_downsize_large_images():
+  images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), np.uint8)
+  small = quantile.regressor_inputs(images, max_resolution=16)
+  np.testing.assert_allclose(small, images / 127.5 - 1.0, rtol=1e-6)
+  constant = np.full((2, 16, 16, 1), 200, np.uint8)
+  down = quantile.regressor_inputs(constant, max_resolution=4)
+  assert down.shape == (2, 4, 4, 1)
+  np.testing.assert_allclose(down, 200 / 127.5 - 1.0, rtol=1e-5)

@@ -181,6 +181,15 @@ def test_sampled_latent_is_mean_plus_std_noise(sd_folder, denoiser):
   noise = np.asarray(jax.random.normal(key, mean.shape))
   np.testing.assert_allclose(z, (mean + std * noise) * 0.18215, rtol=1e-4,
                              atol=1e-6)
+  # Per-image keys: image i's latent depends only on key i (batch-invariant).
+  keys = jax.random.split(key, 2)
+  z_pair = denoiser.encode_fn(denoiser.params, images, keys, sample=True)
+  z_one = denoiser.encode_fn(denoiser.params, images[1:], keys[1:],
+                             sample=True)
+  np.testing.assert_allclose(z_pair[1], z_one[0], rtol=1e-5, atol=1e-7)
+  noise1 = np.asarray(jax.random.normal(keys[1], mean.shape[1:]))
+  np.testing.assert_allclose(z_pair[1], (mean[1] + std[1] * noise1) * 0.18215,
+                             rtol=1e-4, atol=1e-6)
 
 
 def test_naive_attack_with_oms_on_latents_matches_pytorch(sd_folder,

@@ -378,8 +378,8 @@ def make_text_embed_fn(text: clip_lib.CLIPTextEncoder, params: Any, tokenize,
                        skip_last_layers: int = 0, batch: int = _TEXT_BATCH):
   """``captions -> [N, L, D] float32``: host tokenizer + jitted encoder.
 
-  Captions are run in fixed batches of ``batch`` (the last one padded with
-  empty captions) so the encoder compiles once.
+  Captions are run in fixed batches of ``batch`` (the last one padded by
+  repeating its last row, dropped afterwards) so the encoder compiles once.
   """
   @jax.jit
   def run(p, ids):
