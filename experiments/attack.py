@@ -12,9 +12,13 @@ after a kill resumes from the finished shards.
 """
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from mia_jax import audit, cli, report
 
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Optional preset (e.g. experiments/configs/attack_sd.py); "
+    "flags given on the command line override its values.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.")
 _MEMBERS = flags.DEFINE_string("members", None, "Member data spec.")
 _NONMEMBERS = flags.DEFINE_string("nonmembers", None, "Non-member data spec.")
@@ -33,21 +37,42 @@ _REFERENCE = flags.DEFINE_string(
     "defaults to the public ids recorded by training.")
 _SHADOWS = flags.DEFINE_list("shadow_checkpoints", [],
                              "Shadow model checkpoints (gsa).")
+_CAPTIONS = flags.DEFINE_string(
+    "captions", None, "Text-to-image models: captions file (id -> caption).")
+_LATENT_SAMPLE = flags.DEFINE_bool(
+    "latent_sample", False, "Latent models: encode with a posterior sample "
+    "instead of the mean.")
 _OUTPUT = flags.DEFINE_string("output", None, "Run directory.")
+
+
+def _value(flag, key):
+  """The flag's value if given on the command line, else the preset's."""
+  preset = _CONFIG.value
+  if flags.FLAGS[flag.name].present or preset is None or key not in preset:
+    return flag.value
+  value = preset[key]
+  return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  preset = _CONFIG.value
   cfg = audit.AuditConfig(
       checkpoint=_CHECKPOINT.value, output=_OUTPUT.value,
       members=_MEMBERS.value, nonmembers=_NONMEMBERS.value,
-      attacks=tuple(_ATTACKS.value), oms_steps=_OMS_STEPS.value,
+      attacks=tuple(_value(_ATTACKS, "attacks")),
+      oms_steps=_value(_OMS_STEPS, "oms_steps"),
       timestep=_TIMESTEP.value, seed=_SEED.value,
-      batch_size=_BATCH_SIZE.value, max_samples=_MAX_SAMPLES.value,
+      batch_size=_value(_BATCH_SIZE, "batch_size"),
+      max_samples=_MAX_SAMPLES.value,
       bootstrap=_BOOTSTRAP.value, reference=_REFERENCE.value,
-      shadow_checkpoints=tuple(_SHADOWS.value))
+      shadow_checkpoints=tuple(_SHADOWS.value), captions=_CAPTIONS.value,
+      latent_sample=_LATENT_SAMPLE.value,
+      attack_overrides=(preset.get("attack_overrides", {}).to_dict()
+                        if preset is not None and "attack_overrides" in preset
+                        else {}))
   rows = audit.run_audit(cfg)
   print(report.format_table(rows))
   print(f"\nrun directory: {cfg.output}")

@@ -31,6 +31,9 @@ _PRESET = flags.DEFINE_string(
 _MODEL_CONFIG = flags.DEFINE_string(
     "model_config", None, "JSON file with the architecture (overrides --preset).")
 _RESOLUTION = flags.DEFINE_integer("resolution", None, "Image resolution.")
+_GUIDANCE = flags.DEFINE_float(
+    "guidance_scale", 1.0, "Stable Diffusion: classifier-free guidance scale "
+    "of the attacks (1 = conditional eps only).")
 
 
 def main(argv):
@@ -44,7 +47,7 @@ def main(argv):
   out = export.convert_to_checkpoint(
       _FORMAT.value, _SOURCE.value, _OUTPUT.value,
       use_ema=_WEIGHTS.value == "ema", model_config=model_config,
-      resolution=_RESOLUTION.value)
+      resolution=_RESOLUTION.value, guidance_scale=_GUIDANCE.value)
   print(f"wrote {out}")
 
 

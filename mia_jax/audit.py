@@ -9,6 +9,7 @@ writes ``config.json``, ``scores.npz``, ``metrics.json``, ``roc.png`` and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -43,6 +44,11 @@ class AuditConfig:
     reference: data spec of public non-member images for fitted attacks (QR,
       GSA shadows); None takes the "public" ids recorded by training, if any.
     shadow_checkpoints: shadow model checkpoints for GSA.
+    captions: text-to-image models: a captions file (.json/.jsonl/.tsv/.csv,
+      id -> caption; every audited id must have one, empty allowed); None
+      uses captions carried by the data sources (or empty captions).
+    latent_sample: latent models: encode images with a posterior sample
+      instead of the posterior mean (the default, reproducible).
   """
 
   checkpoint: str
@@ -59,6 +65,8 @@ class AuditConfig:
   attack_overrides: dict = dataclasses.field(default_factory=dict)
   reference: Optional[str] = None
   shadow_checkpoints: Sequence[str] = ()
+  captions: Optional[str] = None
+  latent_sample: bool = False
 
 
 def _positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
@@ -99,6 +107,37 @@ def resolve_sets(cfg: AuditConfig, metadata: dict):
   return sets
 
 
+class CaptionedSource:
+  """A data source with captions taken from an id -> caption mapping."""
+
+  def __init__(self, source, captions: dict):
+    self._source, self._captions = source, captions
+    ids = [str(i) for i in np.asarray(source.ids).tolist()]
+    missing = [i for i in ids if i not in captions]
+    if missing:
+      raise ValueError(f"the captions file has no caption for {len(missing)} "
+                       f"ids of {getattr(source, 'name', 'the data')} (first: "
+                       f"{missing[:5]}); add them (empty captions are allowed)")
+
+  def __getattr__(self, name):
+    return getattr(self._source, name)
+
+  def __len__(self):
+    return len(self._source)
+
+  def captions(self, positions):
+    ids = np.asarray(self._source.ids)[np.asarray(positions)]
+    return [self._captions[str(i)] for i in ids.tolist()]
+
+
+def attach_captions(sets, path: str):
+  """Gives every sample set the captions of ``path`` (see AuditConfig)."""
+  from mia_jax.models.sd import pipeline
+  captions = {str(k): v for k, v in pipeline.load_captions(path).items()}
+  return [runner.SampleSet(CaptionedSource(s.source, captions), s.indices,
+                           s.label) for s in sets]
+
+
 def resolve_reference(cfg: AuditConfig, metadata: dict):
   """The reference (public non-member) `runner.SampleSet`, or None."""
   recorded = metadata.get("data") or {}
@@ -110,6 +149,20 @@ def resolve_reference(cfg: AuditConfig, metadata: dict):
     return runner.SampleSet(
         source, _positions_of(source, recorded["public"], "public"), 0)
   return None
+
+
+def _check_resolution(denoiser: Denoiser, sets) -> None:
+  """Fails early when candidate images do not fit the model's input."""
+  spec = denoiser.spec
+  for s, what in zip(sets, ("members", "nonmembers")):
+    res, ch = getattr(s.source, "resolution", None), getattr(s.source, "channels", None)
+    if res is not None and res != spec.pixel_resolution:
+      raise ValueError(
+          f"the {what} images are {res}x{res} but the model expects "
+          f"{spec.pixel_resolution}x{spec.pixel_resolution}; resize them first")
+    if ch is not None and ch != spec.pixel_channels:
+      raise ValueError(f"the {what} images have {ch} channels but the model "
+                       f"expects {spec.pixel_channels}")
 
 
 def build_attacks(cfg: AuditConfig, denoiser: Denoiser):
@@ -164,6 +217,12 @@ def run_audit(cfg: AuditConfig, *, progress: bool = True,
   metadata = checkpoints.read_metadata(cfg.checkpoint)
   denoiser = denoiser or checkpoints.load_denoiser(cfg.checkpoint)
   sets = resolve_sets(cfg, metadata)
+  if cfg.captions is not None:
+    sets = attach_captions(sets, cfg.captions)
+  if cfg.latent_sample and denoiser.encode_fn is not None:
+    denoiser = dataclasses.replace(
+        denoiser, encode_fn=functools.partial(denoiser.encode_fn, sample=True))
+  _check_resolution(denoiser, sets)
   built = build_attacks(cfg, denoiser)
   os.makedirs(cfg.output, exist_ok=True)
   manifest = _manifest(cfg, denoiser, sets)

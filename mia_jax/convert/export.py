@@ -27,7 +27,8 @@ def _pixel_spec(model_config: dict, provenance: dict, default_res: int,
 def convert_to_checkpoint(fmt: str, source: str, output: str, *,
                           use_ema: bool = True,
                           model_config: Optional[Any] = None,
-                          resolution: Optional[int] = None) -> str:
+                          resolution: Optional[int] = None,
+                          guidance_scale: float = 1.0) -> str:
   """Converts ``source`` of format ``fmt`` and writes ``output``.
 
   Args:
@@ -38,7 +39,10 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
     model_config: architecture overrides or a preset name (pytorch-ddpm,
       U-ViT); diffusers and Stable Diffusion read their config.json.
     resolution: image resolution when the source does not record it
-      (pytorch-ddpm and U-ViT CIFAR-10 default to 32).
+      (pytorch-ddpm and U-ViT CIFAR-10 default to 32; Stable Diffusion: the
+      pixel size of candidate images, default the model's native size).
+    guidance_scale: Stable Diffusion's classifier-free guidance scale used by
+      the attacks (1 = plain conditional eps, as SecMI-LDM).
   Returns:
     The absolute output directory.
   """
@@ -47,8 +51,12 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
   if not os.path.exists(source):
     raise FileNotFoundError(f"--source {source!r} does not exist")
   if fmt == "stable_diffusion":
-    from mia_jax.models.sd import pipeline  # heavy; only when asked for
-    return pipeline.convert_and_save(source, output)
+    from mia_jax.convert import sd  # heavy; only when asked for
+    from mia_jax.models.sd import pipeline
+    converted = sd.convert_stable_diffusion(source)
+    return pipeline.save_sd_denoiser(output, converted,
+                                     guidance_scale=guidance_scale,
+                                     image_resolution=resolution)
   if fmt == "pytorch_ddpm":
     from mia_jax.convert import ddpm_unet
     params, config, prov = ddpm_unet.convert_pytorch_ddpm(
