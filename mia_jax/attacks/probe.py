@@ -1,4 +1,4 @@
-"""Initial-noise probe ("Noise as a Probe", arXiv 2601.21628) as a per-sample attack.
+"""Initial-noise probe ("Noise as a Probe", arXiv 2601.21628).
 
 Threat model: the attacker chooses the initial noise x_T of generation and
 sees only the generated image -- no intermediate states, no shadow model. The

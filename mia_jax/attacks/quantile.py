@@ -171,7 +171,8 @@ def _predict_std(cfg, params, images, batch_size) -> np.ndarray:
   cols = _ascending(cfg)
   outs = []
   for s in range(0, images.shape[0], batch_size):
-    outs.append(np.asarray(apply(params, jnp.asarray(images[s:s + batch_size]))))
+    chunk = jnp.asarray(images[s:s + batch_size])
+    outs.append(np.asarray(apply(params, chunk)))
   out = np.concatenate(outs) if outs else np.zeros((0, len(cfg.alphas)))
   return out[:, cols].astype(np.float64)
 
@@ -301,10 +302,13 @@ def load_model(path: str, fingerprint: str, cfg: FitConfig,
 
 # ---------------------------------------------------------------- t-errors --
 
-def _reference_batches(ref, batch_size: int) -> Iterator[tuple[np.ndarray, list]]:
+def _reference_batches(ref, batch_size: int
+                       ) -> Iterator[tuple[np.ndarray, list]]:
+  """(uint8 images, captions) of the reference set in chunks."""
   for s in range(0, len(ref.indices), batch_size):
     idx = ref.indices[s:s + batch_size]
-    yield np.asarray(ref.source.get(idx)), fitted._captions(ref.source, idx)  # pylint: disable=protected-access
+    captions = fitted._captions(ref.source, idx)  # pylint: disable=protected-access
+    yield np.asarray(ref.source.get(idx)), captions
 
 
 def t_errors(denoiser, attack, batches, *, batch_size: int,
@@ -344,8 +348,8 @@ def t_errors(denoiser, attack, batches, *, batch_size: int,
   return np.concatenate(errs), np.concatenate(pix)
 
 
-def _cached_t_errors(path: str, fingerprint: str, compute) -> tuple[np.ndarray,
-                                                                     np.ndarray]:
+def _cached_t_errors(path: str, fingerprint: str,
+                     compute) -> tuple[np.ndarray, np.ndarray]:
   if os.path.exists(path):
     with np.load(path) as z:
       if str(z["fingerprint"]) == fingerprint:

@@ -1,4 +1,4 @@
-"""The initial-noise probe against closed-form denoisers and a float64 NumPy twin."""
+"""The initial-noise probe: closed-form denoisers and a float64 NumPy twin."""
 
 import jax
 import jax.numpy as jnp

@@ -362,3 +362,35 @@ def test_variant_files_are_read_only_when_asked(sd_folder, converted,
   for name in ("unet", "vae", "text_encoder"):
     jax.tree.map(np.testing.assert_array_equal, got[name][0],
                  converted[name][0])
+
+
+def test_convert_binary_path_and_audit_with_captions(sd_folder, tmp_path):
+  """experiments/convert.py's library call, then the audit of captioned
+  images from .npz files: every loss attack with OMS runs on latents."""
+  from mia_jax import audit
+  from mia_jax.convert import export
+  ckpt = export.convert_to_checkpoint("stable_diffusion", sd_folder["root"],
+                                      str(tmp_path / "ckpt"))
+  rng = np.random.RandomState(1)
+  for name, ids in (("members", [0, 1, 2]), ("nonmembers", [3, 4, 5])):
+    np.savez(tmp_path / f"{name}.npz",
+             images=rng.randint(0, 256, (3, 16, 16, 3), dtype=np.uint8),
+             ids=np.asarray(ids))
+  captions = tmp_path / "captions.jsonl"
+  captions.write_text("".join(json.dumps({"id": i, "caption": c}) + "\n" for i, c in
+                              enumerate(["a cat", "a dog", "", "a red car",
+                                         "a cat on a mat", "two dogs"])))
+  cfg = audit.AuditConfig(
+      checkpoint=ckpt, output=str(tmp_path / "run"),
+      members=str(tmp_path / "members.npz"),
+      nonmembers=str(tmp_path / "nonmembers.npz"), captions=str(captions),
+      attacks=("naive", "secmi", "pia", "pian"), oms_steps=1, batch_size=3,
+      bootstrap=0)
+  rows = audit.run_audit(cfg, progress=False)
+  assert len(rows) == 8 and all(np.isfinite(r["auc"]) for r in rows)
+  short = tmp_path / "short.jsonl"
+  short.write_text(json.dumps({"id": 0, "caption": "a cat"}) + "\n")
+  with pytest.raises(ValueError, match="no caption for"):
+    audit.run_audit(audit.AuditConfig(**{**cfg.__dict__, "captions": str(short),
+                                         "output": str(tmp_path / "r2")}),
+                    progress=False)
