@@ -14,7 +14,7 @@ after a kill resumes from the finished shards.
 from absl import app, flags
 from ml_collections import config_flags
 
-from mia_jax import audit, cli, report
+from mia_jax import audit, cli, fixed_point, report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional preset (e.g. experiments/configs/attack_sd.py); "
@@ -37,6 +37,9 @@ _REFERENCE = flags.DEFINE_string(
     "defaults to the public ids recorded by training.")
 _SHADOWS = flags.DEFINE_list("shadow_checkpoints", [],
                              "Shadow model checkpoints (gsa).")
+_SCHEME = flags.DEFINE_string(
+    "scheme", "plain", "Fixed-point scheme of the loss attacks' chains: plain "
+    "(OMS), km:A (Krasnoselskii-Mann), ishikawa:A,B or anderson:M.")
 _CAPTIONS = flags.DEFINE_string(
     "captions", None, "Text-to-image models: captions file (id -> caption).")
 _LATENT_SAMPLE = flags.DEFINE_bool(
@@ -73,6 +76,10 @@ def main(argv):
       attack_overrides=(preset.get("attack_overrides", {}).to_dict()
                         if preset is not None and "attack_overrides" in preset
                         else {}))
+  if _SCHEME.value != "plain":
+    scheme = fixed_point.parse_scheme(_SCHEME.value)
+    for name in ("naive", "secmi", "pia", "pian"):
+      cfg.attack_overrides.setdefault(name, {})["scheme"] = scheme
   rows = audit.run_audit(cfg)
   print(report.format_table(rows))
   print(f"\nrun directory: {cfg.output}")

@@ -123,7 +123,7 @@ def torch_attack(name: str, attack: base.Attack, tmodel, sched):
   scores -sum |eps^{n+1} - eps^0|^p.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  abar = torch.from_numpy(np.asarray(sched.alphas_cumprod, np.float32))
+  abar = torch.from_numpy(np.array(sched.alphas_cumprod, np.float32))
   cfg = attack.config
   depth = attack.oms_steps
 
@@ -399,6 +399,9 @@ def format_table(result: dict) -> str:
             f"{cm['run_passes']} UNet passes per sample (fewest possible "
             f"{cm['fewest_possible']}; scoring each depth separately would "
             f"take {cm['if_each_depth_scored_separately']})",
+            "GFLOP/s = XLA cost analysis of one compiled UNet forward x passes "
+            "/ time (XLA's cost analysis counts a scan body once, whatever "
+            "its trip count, so a whole attack program under-reports)",
             f"peak RSS {m['peak_rss_mb']:.0f} MB"]
   return "\n".join(lines)
 

@@ -124,6 +124,16 @@ def _plain(x: Any) -> Any:
   return x
 
 
+def _merge(node: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Nested overrides ({"train": {"num_steps": 3000}}) applied in place."""
+  for key, value in overrides.items():
+    if isinstance(value, dict) and isinstance(node.get(key),
+                                              ml_collections.ConfigDict):
+      _merge(node[key], value)
+    else:
+      node[key] = value
+
+
 def train_config(cfg: ml_collections.ConfigDict,
                  seed: Optional[int] = None) -> ml_collections.ConfigDict:
   """The training config of a recipe's target (``target.train[_config]``)."""
@@ -138,12 +148,7 @@ def train_config(cfg: ml_collections.ConfigDict,
         "checkpoint directory, e.g. one converted with experiments/convert.py) "
         "or target.train_config / target.train to train one")
   out = ml_collections.ConfigDict(out.to_dict())
-  for key, value in (_plain(t.get("train_overrides")) or {}).items():
-    node = out
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  _merge(out, _plain(t.get("train_overrides")) or {})
   if seed is not None:
     out.seed = int(seed)
   return out

@@ -11,9 +11,12 @@ refuses to mix with old shards.
 
 Parallelism (`mia_jax.parallel`): with several local devices each batch is
 split over a ``"data"`` mesh (params replicated); per-sample scores are
-bit-for-bit those of one device. On several hosts each process scores the
-batches ``k % process_count == process_index`` (reading only those samples),
-writes their shards, and the scores are gathered to every process at the end
+bit-for-bit those of one device running the same per-device batch (XLA:CPU
+kernels depend on the batch extent at the float-rounding level, ~1e-7
+relative, so a different per-device batch is equal only to rounding). On
+several hosts each process scores the batches
+``k % process_count == process_index`` (reading only those samples), writes
+their shards, and the scores are gathered to every process at the end
 (write outputs on process 0 only).
 
 Streaming: images are read from the sources one batch at a time
@@ -21,8 +24,8 @@ Streaming: images are read from the sources one batch at a time
 current one is scored, so data sets larger than memory stream through.
 
 Randomness: sample i of attack a draws from
-``fold_in(fold_in(key(seed), crc32(a.name)), i)``, so scores do not depend on
-the batch size, the sharding or which other attacks run.
+``fold_in(fold_in(key(seed), crc32(a.name)), i)``, so the noise does not
+depend on the batch size, the sharding or which other attacks run.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import os
 import re
 import sys
 import time
+import zipfile
 import zlib
 from typing import Any, Callable, Optional, Sequence
 
@@ -175,8 +179,14 @@ def _load_shards(shard_dir: str, num_batches: int,
     if not m:
       continue
     k = int(m.group(1))
-    with np.load(path) as z:
-      shard = {n: z[n] for n in z.files}
+    try:
+      with np.load(path) as z:
+        shard = {n: z[n] for n in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+      # Shards are renamed into place whole, so only a crashed disk or a
+      # hand-copied file gets here; deleting it recomputes that batch.
+      raise RuntimeError(f"unreadable shard {path} ({e}); delete it to "
+                         "recompute that batch") from e
     missing = [v for v in ("positions", "mask", *variants) if v not in shard]
     if k >= num_batches or missing:
       raise RuntimeError(
@@ -274,12 +284,15 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
   done: dict[int, dict[str, np.ndarray]] = {}
   if shard_dir is not None:
     os.makedirs(shard_dir, exist_ok=True)
-    # The mesh is not part of the fingerprint: scores do not depend on it,
-    # so a run may resume on a different device count.
+    # The mesh is not part of the fingerprint: keys come from global
+    # positions, so a run may resume on a different device count (scores
+    # then differ from an uninterrupted run only by float rounding).
     _check_fingerprint(shard_dir, {"fingerprint": fingerprint(
         {**(run_fingerprint or {}), "batch_size": batch_size, "seed": seed,
          "variants": variants, "total": total}), "num_batches": num_batches})
     done = _load_shards(shard_dir, num_batches, variants)
+    # Process 0 removes stale temporaries above; nobody writes before that.
+    parallel.sync("mia_jax.runner.loaded")
     if done:
       logging.info("resuming: %d of %d batches already scored in %s",
                    len(done), num_batches, shard_dir)

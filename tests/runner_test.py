@@ -217,5 +217,52 @@ def test_progress_reports_rate_and_eta(caplog):
   assert "ETA" in text
 
 
+def _multihost_worker(process_id, port, out_dir):
+  """One of two processes of a localhost `jax.distributed` run (CPU, gloo)."""
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}",
+                             num_processes=2, process_id=process_id)
+  from mia_jax import runner
+  den, built, sets = setup()
+  table = runner.score_samples(
+      den, built, sets, batch_size=BATCH, seed=7, progress=False,
+      shard_dir=os.path.join(out_dir, "shards"), run_fingerprint={"c": 1})
+  np.savez(os.path.join(out_dir, f"out{process_id}.npz"),
+           rows_read=sum(sets[0].source.reads), ids=table.ids, **table.scores)
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_data_and_agree_with_one(tmp_path):
+  import socket
+  from mia_jax import runner
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tests.runner_test", "--multihost", str(i),
+       str(port), str(tmp_path)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+  den, built, sets = setup()
+  ref = runner.score_samples(den, built, sets, batch_size=BATCH, seed=7,
+                             progress=False)
+  for i in range(2):
+    with np.load(tmp_path / f"out{i}.npz") as z:
+      # Each process read only its own 4 batches of 4 (incl. 2 padding rows).
+      assert int(z["rows_read"]) == NUM_BATCHES * BATCH // 2
+      np.testing.assert_array_equal(z["ids"], ref.ids)
+      for v, sc in ref.scores.items():
+        np.testing.assert_array_equal(z[v], sc)
+  assert len(_shards(tmp_path)) == NUM_BATCHES  # one shared shard set
+  assert sorted(os.listdir(tmp_path / "shards"))[0] == "fingerprint.json"
+
+
 if __name__ == "__main__":
-  _worker(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))
+  if sys.argv[1] == "--multihost":
+    _multihost_worker(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+  else:
+    _worker(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]))

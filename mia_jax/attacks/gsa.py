@@ -154,10 +154,12 @@ def make_feature_fn(eps_fn: EpsFn, *,
   ``vmap_width`` samples at a time (`jax.lax.map` with ``batch_size``; the
   chunks run sequentially), and a `jax.lax.scan` over the K timesteps
   accumulates the gradient sum (GSA1) and the per-timestep norms (GSA2).
-  On CPU a width of 1 is fastest (vmapping a convolution's weight gradient
-  over samples becomes a grouped convolution, which XLA:CPU runs slowly); on
+  Vmapping a convolution's weight gradient over samples becomes a grouped
+  convolution, which XLA:CPU runs slowly: on the digits UNet a full vmap
+  over 16 samples measured about 2x slower per sample than width 1 (widths
+  1 and 4 were within noise of each other on a loaded 2-core CPU). On
   accelerators a larger width uses the device better. Results do not depend
-  on the width.
+  on the width (up to float32 rounding).
 
   Args:
     eps_fn: the denoiser's eps function ``(params, x_t, t, cond) -> eps``.
@@ -529,13 +531,8 @@ def load_shadow(directory: str, max_per_side: Optional[int] = None
                 ) -> ShadowData:
   """A shadow checkpoint with its recorded members / non-members."""
   from mia_jax import data
-  metadata = checkpoints.read_metadata(directory)
-  recorded = metadata.get("data") or {}
-  if not recorded.get("members") or not recorded.get("nonmembers"):
-    raise ValueError(
-        f"shadow checkpoint {directory!r} records no members and non-members "
-        "(only models trained by experiments/train.py do).\n"
-        + shadow_training_help())
+  _check_shadow_record(directory)
+  recorded = checkpoints.read_metadata(directory)["data"]
   source = data.parse_spec(recorded["source"])
   members = _positions_of(source, recorded["members"],
                           f"shadow {directory} member")
@@ -599,9 +596,77 @@ def _noise_key(seed: int, tag: str) -> jax.Array:
                             zlib.crc32(tag.encode()) & 0x7FFFFFFF)
 
 
+def target_features(ctx: fitted.FittedContext, feature_fn: Callable,
+                    common: dict, stats: Optional[FeatureStats] = None
+                    ) -> np.ndarray:
+  """[N+1, 2, M, P] features of the target on the evaluation samples.
+
+  The noise keys and latents are the ones the per-sample attacks use
+  (``runner.attack_key(seed, "gsa")``, ``runner.attack_key(seed,
+  "__encode__")``, folded with the sample's global position).
+  """
+  from mia_jax import runner
+  target = ctx.denoiser
+  fp = _fingerprint({**common, "tag": "target", "params":
+                     checkpoints.params_fingerprint(target.params),
+                     "ids": [str(v) for s in ctx.eval_sets for v in
+                             np.asarray(s.source.ids)[s.indices].tolist()]})
+  return extract_features(
+      target, ctx.eval_batches(), ctx.num_eval(), feature_fn=feature_fn,
+      noise_key=runner.attack_key(ctx.seed, "gsa"),
+      encode_key=runner.attack_key(ctx.seed, "__encode__"),
+      batch_size=common["batch"],
+      cache_dir=os.path.join(ctx.work_dir, "features", f"target-{fp}"),
+      label="gsa target", stats=stats)
+
+
+def _check_shadow_record(directory: str) -> None:
+  recorded = checkpoints.read_metadata(directory).get("data") or {}
+  if not recorded.get("members") or not recorded.get("nonmembers"):
+    raise ValueError(
+        f"shadow checkpoint {directory!r} records no members and non-members "
+        "(only models trained by experiments/train.py do).\n"
+        + shadow_training_help())
+
+
 _DEFAULTS = dict(oms_steps=1, timesteps=DEFAULT_TIMESTEPS, classifier="hgb",
                  scaling="shadow", feature_batch_size=16, exclude=(),
                  max_shadow_samples=None, validate=True, vmap_width=1)
+
+
+def _setup(ctx: fitted.FittedContext, overrides: dict):
+  """(options, target feature function, trainable mask, cache key parts)."""
+  unknown = sorted(set(overrides) - set(_DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown gsa option(s) {unknown}; expected some of "
+                     f"{sorted(_DEFAULTS)}")
+  opts = {**_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
+  if opts["classifier"] not in CLASSIFIERS:
+    raise ValueError(f"unknown classifier {opts['classifier']!r}; expected one "
+                     f"of {CLASSIFIERS}")
+  if opts["scaling"] not in SCALINGS:
+    raise ValueError(f"unknown scaling {opts['scaling']!r}; expected one of "
+                     f"{SCALINGS}")
+  oms_steps = int(opts["oms_steps"])
+  timesteps = tuple(int(t) for t in opts["timesteps"])
+  target = ctx.denoiser
+  mask = trainable_mask(target.params, target.family, tuple(opts["exclude"]))
+  feature_fn = make_feature_fn(target.eps_fn, timesteps=timesteps,
+                               oms_steps=oms_steps, mask=mask,
+                               vmap_width=opts["vmap_width"])
+  common = {"timesteps": timesteps, "oms_steps": oms_steps, "seed": ctx.seed,
+            "mask": _fingerprint({"m": mask}),
+            "batch": int(opts["feature_batch_size"]),
+            "exclude": list(opts["exclude"])}
+  return opts, feature_fn, mask, common
+
+
+def warm_target_cache(ctx: fitted.FittedContext, **overrides) -> np.ndarray:
+  """Computes and caches the target's features (no shadows needed), e.g.
+  while the shadow models train; a later `run_fitted` with the same
+  options reads them. Returns them ([N+1, 2, M, P])."""
+  _, feature_fn, _, common = _setup(ctx, overrides)
+  return target_features(ctx, feature_fn, common)
 
 
 def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVariant]:
@@ -615,37 +680,31 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
       ``scaling`` ("shadow" | "per_model" | "none"), ``feature_batch_size``
       (samples per compiled gradient call, default 16), ``exclude`` (regexes
       of frozen parameter paths), ``max_shadow_samples`` (per side and
-      shadow, for quick runs), ``validate`` (shadow validation AUC).
+      shadow, for quick runs), ``validate`` (shadow validation AUC),
+      ``vmap_width`` (samples per vmapped gradient, see `make_feature_fn`).
   Returns:
     Variants ``gsa1_oms<n>``, ``gsa2_oms<n>`` for n = 0..N.
   """
-  unknown = sorted(set(overrides) - set(_DEFAULTS))
-  if unknown:
-    raise ValueError(f"unknown gsa option(s) {unknown}; expected some of "
-                     f"{sorted(_DEFAULTS)}")
-  opts = {**_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
-  if opts["classifier"] not in CLASSIFIERS:
-    raise ValueError(f"unknown classifier {opts['classifier']!r}; expected one "
-                     f"of {CLASSIFIERS}")
-  if opts["scaling"] not in SCALINGS:
-    raise ValueError(f"unknown scaling {opts['scaling']!r}; expected one of "
-                     f"{SCALINGS}")
+  opts, feature_fn, mask, common = _setup(ctx, overrides)
   if not ctx.shadow_checkpoints:
     raise ValueError("gsa needs shadow models: pass --shadow_checkpoints "
                      "DIR[,DIR...].\n" + shadow_training_help())
-  oms_steps = int(opts["oms_steps"])
-  timesteps = tuple(int(t) for t in opts["timesteps"])
-  batch_size = int(opts["feature_batch_size"])
+  oms_steps, timesteps = common["oms_steps"], common["timesteps"]
+  batch_size = common["batch"]
   target = ctx.denoiser
-  mask = trainable_mask(target.params, target.family, tuple(opts["exclude"]))
-  feature_fn = make_feature_fn(target.eps_fn, timesteps=timesteps,
-                               oms_steps=oms_steps, mask=mask,
-                               vmap_width=opts["vmap_width"])
-  common = {"timesteps": timesteps, "oms_steps": oms_steps, "seed": ctx.seed,
-            "mask": _fingerprint({"m": mask}), "batch": batch_size,
-            "exclude": list(opts["exclude"])}
   feature_dir = os.path.join(ctx.work_dir, "features")
   eval_ids = _eval_ids(ctx)
+
+  for directory in ctx.shadow_checkpoints:  # fail before the long part
+    _check_shadow_record(directory)
+  stats = FeatureStats()
+  target_x = target_features(ctx, feature_fn, common, stats)
+  seconds_per_sample = (stats.seconds / stats.computed if stats.computed
+                        else None)
+  if seconds_per_sample is not None:
+    logging.info("gsa: %.4f s per sample for depths 0..%d (%d timesteps); "
+                 "first call (compile) %.1f s", seconds_per_sample, oms_steps,
+                 len(timesteps), stats.compile_seconds)
 
   shadow_x, shadow_y, shadow_g = [], [], []
   for i, directory in enumerate(ctx.shadow_checkpoints):
@@ -683,28 +742,6 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
   shadow_x = np.concatenate(shadow_x, axis=2)
   shadow_y = np.concatenate(shadow_y)
   shadow_g = np.concatenate(shadow_g)
-
-  # The target: same noise keys and latents as the per-sample attacks use
-  # (runner.attack_key(seed, "gsa"), runner.attack_key(seed, "__encode__")).
-  from mia_jax import runner
-  stats = FeatureStats()
-  fp = _fingerprint({**common, "tag": "target", "params":
-                     checkpoints.params_fingerprint(target.params),
-                     "ids": [str(v) for s in ctx.eval_sets for v in
-                             np.asarray(s.source.ids)[s.indices].tolist()]})
-  target_x = extract_features(
-      target, ctx.eval_batches(), ctx.num_eval(), feature_fn=feature_fn,
-      noise_key=runner.attack_key(ctx.seed, "gsa"),
-      encode_key=runner.attack_key(ctx.seed, "__encode__"),
-      batch_size=batch_size, cache_dir=os.path.join(feature_dir,
-                                                    f"target-{fp}"),
-      label="gsa target", stats=stats)
-  seconds_per_sample = (stats.seconds / stats.computed if stats.computed
-                        else None)
-  if seconds_per_sample is not None:
-    logging.info("gsa: %.4f s per sample for depths 0..%d (%d timesteps); "
-                 "first call (compile) %.1f s", seconds_per_sample, oms_steps,
-                 len(timesteps), stats.compile_seconds)
 
   out = []
   for depth in range(oms_steps + 1):

@@ -16,7 +16,8 @@ from mia_jax.denoiser import EpsFn
 
 
 def make_naive(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
-               p: float = 2.0) -> base.Attack:
+               p: float = 2.0,
+               scheme: fixed_point.Scheme = fixed_point.PLAIN) -> base.Attack:
   """Builds the Naive attack.
 
   Args:
@@ -24,6 +25,7 @@ def make_naive(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
     timestep: attack index t (PIA paper: 200 on DDPM; OMS paper: 350).
     oms_steps: N; scores for every depth 0..N from one chain of N + 1 queries.
     p: distance exponent (sum |.|^p, no root).
+    scheme: the fixed-point iteration scheme (plain = the OMS paper's).
   """
   oms_steps = base.check_oms_steps(oms_steps)
 
@@ -31,10 +33,12 @@ def make_naive(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
     t = base.full_t(x0, timestep)
     eps0 = base.per_sample_normal(keys, x0.shape, x0.dtype)
     chain = fixed_point.run_chain(eps_fn, params, sched, x0, t, eps0,
-                                  oms_steps + 1, cond)
+                                  oms_steps + 1, cond, scheme=scheme)
     return -fixed_point.distances_to_start(chain, p)
 
   return base.Attack(
       name="naive", score_fn=jax.jit(score_fn), oms_steps=oms_steps,
-      timestep=timestep, queries_per_sample=oms_steps + 1,
-      config=dict(timestep=timestep, oms_steps=oms_steps, p=p))
+      timestep=timestep,
+      queries_per_sample=(oms_steps + 1) * scheme.queries_per_step,
+      config=dict(timestep=timestep, oms_steps=oms_steps, p=p,
+                  scheme=scheme.label))

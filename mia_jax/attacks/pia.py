@@ -40,7 +40,8 @@ def normalize_eps(eps: jax.Array, mode: str) -> jax.Array:
 
 def make_pia(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
              p: float = 4.0, normalize: Optional[str] = None,
-             name: Optional[str] = None) -> base.Attack:
+             name: Optional[str] = None,
+             scheme: fixed_point.Scheme = fixed_point.PLAIN) -> base.Attack:
   """Builds PIA (``normalize=None``) or PIAN (``normalize="code"|"paper"``).
 
   Args:
@@ -50,6 +51,7 @@ def make_pia(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
     p: distance exponent (PIA: 4, i.e. the 4th power of the l4 norm).
     normalize: None for PIA, "code" or "paper" for PIAN.
     name: output prefix; defaults to "pia" or "pian".
+    scheme: the fixed-point iteration scheme (plain = the OMS paper's).
   """
   oms_steps = base.check_oms_steps(oms_steps)
   if normalize is not None and normalize not in PIAN_SCALES:
@@ -63,12 +65,12 @@ def make_pia(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
       eps0 = normalize_eps(eps0, normalize)
     chain = fixed_point.run_chain(eps_fn, params, sched, x0,
                                   base.full_t(x0, timestep), eps0,
-                                  oms_steps + 1, cond)
+                                  oms_steps + 1, cond, scheme=scheme)
     return -fixed_point.distances_to_start(chain, p)
 
   return base.Attack(
       name=name or ("pia" if normalize is None else "pian"),
       score_fn=jax.jit(score_fn), oms_steps=oms_steps, timestep=timestep,
-      queries_per_sample=oms_steps + 2,
+      queries_per_sample=1 + (oms_steps + 1) * scheme.queries_per_step,
       config=dict(timestep=timestep, oms_steps=oms_steps, p=p,
-                  normalize=normalize))
+                  normalize=normalize, scheme=scheme.label))

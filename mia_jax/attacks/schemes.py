@@ -264,12 +264,17 @@ def sweep_rows(scores: dict[str, np.ndarray], labels: np.ndarray,
   every row) fits the weighted score and is excluded from every metric, so
   all rows are measured on the same held-out samples. Budget 0 adds the base
   attack (plain distance at one step) as a reference row.
+
+  Every row with budget > 0 also gets ``auc_vs_plain_distance``: the paired
+  bootstrap difference of its AUC minus the plain-distance (OMS) AUC at the
+  same attack and budget (`metrics.paired_bootstrap_diff`, same records),
+  so "beats OMS" can be read off an interval that excludes 0.
   """
   labels = np.asarray(labels)
   calibration = residual_weights.calibration_split(len(labels),
                                                    calibration_fraction, seed)
   held = ~calibration
-  rows = []
+  rows, held_scores = [], []
   for layout in layouts:
     for scheme in layout.schemes:
       for budget in sorted(set([0, *budgets])):
@@ -291,6 +296,17 @@ def sweep_rows(scores: dict[str, np.ndarray], labels: np.ndarray,
           if score == "weighted":
             row["weights"] = out["weights"].to_json()
           rows.append(row)
+          held_scores.append(out[score][held])
+  oms = {(r["attack"], r["budget"]): i for i, r in enumerate(rows)
+         if r["scheme_kind"] == "plain" and r["score"] == "distance"
+         and r["budget"] > 0}
+  for i, row in enumerate(rows):
+    ref = oms.get((row["attack"], row["budget"]))
+    if ref is None or bootstrap <= 0:
+      continue
+    row["auc_vs_plain_distance"] = metrics.paired_bootstrap_diff(
+        held_scores[ref], held_scores[i], labels[held], metrics.AUC,
+        num_resamples=bootstrap, seed=seed)
   return rows
 
 
@@ -302,19 +318,58 @@ def _fmt(row: dict, key: str) -> str:
   return text
 
 
+def pivot_table(rows: Sequence[dict], score: str, metric: str = "auc") -> str:
+  """Markdown: attack x scheme rows, budget columns, ``metric`` of ``score``.
+
+  The base attack's value (budget 0) is the first column; the best scheme
+  per attack and budget is in bold.
+  """
+  budgets = sorted({r["budget"] for r in rows if r["budget"] > 0})
+  lines = ["| attack | scheme | base | " + " | ".join(
+      f"B={b}" for b in budgets) + " |",
+           "|---|---|---|" + "---|" * len(budgets)]
+  for attack in dict.fromkeys(r["attack"] for r in rows):
+    mine = [r for r in rows if r["attack"] == attack]
+    base_rows = [r for r in mine if r["budget"] == 0]
+    base_text = f"{base_rows[0][metric]:.3f}" if base_rows else "-"
+    cells = {(r["scheme"], r["budget"]): r[metric] for r in mine
+             if r["score"] == score and r["budget"] > 0}
+    best = {b: max((v for (s, bb), v in cells.items() if bb == b), default=None)
+            for b in budgets}
+    for scheme in dict.fromkeys(s for s, _ in cells):
+      out = []
+      for b in budgets:
+        v = cells.get((scheme, b))
+        text = "-" if v is None else f"{v:.3f}"
+        out.append(f"**{text}**" if v is not None and v == best[b] else text)
+      lines.append(f"| {attack} | {scheme} | {base_text} | " + " | ".join(out) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def markdown_tables(rows: Sequence[dict]) -> str:
-  """The sweep as markdown: a full table and the winners per attack/budget."""
+  """The sweep as markdown: pivots per score, the winners, every row."""
+  parts = []
+  for score in SCORES:
+    parts += [f"AUC of the {score} score by scheme and budget B (extra "
+              "queries); best scheme per budget in bold:", "",
+              pivot_table(rows, score, "auc")]
+  parts += [_winners(rows), "All rows (metrics on the held-out samples):", ""]
   lines = ["| attack | scheme | score | budget | steps | extra queries | AUC [95% CI] "
            "| TPR@1%FPR [95% CI] |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['attack']} | {r['scheme']} | {r['score']} | {r['budget']} "
                  f"| {r['steps']} | {r['extra_queries']} | {_fmt(r, 'auc')} | "
                  f"{_fmt(r, 'tpr_at_1pct_fpr')} |")
-  lines += ["", "Best per attack and budget (by AUC; TPR@1%FPR winner in the "
-            "last column; plain distance = the OMS paper's score):", "",
+  return "\n".join(parts) + "\n".join(lines) + "\n"
+
+
+def _winners(rows: Sequence[dict]) -> str:
+  lines = ["Best per attack and budget (by AUC; TPR@1%FPR winner in the "
+            "last columns; plain distance = the OMS paper's score):", "",
             "| attack | budget | best by AUC | AUC | plain-distance AUC | "
-            "best by TPR@1%FPR | TPR | plain-distance TPR |",
-            "|---|---|---|---|---|---|---|---|"]
+            "AUC gain [paired 95% CI] | best by TPR@1%FPR | TPR | "
+            "plain-distance TPR |",
+            "|---|---|---|---|---|---|---|---|---|"]
   for attack in dict.fromkeys(r["attack"] for r in rows):
     for budget in sorted({r["budget"] for r in rows if r["budget"] > 0}):
       group = [r for r in rows if r["attack"] == attack and r["budget"] == budget]
@@ -326,11 +381,15 @@ def markdown_tables(rows: Sequence[dict]) -> str:
       best_tpr = max(group, key=lambda r: r["tpr_at_1pct_fpr"])
       p_auc = _fmt(plain[0], "auc") if plain else "-"
       p_tpr = _fmt(plain[0], "tpr_at_1pct_fpr") if plain else "-"
+      gain = best_auc.get("auc_vs_plain_distance")
+      gain_text = (f"{gain['diff']:+.3f} [{gain['lo']:+.3f}, {gain['hi']:+.3f}]"
+                   if gain else "-")
       lines.append(
           f"| {attack} | {budget} | {best_auc['scheme']} / {best_auc['score']} | "
-          f"{_fmt(best_auc, 'auc')} | {p_auc} | {best_tpr['scheme']} / "
+          f"{_fmt(best_auc, 'auc')} | {p_auc} | {gain_text} | "
+          f"{best_tpr['scheme']} / "
           f"{best_tpr['score']} | {_fmt(best_tpr, 'tpr_at_1pct_fpr')} | {p_tpr} |")
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines) + "\n\n"
 
 
 @dataclasses.dataclass
@@ -393,7 +452,9 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> list[dict]:
                     seed=cfg.seed, bootstrap=cfg.bootstrap)
   rows = metrics.jsonable(rows)
   report.atomic_write_text(os.path.join(cfg.output, "sweep.json"),
-                           json.dumps({"config": resolved, "rows": rows},
+                           json.dumps({"config": {**resolved,
+                                                  "scheme_specs": list(cfg.schemes)},
+                                       "rows": rows},
                                       indent=2, default=str))
   report.atomic_write_text(os.path.join(cfg.output, "sweep.md"),
                            markdown_tables(rows))

@@ -57,7 +57,8 @@ def t_error_scale(sched, t_cmp: int, t_probe: int) -> jax.Array:
 
 def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
                convention: str = "probe_after", oms_steps: int = 1,
-               p: float = 2.0) -> base.Attack:
+               p: float = 2.0,
+               scheme: fixed_point.Scheme = fixed_point.PLAIN) -> base.Attack:
   """Builds SecMI-stat.
 
   Args:
@@ -67,6 +68,7 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
     convention: "probe_after" (default, OMS paper) or "secmi_code".
     oms_steps: N; depths 0..N.
     p: distance exponent (2: squared L2 t-error).
+    scheme: the fixed-point iteration scheme (plain = the OMS paper's).
   """
   oms_steps = base.check_oms_steps(oms_steps)
   t_cmp, t_probe = secmi_steps(timestep, interval, convention)
@@ -80,16 +82,19 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
     x0_hat = diffusion.predict_x0(sched, x_t, t, eps_a)
     chain = fixed_point.run_chain(eps_fn, params, sched, x0_hat,
                                   base.full_t(x0, t_probe), eps_a,
-                                  oms_steps + 1, cond)
+                                  oms_steps + 1, cond, scheme=scheme)
     scale = jnp.abs(t_error_scale(sched, t_cmp, t_probe))**p
     return -scale * fixed_point.distances_to_start(chain, p)
 
   return base.Attack(
       name="secmi", score_fn=jax.jit(score_fn), oms_steps=oms_steps,
-      timestep=timestep, queries_per_sample=int(walk.shape[0]) - 1 + 1 + oms_steps + 1,
+      timestep=timestep,
+      # The DDIM walk, eps(x_t, t), then the chain.
+      queries_per_sample=(int(walk.shape[0]) - 1 + 1
+                          + (oms_steps + 1) * scheme.queries_per_step),
       config=dict(timestep=timestep, interval=interval, convention=convention,
                   compare_step=t_cmp, probe_step=t_probe, oms_steps=oms_steps,
-                  p=p))
+                  p=p, scheme=scheme.label))
 
 
 def t_errors(attack_scores: jax.Array) -> jax.Array:

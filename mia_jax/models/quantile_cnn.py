@@ -38,17 +38,20 @@ def pinball_loss(y: jax.Array, q: jax.Array, tau: jax.Array) -> jax.Array:
 
 
 class QuantileCNN(nn.Module):
-  """x [B, H, W, C] in [-1, 1] -> [B, num_heads] non-decreasing quantiles.
+  """x [B, H, W, C] in [-1, 1] -> [B, num_heads] (non-decreasing) outputs.
 
   Attributes:
     num_heads: quantile levels predicted (sorted ascending by the caller).
     channels: conv widths, one stride-2 conv per entry.
     hidden: width of the dense layer after pooling.
+    monotone: ordered quantile heads (above); False returns the raw dense
+      outputs (e.g. a Gaussian head's mean and pre-softplus scale).
   """
 
   num_heads: int = 3
   channels: Sequence[int] = (32, 64, 64)
   hidden: int = 64
+  monotone: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,7 +63,21 @@ class QuantileCNN(nn.Module):
     h = jnp.mean(h, axis=(1, 2))
     h = nn.relu(nn.Dense(self.hidden)(h))
     raw = nn.Dense(self.num_heads)(h)
+    if not self.monotone:
+      return raw
     first = raw[:, :1]
     steps = nn.softplus(raw[:, 1:])
     return jnp.concatenate([first, first + jnp.cumsum(steps, axis=-1)],
                            axis=-1)
+
+
+def gaussian_scale(raw: jax.Array) -> jax.Array:
+  """Positive scale of a Gaussian head from its raw output."""
+  return nn.softplus(raw) + 1e-3
+
+
+def gaussian_nll(y: jax.Array, mean: jax.Array, raw_scale: jax.Array
+                 ) -> jax.Array:
+  """Elementwise Gaussian negative log-likelihood (without log sqrt(2 pi))."""
+  sigma = gaussian_scale(raw_scale)
+  return jnp.log(sigma) + 0.5 * jnp.square((y - mean) / sigma)

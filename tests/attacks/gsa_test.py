@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import threadpoolctl
+from sklearn import ensemble  # noqa: F401  (loads OpenMP before threadpool_limits)
 
 from mia_jax import checkpoints, data, models, runner, schedules
 from mia_jax.attacks import fitted, gsa
@@ -33,28 +35,37 @@ def toy():
   return sched, model, x0, keys
 
 
+@pytest.fixture(scope="module")
+def features(toy):
+  """[2, 2, B, P] features at depths 0 and 1 (the default lax.map path),
+  compiled once for the tests below."""
+  sched, model, x0, keys = toy
+  fn = gsa.make_feature_fn(model.eps_fn, timesteps=TIMESTEPS, oms_steps=1)
+  return fn, np.asarray(fn(model.params, sched, jnp.asarray(x0), keys))
+
+
 def _abar(sched, t):
   return float(np.asarray(sched.alphas_cumprod, np.float64)[t])
 
 
 def _unbatched_reference(model, sched, x0, noise, depth):
   """[2, B, P] from plain jax.grad per sample and timestep (no vmap/scan)."""
+
+  @jax.jit
+  @jax.grad
+  def grad_fn(params, x, e0, t, a):
+    e = e0
+    for _ in range(depth + 1):  # the OMS chain, by hand
+      e = model.eps_fn(params, jnp.sqrt(a) * x + jnp.sqrt(1 - a) * e, t)
+    return jnp.mean((e - e0)**2)
+
   gsa1, gsa2 = [], []
   for b in range(x0.shape[0]):
-    grads = []
+    leaves = []
     for k, t in enumerate(TIMESTEPS):
-      a = _abar(sched, t)
-      x, e0 = jnp.asarray(x0[b:b + 1]), noise[b:b + 1, k]
-
-      def loss(params, x=x, e0=e0, t=t, a=a):
-        e = e0
-        for _ in range(depth + 1):  # the OMS chain, by hand
-          e = model.eps_fn(params, np.sqrt(a) * x + np.sqrt(1 - a) * e,
-                           jnp.full((1,), t, jnp.int32))
-        return jnp.mean((e - e0)**2)
-
-      grads.append(jax.grad(loss)(model.params))
-    leaves = [jax.tree.leaves(g) for g in grads]
+      g = grad_fn(model.params, jnp.asarray(x0[b:b + 1]), noise[b:b + 1, k],
+                  jnp.full((1,), t, jnp.int32), _abar(sched, t))
+      leaves.append(jax.tree.leaves(g))
     mean_grad = [sum(ls[i] for ls in leaves) / len(leaves)
                  for i in range(len(leaves[0]))]
     gsa1.append([float(jnp.linalg.norm(g)) for g in mean_grad])
@@ -63,25 +74,32 @@ def _unbatched_reference(model, sched, x0, noise, depth):
   return np.stack([np.asarray(gsa1), np.asarray(gsa2)])
 
 
-@pytest.mark.parametrize("vmap_width", [1, 2])
-def test_features_match_unbatched_grads(toy, vmap_width):
+@pytest.fixture(scope="module")
+def reference(toy):
   sched, model, x0, keys = toy
-  fn = gsa.make_feature_fn(model.eps_fn, timesteps=TIMESTEPS, oms_steps=1,
-                           vmap_width=vmap_width)
-  got = np.asarray(fn(model.params, sched, jnp.asarray(x0), keys))
-  assert got.shape == (2, 2, SHAPE[0], 2)  # depth, variant, sample, tensor
   noise = gsa.sample_noise(keys, len(TIMESTEPS), SHAPE)
-  for depth in (0, 1):
-    want = _unbatched_reference(model, sched, x0, noise, depth)
-    np.testing.assert_allclose(got[depth], want, rtol=2e-5)
+  return np.stack([_unbatched_reference(model, sched, x0, noise, d)
+                   for d in (0, 1)])
+
+
+@pytest.mark.parametrize("vmap_width", [1, 3])
+def test_features_match_unbatched_grads(toy, features, reference, vmap_width):
+  sched, model, x0, keys = toy
+  if vmap_width == 1:
+    got = features[1]
+  else:  # jax.vmap(jax.grad(...)) over the whole batch
+    fn = gsa.make_feature_fn(model.eps_fn, timesteps=TIMESTEPS, oms_steps=1,
+                             vmap_width=vmap_width)
+    got = np.asarray(fn(model.params, sched, jnp.asarray(x0), keys))
+  assert got.shape == (2, 2, SHAPE[0], 2)  # depth, variant, sample, tensor
+  np.testing.assert_allclose(got, reference, rtol=2e-5)
   # OMS changes the features (the loss after one more step differs).
   assert np.max(np.abs(got[1] - got[0]) / got[0]) > 1e-2
 
 
-def test_gsa1_is_one_backward_of_the_timestep_averaged_loss(toy):
+def test_gsa1_is_one_backward_of_the_timestep_averaged_loss(toy, features):
   sched, model, x0, keys = toy
-  fn = gsa.make_feature_fn(model.eps_fn, timesteps=TIMESTEPS)
-  got = np.asarray(fn(model.params, sched, jnp.asarray(x0), keys))[0]
+  got = features[1][0]
   noise = gsa.sample_noise(keys, len(TIMESTEPS), SHAPE)
   t = jnp.asarray(TIMESTEPS, jnp.int32)
   abar = jnp.asarray([_abar(sched, s) for s in TIMESTEPS])[:, None, None, None]
@@ -148,12 +166,13 @@ def test_float64_finite_differences(toy):
     np.testing.assert_allclose(got[depth, 1], gsa2, rtol=1e-6)
 
 
-def test_features_depend_only_on_the_sample_and_its_key(toy):
+def test_features_depend_only_on_the_sample_and_its_key(toy, features):
   sched, model, x0, keys = toy
-  fn = gsa.make_feature_fn(model.eps_fn, timesteps=TIMESTEPS)
-  full = np.asarray(fn(model.params, sched, jnp.asarray(x0), keys))
-  alone = np.asarray(fn(model.params, sched, jnp.asarray(x0[2:3]), keys[2:3]))
-  np.testing.assert_allclose(alone[:, :, 0], full[:, :, 2], rtol=1e-6)
+  fn, full = features
+  order = np.array([2, 0, 1])
+  shuffled = np.asarray(fn(model.params, sched, jnp.asarray(x0[order]),
+                           keys[order]))
+  np.testing.assert_allclose(shuffled, full[:, :, order], rtol=1e-6)
 
 
 def test_frozen_parameters_are_skipped(toy):
@@ -223,6 +242,12 @@ def _synthetic(rng, n, shift, scale):
 
 
 def test_classifier_transfers_from_shadows_to_target():
+  # One OpenMP thread: on a loaded 2-core machine HGB's threads thrash.
+  with threadpoolctl.threadpool_limits(1):
+    _check_classifier_transfer()
+
+
+def _check_classifier_transfer():
   rng = np.random.default_rng(0)
   xs, ys, gs = [], [], []
   for g, scale in enumerate((1.0, 1.2)):
@@ -325,17 +350,18 @@ def test_run_fitted_end_to_end(tmp_path, monkeypatch):
       denoiser=checkpoints.load_denoiser(target_dir), eval_sets=sets,
       reference_set=None, shadow_checkpoints=shadows, batch_size=3, seed=0,
       work_dir=str(tmp_path / "work"))
-  opts = dict(oms_steps=1, timesteps=(99, 599), feature_batch_size=4,
+  # OMS depth 0 only: the depth-n features are tested above; this checks the
+  # plumbing (and keeps the CI compile count down).
+  opts = dict(oms_steps=0, timesteps=(99, 599), feature_batch_size=4,
               classifier="logistic")
   variants = fitted.run("gsa", ctx, **opts)
-  assert [v.name for v in variants] == ["gsa1_oms0", "gsa2_oms0",
-                                        "gsa1_oms1", "gsa2_oms1"]
+  assert [v.name for v in variants] == ["gsa1_oms0", "gsa2_oms0"]
   for v in variants:
     assert v.scores.shape == (9,) and np.all(np.isfinite(v.scores))
     assert v.extra["num_shadow_samples"] == 24
     assert v.extra["num_features"] == 7  # embed + 3 Dense (kernel, bias)
-  assert variants[2].extra["forward_passes"] == 4  # 2 timesteps x depth 2
-  assert variants[2].queries_per_sample == 8
+    assert v.extra["forward_passes"] == 2 and v.queries_per_sample == 4
+  assert gsa.passes_per_sample(10, 1) == (20, 20)  # depth 1: a 2-step chain
   cached = os.listdir(os.path.join(ctx.work_dir, "features"))
   assert sorted(c.split("-")[0] for c in cached) == ["shadow0", "shadow1",
                                                       "target"]
@@ -371,7 +397,12 @@ def test_shadow_config_splits_the_public_images():
     halves.append(set(np.asarray(source.ids)[members].tolist()))
     assert halves[-1] <= set(np.asarray(target.ids).tolist())
   assert halves[0] != halves[1]  # shadows use different halves
-  assert cfgs[0].train.num_steps == 751 and cfgs[1].train.num_steps == 300
+  # Equal epochs: each shadow member is seen as often as a target member.
+  tcfg = module._target_config()
+  target_epochs = tcfg.train.num_steps * tcfg.train.batch_size / 719
+  shadow_epochs = cfgs[0].train.num_steps * tcfg.train.batch_size / 180
+  assert abs(shadow_epochs - target_epochs) / target_epochs < 0.01
+  assert cfgs[1].train.num_steps == 300
   assert cfgs[0].model == module._target_config().model
   with pytest.raises(ValueError, match="shadow index"):
     module.get_config("x")

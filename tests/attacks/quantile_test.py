@@ -88,6 +88,31 @@ def test_qr_recovers_known_per_sample_quantiles(synthetic_fit):
   assert set(model.holdout_fpr) == {0.05, 0.01, 0.001}
 
 
+def test_gaussian_nll_closed_form():
+  y, m, raw = np.array([0.3, -1.0]), np.array([0.1, 0.5]), np.array([0.2, -2.0])
+  sigma = np.log1p(np.exp(raw)) + 1e-3
+  expected = np.log(sigma) + 0.5 * ((y - m) / sigma)**2
+  got = quantile_cnn.gaussian_nll(jnp.asarray(y), jnp.asarray(m), jnp.asarray(raw))
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
+
+
+def test_gaussian_head_recovers_all_three_quantiles():
+  """The parametric head uses every sample, so even alpha = 0.001 (2.4
+  fitting samples below it) is recovered when log t-error is Gaussian."""
+  rng = np.random.default_rng(1)
+  x, _, y = _synthetic(3000, rng)
+  cfg = quantile.FitConfig(alphas=(0.05, 0.01, 0.001), head="gaussian", **SMALL)
+  model = quantile.fit_quantiles(x, y, cfg, seed=0)
+  x_new, mu_new, y_new = _synthetic(4000, rng)
+  q = model.predict(x_new)
+  for k, alpha in enumerate((0.05, 0.01, 0.001)):
+    truth = mu_new + 0.3 * stats.norm.ppf(alpha)
+    assert np.mean(np.abs(q[:, k] - truth)) < 0.1, alpha
+  assert np.all(np.diff(q, axis=1) < 0)  # ordered like the alphas
+  with pytest.raises(ValueError, match="unknown QR head"):
+    quantile.FitConfig(head="laplace")
+
+
 def test_split_and_config_errors():
   fit, hold = quantile.split_reference(10, 0.2, seed=3)
   assert len(hold) == 2 and len(fit) == 8

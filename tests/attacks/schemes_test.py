@@ -151,6 +151,13 @@ def test_sweep_rows_hold_out_the_calibration_split():
   w = {(r["scheme"], r["budget"]): r for r in rows if r["score"] == "weighted"}
   # Budget 1 = 2 steps: residuals 0 and 1 -> the informative one is in.
   assert w[("plain", 1)]["auc"] > 0.75 and len(w[("plain", 4)]["weights"]["coef"]) == 5
+  # Paired differences against plain distance (OMS) at the same budget.
+  boot = schemes.sweep_rows(scores, labels, [layout], [2],
+                            calibration_fraction=0.25, seed=0, bootstrap=20)
+  ref = [r for r in boot if r["scheme"] == "plain" and r["score"] == "distance"][0]
+  for r in boot[1:]:
+    assert r["auc_vs_plain_distance"]["diff"] == pytest.approx(r["auc"] - ref["auc"])
+  assert ref["auc_vs_plain_distance"]["diff"] == 0.0
   md = schemes.markdown_tables(metrics.jsonable(rows))
   assert "| naive | plain | weighted | 1 | 2 | 1 |" in md
   assert "Best per attack and budget" in md
@@ -182,7 +189,7 @@ def test_run_sweep_end_to_end_matches_an_audit(tmp_path):
   assert len(rows) == 1 + 2 * 2 * 3
   with open(tmp_path / "sweep" / "sweep.json") as f:
     assert json.load(f)["rows"] == rows
-  assert (tmp_path / "sweep" / "sweep.md").read_text().startswith("| attack |")
+  assert "| naive | plain | distance | 2 | 3 | 2 |" in (tmp_path / "sweep" / "sweep.md").read_text()
   # The audit's scoring path (runner + attacks.build) on the same samples.
   sets = audit.resolve_sets(
       audit.AuditConfig(checkpoint=ckpt, output="", max_samples=10),

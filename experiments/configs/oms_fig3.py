@@ -1,0 +1,42 @@
+"""OMS paper Figure 3: the number of fixed-point steps.
+
+From ONE chain eps^0..eps^4 per sample: the distances ||eps^n - eps^0||
+(n = 1 is the attack itself, n = 2 its OMS) and the single residuals
+||eps^n - eps^{n-1}|| (n = 2..4), each used as a membership score. The paper
+shows Naive on CIFAR-10; PIA is added. WORKDIR/chain/report.md holds the
+rows and figure3_<attack>.png the bars.
+
+Reduced scale (CPU, digits):
+
+    python experiments/recipe.py --config experiments/configs/oms_fig3.py:reduced \
+        --workdir runs/fig3 --config.target.checkpoint=runs/demo/train/target
+
+Paper scale (DDPM CIFAR-10):
+
+    python experiments/recipe.py --config experiments/configs/oms_fig3.py:full \
+        --workdir runs/fig3_cifar10 --config.target.checkpoint=ckpts/cifar10
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _common():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "oms_common.py")
+  spec = importlib.util.spec_from_file_location("_oms_common", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
+  common = _common()
+  c = common.base_config("oms_fig3", "Distances and residuals of the chain",
+                         "Figure 3", "chain", arg or "reduced")
+  c.audit.attacks = ("naive_oms_paper", "pia")
+  c.chain = ml_collections.ConfigDict()
+  c.chain.num_steps = 4
+  return c
