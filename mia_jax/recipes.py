@@ -609,6 +609,44 @@ def chain_figure(rows: Sequence[dict], path: str) -> str:
   return plots.atomic_write_bytes(path, buf.getvalue())
 
 
+_ALPHA_LEVELS = (("5pct", "5%"), ("1pct", "1%"), ("0.1pct", "0.1%"))
+
+
+def alpha_table(rows: Sequence[dict]) -> Optional[str]:
+  """QR's per-sample-threshold rates at its alpha levels (Table 5), as
+  Markdown; None when no row carries them."""
+  mine = [r for r in rows if any(f"tpr_at_{k}_alpha" in r
+                                 for k, _ in _ALPHA_LEVELS)]
+  if not mine:
+    return None
+  head = ["variant"] + [f"{c} at α={lab}" for _, lab in _ALPHA_LEVELS
+                        for c in ("TPR", "FPR", "hold-out FPR")]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for r in mine:
+    cells = [report.variant_name(r)]
+    for k, _ in _ALPHA_LEVELS:
+      for c in ("tpr", "fpr", "holdout_fpr"):
+        v = r.get(f"{c}_at_{k}_alpha")
+        cells.append("-" if v is None else f"{float(v):.4f}")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _append_section(run_dir: str, heading: str, markdown: str) -> None:
+  """Adds a Markdown section (shown preformatted in the HTML) to a report."""
+  import html as html_lib
+  md = os.path.join(run_dir, "report.md")
+  with open(md) as f:
+    text = f.read()
+  report.atomic_write_text(md, text + f"\n## {heading}\n\n{markdown}")
+  page = os.path.join(run_dir, "report.html")
+  with open(page) as f:
+    text = f.read()
+  block = (f"<h2>{html_lib.escape(heading)}</h2><pre>"
+           f"{html_lib.escape(markdown)}</pre>\n</body>")
+  report.atomic_write_text(page, text.replace("</body>", block, 1))
+
+
 def _append_figure(run_dir: str, filename: str, caption: str) -> None:
   """Adds a recipe figure to the run's report.md and report.html."""
   import base64
@@ -692,6 +730,12 @@ def run_recipe(cfg: ml_collections.ConfigDict, workdir: str, *,
                              progress=progress)
       per_target.append(rows)
       dirs.append(out)
+      table = alpha_table(rows)
+      if table:
+        _append_section(out, "QR at its alpha levels (OMS paper Table 5)",
+                        "Per-sample thresholds at level α: TPR and FPR on "
+                        "the evaluation samples, FPR on the reference "
+                        "hold-out.\n\n" + table)
     extra = {}
     if seeds:
       pooled = report.pooled_summary(per_target)

@@ -214,6 +214,23 @@ def test_timesteps_and_chain_recipes_write_reports(tiny_target, tmp_path):
   assert html.count("data:image/png;base64,") == 4  # ROC, log-ROC, hist, fig3
 
 
+def test_epochs_recipe_on_given_checkpoints(tiny_target, tmp_path):
+  # Paper scale passes converted checkpoints along one run, labelled in epochs.
+  cfg = _tiny(_recipe("oms_fig2_epochs"))
+  cfg.audit.attacks = ("pia",)
+  cfg.epochs.checkpoints = (tiny_target, tiny_target)
+  cfg.epochs.epoch_labels = (1000, 1500)
+  res = recipes.run_recipe(cfg, str(tmp_path), progress=False)
+  assert [e for e, _ in res.extra["per_snapshot"]] == [1000, 1500]
+  (_, a), (_, b) = res.extra["per_snapshot"]
+  assert [r["auc"] for r in a] == [r["auc"] for r in b]  # same model
+  md = open(tmp_path / "epochs.md").read()
+  assert f"| 1500 | pia_oms1 | {b[1]['auc']:.4f} |" in md
+  assert os.path.getsize(tmp_path / "figure2a.png") > 0
+  assert os.path.exists(tmp_path / "audit_epoch1000" / "report.html")
+
+
+@pytest.mark.slow
 def test_epochs_recipe_snapshots_one_training_run(tmp_path):
   cfg = _tiny(_recipe("oms_fig2_epochs"))
   cfg.audit.attacks = ("pia",)
@@ -302,3 +319,25 @@ def test_pooled_markdown_shows_the_per_target_spread():
           for a in (0.6, 0.7, 0.8)]
   md = recipes.pooled_markdown(report.pooled_summary(rows))
   assert "| pia_oms1 | 200 | 3 | 0.7000 ± 0.1000 [0.6000, 0.8000] |" in md
+
+
+def test_alpha_table_lists_qr_rates_and_skips_other_rows():
+  rows = [{"variant": "pia_oms0", "auc": 0.5},
+          {"variant": "qr_oms1", "tpr_at_5pct_alpha": 0.25,
+           "fpr_at_5pct_alpha": 0.0625, "holdout_fpr_at_5pct_alpha": 0.05,
+           "tpr_at_1pct_alpha": 0.125}]
+  table = recipes.alpha_table(rows)
+  assert "pia_oms0" not in table
+  assert "| qr_oms1 | 0.2500 | 0.0625 | 0.0500 | 0.1250 | - |" in table
+  assert recipes.alpha_table(rows[:1]) is None
+
+
+@pytest.mark.slow
+def test_qr_recipe_runs(tmp_path):
+  cfg = _tiny(_recipe("oms_table5"))  # trains the tiny target (public ids)
+  cfg.audit.max_samples = 8
+  cfg.audit.attack_overrides = {"qr": {"epochs": 3, "patience": 2}}
+  res = recipes.run_recipe(cfg, str(tmp_path), progress=False)
+  assert [r["variant"] for r in res.rows] == [
+      "secmi_oms0", "secmi_oms1", "qr_oms0", "qr_oms1"]
+  assert "QR at its alpha levels" in open(tmp_path / "audit/report.md").read()

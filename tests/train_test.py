@@ -15,7 +15,7 @@ def tiny_config(num_steps=4):
   cfg = ml_collections.ConfigDict()
   cfg.seed = 0
   cfg.family = "ddpm_unet"
-  cfg.model = dict(ch=8, ch_mult=(1, 2), attn_levels=(1,), num_res_blocks=1,
+  cfg.model = dict(ch=8, ch_mult=(1,), attn_levels=(), num_res_blocks=1,
                    dropout=0.1, in_channels=1, out_channels=1,
                    num_timesteps=1000, norm_groups=4)
   cfg.schedule = dict(kind="linear", num_timesteps=1000, beta_start=1e-4,

@@ -119,6 +119,7 @@ def test_pytorch_ddpm_checkpoint(tmp_path):
   assert meta["provenance"]["sha256"] and meta["provenance"]["converted_from"] == "pytorch_ddpm"
 
 
+@pytest.mark.slow  # the pytorch-ddpm case above runs the same formulas in CI
 def test_diffusers_unet2d_folder(tmp_path):
   diffusers = pytest.importorskip("diffusers")
   torch.manual_seed(0)

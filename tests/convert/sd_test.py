@@ -366,7 +366,8 @@ def test_variant_files_are_read_only_when_asked(sd_folder, converted,
 
 def test_convert_binary_path_and_audit_with_captions(sd_folder, tmp_path):
   """experiments/convert.py's library call, then the audit of captioned
-  images from .npz files: every loss attack with OMS runs on latents."""
+  images from .npz files through the runner (encode, captions, PIA + OMS);
+  the formulas themselves are checked against PyTorch above."""
   from mia_jax import audit
   from mia_jax.convert import export
   ckpt = export.convert_to_checkpoint("stable_diffusion", sd_folder["root"],
@@ -384,10 +385,9 @@ def test_convert_binary_path_and_audit_with_captions(sd_folder, tmp_path):
       checkpoint=ckpt, output=str(tmp_path / "run"),
       members=str(tmp_path / "members.npz"),
       nonmembers=str(tmp_path / "nonmembers.npz"), captions=str(captions),
-      attacks=("naive", "secmi", "pia", "pian"), oms_steps=1, batch_size=3,
-      bootstrap=0)
+      attacks=("pia",), oms_steps=1, batch_size=3, bootstrap=0)
   rows = audit.run_audit(cfg, progress=False)
-  assert len(rows) == 8 and all(np.isfinite(r["auc"]) for r in rows)
+  assert len(rows) == 2 and all(np.isfinite(r["auc"]) for r in rows)
   short = tmp_path / "short.jsonl"
   short.write_text(json.dumps({"id": 0, "caption": "a cat"}) + "\n")
   with pytest.raises(ValueError, match="no caption for"):
