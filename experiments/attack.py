@@ -40,6 +40,10 @@ _SHADOWS = flags.DEFINE_list("shadow_checkpoints", [],
 _SCHEME = flags.DEFINE_string(
     "scheme", "plain", "Fixed-point scheme of the loss attacks' chains: plain "
     "(OMS), km:A (Krasnoselskii-Mann), ishikawa:A,B or anderson:M.")
+_OPTIONS = flags.DEFINE_multi_string(
+    "attack_option", [], "Per-attack option NAME.KEY=VALUE (VALUE parsed as "
+    "JSON when it can be), e.g. pia.timestep=100, qr.head=gaussian, "
+    "gsa.scaling=per_model, probe.sample_steps=100; repeatable.")
 _CAPTIONS = flags.DEFINE_string(
     "captions", None, "Text-to-image models: captions file (id -> caption).")
 _LATENT_SAMPLE = flags.DEFINE_bool(
@@ -76,6 +80,9 @@ def main(argv):
       attack_overrides=(preset.get("attack_overrides", {}).to_dict()
                         if preset is not None and "attack_overrides" in preset
                         else {}))
+  for option in _OPTIONS.value:
+    name, key, value = audit.parse_attack_option(option)
+    cfg.attack_overrides.setdefault(name, {})[key] = value
   if _SCHEME.value != "plain":
     scheme = fixed_point.parse_scheme(_SCHEME.value)
     for name in ("naive", "secmi", "pia", "pian"):

@@ -69,6 +69,20 @@ class AuditConfig:
   latent_sample: bool = False
 
 
+def parse_attack_option(option: str) -> tuple[str, str, Any]:
+  """``"pia.timestep=100"`` -> ("pia", "timestep", 100)."""
+  head, sep, raw = option.partition("=")
+  name, dot, key = head.partition(".")
+  if not (sep and dot and name and key):
+    raise ValueError(f"--attack_option {option!r}: expected NAME.KEY=VALUE, "
+                     "e.g. pia.timestep=100")
+  try:
+    value = json.loads(raw)
+  except json.JSONDecodeError:
+    value = raw
+  return name, key, value
+
+
 def _positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
   lookup = {str(v): i for i, v in enumerate(np.asarray(source.ids).tolist())}
   missing = [i for i in ids if str(i) not in lookup]

@@ -512,10 +512,10 @@ class ShadowData:
   labels: np.ndarray
 
   def chunks(self, size: int) -> Iterator[tuple[np.ndarray, list]]:
-    from mia_jax.attacks.fitted import _captions
     for start in range(0, len(self.positions), size):
       idx = self.positions[start:start + size]
-      yield np.asarray(self.source.get(idx)), _captions(self.source, idx)
+      yield (np.asarray(self.source.get(idx)),
+             fitted._captions(self.source, idx))  # pylint: disable=protected-access
 
 
 def _positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
