@@ -12,6 +12,7 @@ after a kill resumes from the finished shards.
 """
 
 from absl import app, flags
+import jax
 from ml_collections import config_flags
 
 from mia_jax import audit, cli, fixed_point, report
@@ -49,6 +50,10 @@ _CAPTIONS = flags.DEFINE_string(
 _LATENT_SAMPLE = flags.DEFINE_bool(
     "latent_sample", False, "Latent models: encode with a posterior sample "
     "instead of the mean.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Call jax.distributed.initialize(): start the same "
+    "command on every host with --output on a shared filesystem; each host "
+    "scores its own batches, process 0 writes the outputs.")
 _OUTPUT = flags.DEFINE_string("output", None, "Run directory.")
 
 
@@ -65,6 +70,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  cli.maybe_initialize_distributed(_MULTIHOST.value)
   preset = _CONFIG.value
   cfg = audit.AuditConfig(
       checkpoint=_CHECKPOINT.value, output=_OUTPUT.value,
@@ -88,8 +94,9 @@ def main(argv):
     for name in ("naive", "secmi", "pia", "pian"):
       cfg.attack_overrides.setdefault(name, {})["scheme"] = scheme
   rows = audit.run_audit(cfg)
-  print(report.format_table(rows))
-  print(f"\nrun directory: {cfg.output}")
+  if jax.process_index() == 0:
+    print(report.format_table(rows))
+    print(f"\nrun directory: {cfg.output}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from absl import logging
 import numpy as np
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import checkpoints, data, metrics, report, runner
+from mia_jax import checkpoints, data, metrics, parallel, report, runner
 from mia_jax.attacks import fitted
 from mia_jax.denoiser import Denoiser
 
@@ -238,13 +238,20 @@ def run_audit(cfg: AuditConfig, *, progress: bool = True,
         denoiser, encode_fn=functools.partial(denoiser.encode_fn, sample=True))
   _check_resolution(denoiser, sets)
   built = build_attacks(cfg, denoiser)
+  import jax
+  lead = jax.process_index() == 0
+  fitted_names = [a for a in cfg.attacks if fitted.is_fitted(a)]
+  if jax.process_count() > 1 and fitted_names:
+    raise ValueError(f"fitted attacks {fitted_names} do not run multi-host yet; "
+                     "run them on one host")
   os.makedirs(cfg.output, exist_ok=True)
   manifest = _manifest(cfg, denoiser, sets)
   resolved = {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
               "attack_configs": {a.name: a.config for a in built},
               "schedule": denoiser.schedule.to_config(), "family": denoiser.family}
-  report.atomic_write_text(os.path.join(cfg.output, "config.json"),
-                           json.dumps(resolved, indent=2, default=str))
+  if lead:
+    report.atomic_write_text(os.path.join(cfg.output, "config.json"),
+                             json.dumps(resolved, indent=2, default=str))
   logging.info("auditing %s: %d members, %d non-members, attacks %s, OMS 0..%d",
                cfg.checkpoint, len(sets[0].indices), len(sets[1].indices),
                [a.name for a in built], cfg.oms_steps)
@@ -255,11 +262,13 @@ def run_audit(cfg: AuditConfig, *, progress: bool = True,
                        "params": manifest["checkpoint_params_sha256"],
                        "split": manifest["split_sha256"]},
       progress=progress)
-  fitted_variants = run_fitted_attacks(cfg, denoiser, sets,
-                                       resolve_reference(cfg, metadata))
-  write_outputs(cfg.output, table, built, resolved, manifest,
-                bootstrap=cfg.bootstrap, seed=cfg.seed,
-                fitted_variants=fitted_variants)
+  if lead:
+    fitted_variants = run_fitted_attacks(cfg, denoiser, sets,
+                                         resolve_reference(cfg, metadata))
+    write_outputs(cfg.output, table, built, resolved, manifest,
+                  bootstrap=cfg.bootstrap, seed=cfg.seed,
+                  fitted_variants=fitted_variants)
+  parallel.sync("mia_jax.audit.outputs")
   with open(os.path.join(cfg.output, "metrics.json")) as f:
     return json.load(f)
 

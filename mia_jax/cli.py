@@ -38,6 +38,8 @@ def maybe_initialize_distributed(enabled: bool) -> None:
   if not enabled:
     return
   import jax
+  # CPU processes need a collectives backend for process_allgather.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize()
   logging.info("process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),

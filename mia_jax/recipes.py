@@ -32,13 +32,11 @@ the recipe before any work with a message naming it.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
 import json
 import os
 from typing import Any, Optional, Sequence
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import ml_collections
