@@ -144,3 +144,32 @@ def test_convert_rejects_unknown_format_and_missing_source(tmp_path):
     export.convert_to_checkpoint("onnx", str(tmp_path), str(tmp_path / "o"))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     export.convert_to_checkpoint("diffusers", str(tmp_path / "nope"), str(tmp_path / "o"))
+
+
+def test_uvit_pth_through_convert_and_pian_matches_torch(tmp_path):
+  """U-ViT: continuous time (attack index i -> t = i/1000, network input
+  t*999) and PIAN with OMS, converted model vs the PyTorch reference."""
+  from tests.reference import torch_uvit
+  from mia_jax.models import uvit
+  config = uvit.PRESETS["tiny"]
+  model = torch_uvit.randomize_(torch_uvit.TorchUViT(**config), 0).eval()
+  torch.save(model.state_dict(), tmp_path / "nnet.pth")
+  out = export.convert_to_checkpoint("uvit", str(tmp_path / "nnet.pth"),
+                                     str(tmp_path / "ckpt"), model_config="tiny")
+  den = checkpoints.load_denoiser(out)
+  x0, keys, _ = _inputs()
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(attacks.build("pian", den.eps_fn, oms_steps=1).score_fn(
+        den.params, den.schedule, jnp.asarray(x0), keys))
+  t_cont = np.arange(1001) / 1000.0
+  abar = torch.tensor(np.exp(-(0.1 * t_cont + 0.5 * 19.9 * t_cont**2)), dtype=torch.float32)
+  with torch.no_grad():
+    x = _nchw(x0)
+    e = lambda x_, i: model(x_, torch.full((B,), i / 1000.0 * 999.0))
+    e0 = e(x, 0)
+    e0 = e0 / e0.abs().mean(dim=(1, 2, 3), keepdim=True) * math.sqrt(2 / math.pi)
+    chain = [e0]
+    for _ in range(2):
+      chain.append(e(abar[200].sqrt() * x + (1 - abar[200]).sqrt() * chain[-1], 200))
+    want = np.stack([-(c - e0).abs().pow(4).flatten(1).sum(1).numpy() for c in chain[1:]])
+  np.testing.assert_allclose(got, want, rtol=1e-4)
