@@ -275,6 +275,10 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
   variants = [v for a in attacks for v in a.variant_names()]
   if len(set(variants)) != len(variants):
     raise ValueError(f"duplicate attack variants {variants}")
+  if not variants:
+    # Only fitted attacks in the run: nothing to score per sample here.
+    ids, labels = all_ids_labels(sets)
+    return ScoreTable(ids=ids, labels=labels, scores={})
   if isinstance(mesh, str):
     if mesh != AUTO:
       raise ValueError(f"mesh must be a Mesh, None or 'auto', got {mesh!r}")
