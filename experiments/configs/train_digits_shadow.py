@@ -17,9 +17,9 @@ initialisations; ``K,quick`` is a 300-step smoke-test variant. Any field can
 be overridden as usual, e.g. ``--config.train.num_steps=1500``.
 
 Training length: by default the shadow sees each of its members as often as
-the target sees each of its own (equal epochs: with the target's 2000 steps
-x 128 / 719 members = 356 epochs, a shadow with 180 members trains
-356 x 180 / 128 = 501 steps), so per-sample memorisation is comparable;
+the target sees each of its own (equal epochs: with the target's 1500 steps
+x 128 / 719 members = 267 epochs, a shadow with 180 members trains
+267 x 180 / 128 = 376 steps), so per-sample memorisation is comparable;
 override ``train.num_steps`` to match steps instead.
 """
 
