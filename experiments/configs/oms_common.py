@@ -15,7 +15,7 @@ Fields:
   target.train_config: ``PATH[:ARG]`` training config used when no
     checkpoint is given (trained into WORKDIR/train, resumable).
   target.train_overrides: nested overrides of that training config; the
-    reduced recipes train the digits target for 3000 steps, as the demo
+    reduced recipes train the digits target for 3000 steps (the demo uses 1500 to fit its time budget), as the
     target whose numbers the README reports.
   target.seeds: train and audit one target per seed; pooled.md shows the
     per-target spread.

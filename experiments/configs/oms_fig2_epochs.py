@@ -16,24 +16,13 @@ converted; labels in epochs):
         --config.epochs.checkpoints=ckpts/ep1000,ckpts/ep1500,ckpts/ep2000,ckpts/ep2500,ckpts/ep3000
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "oms_common.py")
-  spec = importlib.util.spec_from_file_location("_oms_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments.configs import oms_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  common = _common()
-  c = common.base_config("oms_fig2_epochs", "OMS over training epochs",
+  c = oms_common.base_config("oms_fig2_epochs", "OMS over training epochs",
                          "Figure 2(a)", "epochs", arg or "reduced")
   c.audit.attacks = ("naive_oms_paper", "secmi", "pia")
   c.audit.oms_steps = 1

@@ -18,24 +18,13 @@ Paper scale (DDPM CIFAR-10):
         --workdir runs/fig2_timesteps_cifar10 --config.target.checkpoint=ckpts/cifar10
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "oms_common.py")
-  spec = importlib.util.spec_from_file_location("_oms_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments.configs import oms_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  common = _common()
-  c = common.base_config("oms_fig2_timesteps", "OMS gain over timesteps",
+  c = oms_common.base_config("oms_fig2_timesteps", "OMS gain over timesteps",
                          "Figure 2(b)", "timesteps", arg or "reduced")
   c.audit.attacks = ("naive", "pia")
   c.audit.oms_steps = 1

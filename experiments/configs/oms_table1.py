@@ -24,24 +24,13 @@ in WORKDIR/audit hold the table (AUC, ASR = Table 1; TPR@1%/0.1%FPR =
 Table 2), the base vs OMS differences, ROC / log-ROC and histograms.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "oms_common.py")
-  spec = importlib.util.spec_from_file_location("_oms_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments.configs import oms_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  common = _common()
-  c = common.base_config(
+  c = oms_common.base_config(
       "oms_table1", "Naive, SecMI, PIA with and without OMS on a DDPM",
       "Tables 1 and 2", "audit", arg or "reduced",
       variants=("reduced", "reduced_pooled", "full", "full_cifar100"))
@@ -51,6 +40,6 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   if c.variant == "reduced_pooled":
     c.target.seeds = (0, 1, 2)
   if c.variant == "full_cifar100":
-    c.audit.members = common.CIFAR100_MEMBERS
-    c.audit.nonmembers = common.CIFAR100_NONMEMBERS
+    c.audit.members = oms_common.CIFAR100_MEMBERS
+    c.audit.nonmembers = oms_common.CIFAR100_NONMEMBERS
   return c

@@ -18,30 +18,15 @@ The paper reports PIA near chance on U-ViT and uses PIAN (PIA with the
 noise rescaled to Gaussian scale) instead.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "oms_common.py")
-  spec = importlib.util.spec_from_file_location("_oms_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments.configs import oms_common
+from experiments.configs import train_digits
 
 
-def tiny_uvit_train_config(common) -> ml_collections.ConfigDict:
+def tiny_uvit_train_config() -> ml_collections.ConfigDict:
   """The digits training recipe with a tiny U-ViT and the VP-SDE schedule."""
-  spec = importlib.util.spec_from_file_location(
-      "_train_digits", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                    "train_digits.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  t = module.get_config("")
-  del common
+  t = train_digits.get_config("")
   t.family = "uvit"
   t.model = dict(preset="tiny", img_size=8, in_chans=1)
   t.schedule = dict(kind="vp_sde", num_timesteps=1001, beta_min=0.1,
@@ -50,13 +35,12 @@ def tiny_uvit_train_config(common) -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  common = _common()
-  c = common.base_config("oms_table4", "U-ViT with and without OMS",
+  c = oms_common.base_config("oms_table4", "U-ViT with and without OMS",
                          "Table 4", "audit", arg or "reduced")
   c.audit.attacks = ("naive_oms_paper", "secmi", "pia", "pian")
   c.audit.oms_steps = 1
   c.requires = ("mia_jax.models.uvit",)
   if c.variant == "reduced":
     c.target.train_config = None
-    c.target.train = tiny_uvit_train_config(common).to_dict()
+    c.target.train = tiny_uvit_train_config().to_dict()
   return c

@@ -18,24 +18,13 @@ Paper scale (DDPM CIFAR-10; public images: the CIFAR-10 test split):
 and the U-ViT column with --config.target.checkpoint=ckpts/uvit_cifar10.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "oms_common.py")
-  spec = importlib.util.spec_from_file_location("_oms_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments.configs import oms_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  common = _common()
-  c = common.base_config("oms_table5", "Quantile regression with and without OMS",
+  c = oms_common.base_config("oms_table5", "Quantile regression with and without OMS",
                          "Table 5", "audit", arg or "reduced")
   c.requires = ("mia_jax.attacks.quantile",)
   # SecMI's t-error (QR's statistic) scored directly, next to QR.

@@ -20,24 +20,13 @@ trained the same way on public data:
         --config.audit.shadow_checkpoints=ckpts/shadow0,ckpts/shadow1
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _common():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "oms_common.py")
-  spec = importlib.util.spec_from_file_location("_oms_common", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from experiments.configs import oms_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  common = _common()
-  c = common.base_config("oms_table6", "GSA with and without OMS", "Table 6",
+  c = oms_common.base_config("oms_table6", "GSA with and without OMS", "Table 6",
                          "audit", arg or "reduced")
   c.requires = ("mia_jax.attacks.gsa",)
   # PIA (a cheap loss attack) rides along as a per-sample reference row.

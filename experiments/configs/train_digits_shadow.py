@@ -23,15 +23,12 @@ x 128 / 719 members = 267 epochs, a shadow with 180 members trains
 override ``train.num_steps`` to match steps instead.
 """
 
-import importlib.util
-import os
-
 import ml_collections
+
+from experiments.configs import train_digits
 
 # The target's recipe; shadows must match it (same architecture => the same
 # parameter tensors => comparable gradient features).
-_TARGET_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                              "train_digits.py")
 # Each target member is seen num_steps * batch / members times.
 _TARGET_MEMBERS = 719
 _SHADOW_MEMBER_FRACTION = 0.5
@@ -39,11 +36,7 @@ _PUBLIC_SIZE = 359
 
 
 def _target_config() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location("_train_digits_target",
-                                                _TARGET_CONFIG)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("")
+  return train_digits.get_config("")
 
 
 def _parse_arg(arg: str) -> tuple[int, bool]:
