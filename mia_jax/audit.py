@@ -83,12 +83,13 @@ def parse_attack_option(option: str) -> tuple[str, str, Any]:
   return name, key, value
 
 
-def _positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
+def positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
+  """Positions in ``source`` of the given ids (errors name missing ones)."""
   lookup = {str(v): i for i, v in enumerate(np.asarray(source.ids).tolist())}
   missing = [i for i in ids if str(i) not in lookup]
   if missing:
-    raise ValueError(f"{len(missing)} {what} ids recorded in the checkpoint are "
-                     f"not in the data source (first: {missing[:5]})")
+    raise ValueError(f"{len(missing)} {what} ids are not in the data source "
+                     f"(first: {missing[:5]})")
   return np.asarray([lookup[str(i)] for i in ids], np.int64)
 
 
@@ -105,7 +106,7 @@ def resolve_sets(cfg: AuditConfig, metadata: dict):
             "targets trained by mia_jax do). Pass an .npz, an image folder or "
             "a tfds spec.")
       source = data.parse_spec(recorded["source"])
-      indices = _positions_of(source, recorded[key], key)
+      indices = positions_of(source, recorded[key], key)
     else:
       source = data.parse_spec(spec)
       indices = np.arange(len(source), dtype=np.int64)
@@ -161,7 +162,7 @@ def resolve_reference(cfg: AuditConfig, metadata: dict):
   if recorded.get("public"):
     source = data.parse_spec(recorded["source"])
     return runner.SampleSet(
-        source, _positions_of(source, recorded["public"], "public"), 0)
+        source, positions_of(source, recorded["public"], "public"), 0)
   return None
 
 

@@ -82,7 +82,8 @@ def sample_keys(base_key: jax.Array, positions: np.ndarray) -> jax.Array:
       jnp.asarray(positions, jnp.uint32))
 
 
-def _atomic_savez(path: str, **arrays) -> None:
+def atomic_savez(path: str, **arrays) -> None:
+  """np.savez to ``path`` through a temporary file and a rename."""
   tmp = f"{path}.tmp-{os.getpid()}.npz"
   np.savez(tmp, **arrays)
   os.replace(tmp, path)
@@ -324,7 +325,7 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
       done[k] = _score_batch(denoiser, attacks, base_keys, encode_key, params,
                              sched, mesh, prepare_batch, k, batch)
       if shard_dir is not None:
-        _atomic_savez(shard_path(shard_dir, k), **done[k])
+        atomic_savez(shard_path(shard_dir, k), **done[k])
       bar.update(len(batch[0]))
   finally:
     if pool is not None:

@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import checkpoints, fixed_point
+from mia_jax import audit, checkpoints, fixed_point, runner
 from mia_jax.attacks import fitted
 from mia_jax.denoiser import Denoiser, EpsFn
 
@@ -270,17 +270,6 @@ def _to_model_range(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32)
 
 
-def _keys(base: jax.Array, positions: np.ndarray) -> jax.Array:
-  return jax.vmap(lambda p: jax.random.fold_in(base, p))(
-      jnp.asarray(positions, jnp.uint32))
-
-
-def _atomic_savez(path: str, **arrays) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
 @dataclasses.dataclass
 class FeatureStats:
   """Cost of one extraction: samples computed now and their wall time."""
@@ -334,12 +323,12 @@ def extract_features(denoiser: Denoiser, chunks: Iterable[tuple[np.ndarray, list
     x = jnp.asarray(_to_model_range(np.asarray(images)))
     x0, cond = x, None
     if denoiser.encode_fn is not None:
-      x0 = denoiser.encode_fn(denoiser.params, x, _keys(encode_key, positions))
+      x0 = denoiser.encode_fn(denoiser.params, x, runner.sample_keys(encode_key, positions))
     if denoiser.cond_fn is not None:
       cond = denoiser.cond_fn(list(captions))
     t0 = time.time()
     feats = np.asarray(jax.device_get(feature_fn(
-        denoiser.params, denoiser.schedule, x0, _keys(noise_key, positions),
+        denoiser.params, denoiser.schedule, x0, runner.sample_keys(noise_key, positions),
         cond)), np.float32)[:, :, :n_valid]
     elapsed = time.time() - t0
     if not np.all(np.isfinite(feats)):
@@ -352,7 +341,7 @@ def extract_features(denoiser: Denoiser, chunks: Iterable[tuple[np.ndarray, list
         stats.seconds += elapsed
         stats.computed += n_valid
     if path:
-      _atomic_savez(path, features=feats)
+      runner.atomic_savez(path, features=feats)
     out.append(feats)
     done += n_valid
     logging.info("%s: %d / %d samples (%.0f s)", label, done, num,
@@ -518,15 +507,6 @@ class ShadowData:
              fitted._captions(self.source, idx))  # pylint: disable=protected-access
 
 
-def _positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
-  lookup = {str(v): i for i, v in enumerate(np.asarray(source.ids).tolist())}
-  missing = [i for i in ids if str(i) not in lookup]
-  if missing:
-    raise ValueError(f"{len(missing)} {what} ids are not in the data source "
-                     f"(first: {missing[:5]})")
-  return np.asarray([lookup[str(i)] for i in ids], np.int64)
-
-
 def load_shadow(directory: str, max_per_side: Optional[int] = None
                 ) -> ShadowData:
   """A shadow checkpoint with its recorded members / non-members."""
@@ -534,9 +514,9 @@ def load_shadow(directory: str, max_per_side: Optional[int] = None
   _check_shadow_record(directory)
   recorded = checkpoints.read_metadata(directory)["data"]
   source = data.parse_spec(recorded["source"])
-  members = _positions_of(source, recorded["members"],
+  members = audit.positions_of(source, recorded["members"],
                           f"shadow {directory} member")
-  nonmembers = _positions_of(source, recorded["nonmembers"],
+  nonmembers = audit.positions_of(source, recorded["nonmembers"],
                              f"shadow {directory} non-member")
   if max_per_side is not None:
     members, nonmembers = members[:max_per_side], nonmembers[:max_per_side]
