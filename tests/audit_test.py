@@ -5,29 +5,16 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from mia_jax import audit, checkpoints, models, schedules
-from mia_jax.denoiser import InputSpec
-
-TINY = dict(ch=8, ch_mult=(1,), attn_levels=(), num_res_blocks=1, dropout=0.0,
-            in_channels=1, out_channels=1, num_timesteps=1000, norm_groups=4)
-
+from mia_jax import audit
+from tests import toy_models
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-  out = tmp_path_factory.mktemp("ckpt") / "target"
-  module = models.build_module("ddpm_unet", TINY)
-  spec = InputSpec(8, 1)
-  params = models.init_params("ddpm_unet", module, jax.random.key(0), spec)
-  checkpoints.save_denoiser(
-      str(out), family="ddpm_unet", model_config=TINY,
-      schedule=schedules.linear(), spec=spec, params=params,
-      data={"source": "digits", "members": list(range(0, 40)),
-            "nonmembers": list(range(40, 80)), "public": []})
-  return str(out)
+  return toy_models.save_tiny_checkpoint(
+      str(tmp_path_factory.mktemp("ckpt") / "target"))
 
 
 def test_audit_writes_the_run_directory_and_resumes(tiny_checkpoint, tmp_path):

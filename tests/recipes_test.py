@@ -11,15 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mia_jax import attacks, checkpoints, fixed_point, metrics, models, recipes
-from mia_jax import report, schedules, train
-from mia_jax.denoiser import InputSpec
+from mia_jax import attacks, checkpoints, fixed_point, metrics, recipes
+from mia_jax import report, train
+from tests import toy_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(p for p in glob.glob(os.path.join(
     REPO, "experiments", "configs", "oms_*.py")) if not p.endswith("_common.py"))
-TINY = dict(ch=8, ch_mult=(1,), attn_levels=(), num_res_blocks=1, dropout=0.0,
-            in_channels=1, out_channels=1, num_timesteps=1000, norm_groups=4)
+TINY = toy_models.TINY_UNET
 TINY_TRAIN = dict(
     seed=0, family="ddpm_unet", model=TINY,
     schedule=dict(kind="linear", num_timesteps=1000, beta_start=1e-4,
@@ -91,16 +90,8 @@ def test_missing_library_piece_fails_before_any_work(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_target(tmp_path_factory):
   """A random tiny DDPM on digits ids (training is tested separately)."""
-  out = tmp_path_factory.mktemp("ckpt") / "target"
-  module = models.build_module("ddpm_unet", TINY)
-  spec = InputSpec(8, 1)
-  params = models.init_params("ddpm_unet", module, jax.random.key(0), spec)
-  checkpoints.save_denoiser(
-      str(out), family="ddpm_unet", model_config=TINY,
-      schedule=schedules.linear(), spec=spec, params=params,
-      data={"source": "digits", "members": list(range(0, 40)),
-            "nonmembers": list(range(40, 80)), "public": []})
-  return str(out)
+  return toy_models.save_tiny_checkpoint(
+      str(tmp_path_factory.mktemp("ckpt") / "target"))
 
 
 def _tiny(cfg, checkpoint=None):

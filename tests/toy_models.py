@@ -68,3 +68,25 @@ class TinyNonlinear:
     flat = x_t.reshape(x_t.shape[0], -1).astype(np.float64)
     scale = 1.0 + np.asarray(t, np.float64)[:, None] / 1000.0
     return np.tanh(flat @ self.w * scale + self.b).reshape(x_t.shape)
+
+
+# A tiny pytorch-ddpm-convention UNet for 8x8x1 digits (fast to compile).
+TINY_UNET = dict(ch=8, ch_mult=(1,), attn_levels=(), num_res_blocks=1,
+                 dropout=0.0, in_channels=1, out_channels=1,
+                 num_timesteps=1000, norm_groups=4)
+
+
+def save_tiny_checkpoint(directory: str) -> str:
+  """A randomly initialised TINY_UNET checkpoint recording digits ids 0..39 as
+  members and 40..79 as non-members (training is tested separately)."""
+  import jax
+  from mia_jax import checkpoints, models
+  from mia_jax.denoiser import InputSpec
+  module = models.build_module("ddpm_unet", TINY_UNET)
+  spec = InputSpec(8, 1)
+  params = models.init_params("ddpm_unet", module, jax.random.key(0), spec)
+  return checkpoints.save_denoiser(
+      directory, family="ddpm_unet", model_config=TINY_UNET,
+      schedule=schedules.linear(), spec=spec, params=params,
+      data={"source": "digits", "members": list(range(0, 40)),
+            "nonmembers": list(range(40, 80)), "public": []})
