@@ -96,6 +96,12 @@ def positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
 def resolve_sets(cfg: AuditConfig, metadata: dict):
   """The member and non-member `runner.SampleSet`s of a run."""
   recorded = metadata.get("data") or {}
+  given = {}
+  if cfg.members is not None and cfg.nonmembers is not None:
+    # The data layer checks the image shapes and, for two parts of one base
+    # data set, that no id is on both sides.
+    given["members"], given["nonmembers"] = data.parse_member_specs(
+        cfg.members, cfg.nonmembers)
   sets = []
   for label, spec, key in ((1, cfg.members, "members"),
                            (0, cfg.nonmembers, "nonmembers")):
@@ -108,7 +114,7 @@ def resolve_sets(cfg: AuditConfig, metadata: dict):
       source = data.parse_spec(recorded["source"])
       indices = positions_of(source, recorded[key], key)
     else:
-      source = data.parse_spec(spec)
+      source = given.get(key) or data.parse_spec(spec)
       indices = np.arange(len(source), dtype=np.int64)
     if cfg.max_samples is not None:
       indices = indices[:cfg.max_samples]

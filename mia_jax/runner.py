@@ -145,13 +145,6 @@ def _gather(sets: Sequence[SampleSet], positions: np.ndarray):
           captions)
 
 
-def to_model_range(images: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [-1, 1]; float inputs pass through."""
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 127.5 - 1.0
-  return images.astype(np.float32)
-
-
 def fingerprint(payload: dict) -> str:
   return hashlib.sha256(json.dumps(payload, sort_keys=True,
                                    default=str).encode()).hexdigest()
@@ -225,7 +218,7 @@ def _batch_positions(k: int, batch_size: int, total: int):
 def _read_batch(sets, k: int, batch_size: int, total: int):
   positions, padded = _batch_positions(k, batch_size, total)
   images, ids, labels, captions = _gather(sets, padded)
-  return positions, padded, to_model_range(images), ids, labels, list(captions)
+  return positions, padded, data.to_model_range(images), ids, labels, list(captions)
 
 
 def all_ids_labels(sets: Sequence[SampleSet]) -> tuple[np.ndarray, np.ndarray]:

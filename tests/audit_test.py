@@ -51,6 +51,12 @@ def test_overlapping_member_and_nonmember_sets_fail(tiny_checkpoint, tmp_path):
                           members="digits", nonmembers="digits", attacks=("naive",))
   with pytest.raises(ValueError, match="overlap|both"):
     audit.run_audit(cfg, progress=False)
+  # Two different splits of the same data set overlap too.
+  cfg = audit.AuditConfig(checkpoint=tiny_checkpoint, output=str(tmp_path / "r2"),
+                          members="digits:members:seed=1",
+                          nonmembers="digits:nonmembers", attacks=("naive",))
+  with pytest.raises(ValueError, match="overlap"):
+    audit.run_audit(cfg, progress=False)
 
 
 def test_missing_checkpoint_fails_clearly(tmp_path):

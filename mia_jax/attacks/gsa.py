@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import audit, checkpoints, fixed_point, runner
+from mia_jax import audit, checkpoints, data, fixed_point, runner
 from mia_jax.attacks import fitted
 from mia_jax.denoiser import Denoiser, EpsFn
 
@@ -264,12 +264,6 @@ def _rebatch(chunks: Iterable[tuple[np.ndarray, list]], size: int
     yield np.concatenate(images), captions
 
 
-def _to_model_range(images: np.ndarray) -> np.ndarray:
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / 127.5 - 1.0
-  return images.astype(np.float32)
-
-
 @dataclasses.dataclass
 class FeatureStats:
   """Cost of one extraction: samples computed now and their wall time."""
@@ -320,7 +314,7 @@ def extract_features(denoiser: Denoiser, chunks: Iterable[tuple[np.ndarray, list
       images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
       captions = list(captions) + [captions[-1]] * pad
       positions = np.concatenate([positions, np.full(pad, positions[-1])])
-    x = jnp.asarray(_to_model_range(np.asarray(images)))
+    x = jnp.asarray(data.to_model_range(np.asarray(images)))
     x0, cond = x, None
     if denoiser.encode_fn is not None:
       x0 = denoiser.encode_fn(denoiser.params, x, runner.sample_keys(encode_key, positions))

@@ -54,7 +54,7 @@ import optax
 from scipy import stats
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import checkpoints, runner
+from mia_jax import checkpoints, data, runner
 from mia_jax.attacks import fitted
 from mia_jax.models import quantile_cnn
 
@@ -346,7 +346,7 @@ def t_errors(denoiser, attack, batches, *, batch_size: int,
     n = images.shape[0]
     pad = batch_size - n
     pix.append(np.asarray(images))
-    x = runner.to_model_range(np.asarray(images))
+    x = data.to_model_range(np.asarray(images))
     if pad:
       x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
       captions = list(captions) + [captions[-1]] * pad
@@ -387,10 +387,10 @@ def regressor_inputs(images: np.ndarray, max_resolution: int) -> np.ndarray:
   cheap; the regressor needs the coarse content, not the detail."""
   images = np.asarray(images)
   if images.shape[1] <= max_resolution:
-    return runner.to_model_range(images)
+    return data.to_model_range(images)
   out = []
   for s in range(0, images.shape[0], 256):  # chunks bound the float copy
-    x = jnp.asarray(runner.to_model_range(images[s:s + 256]))
+    x = jnp.asarray(data.to_model_range(images[s:s + 256]))
     out.append(np.asarray(jax.image.resize(
         x, (x.shape[0], max_resolution, max_resolution, x.shape[3]),
         "linear", antialias=True)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mia_jax import attacks, runner, schedules
+from mia_jax import attacks, data, runner, schedules
 from mia_jax.attacks import fitted, quantile
 from mia_jax.data import sources
 from mia_jax.denoiser import Denoiser, InputSpec
@@ -173,14 +173,14 @@ def test_run_fitted_outputs_and_label_blindness(first_run):
   tmp_path, ctx, out, seen = first_run
   assert [v.name for v in out] == ["qr_oms0", "qr_oms1"]
   # Fitting saw only the reference images, never an evaluation image.
-  ref = runner.to_model_range(ctx.reference_set.source.get(np.arange(20, 40)))
+  ref = data.to_model_range(ctx.reference_set.source.get(np.arange(20, 40)))
   assert len(seen) == 2
   for images in seen:
     np.testing.assert_array_equal(images, ref)
 
   # The score is q_0.01(x) - log t-error of SecMI's own t-error.
   secmi = attacks.build("secmi", ctx.denoiser.eps_fn, oms_steps=1, timestep=20)
-  x = jnp.asarray(runner.to_model_range(ctx.eval_sets[0].source.get(np.arange(20))))
+  x = jnp.asarray(data.to_model_range(ctx.eval_sets[0].source.get(np.arange(20))))
   te = -np.asarray(secmi.score_fn(ctx.denoiser.params, ctx.denoiser.schedule,
                                   x, None), np.float64)
   model = quantile.load_model(str(tmp_path / "run" / "regressor_oms1"),
