@@ -30,7 +30,8 @@ def main(argv):
       checkpoint=c.checkpoint, output=c.output, attacks=tuple(c.attacks),
       schemes=tuple(c.schemes), budgets=tuple(int(b) for b in c.budgets),
       calibration_fraction=c.calibration_fraction, max_samples=c.max_samples,
-      seed=c.seed, batch_size=c.batch_size, bootstrap=c.bootstrap)
+      seed=c.seed, batch_size=c.batch_size, bootstrap=c.bootstrap,
+      members=c.members or None, nonmembers=c.nonmembers or None)
   rows = schemes.run_sweep(cfg)
   print(schemes.markdown_tables(rows))
   print(f"output: {cfg.output}")

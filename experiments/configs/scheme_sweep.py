@@ -14,7 +14,10 @@ evaluation set, which every reported metric excludes). Writes sweep.json and
 sweep.md (tables) to the output directory; re-running resumes.
 
 Variants through the config argument: ``:quick`` (100 members and 100
-non-members, 50 bootstrap resamples) for smoke runs. Any field can be
+non-members, 50 bootstrap resamples) for smoke runs; ``:fmnist32``, the
+converted CIFAR-resolution PyTorch checkpoint of
+``experiments/train_torch_target.py`` (see its docstring) with its member and
+non-member ``.npz`` files. Any field can be
 overridden, e.g. ``--config.max_samples=300``.
 """
 
@@ -33,12 +36,22 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.budgets = (1, 2, 3, 4)
   config.calibration_fraction = 0.3
   config.max_samples = ml_collections.config_dict.placeholder(int)
+  # Data specs; empty: the members / non-members the checkpoint records.
+  config.members = ""
+  config.nonmembers = ""
   config.seed = 0
   config.batch_size = 64
   config.bootstrap = 200
   if arg == "quick":
     config.max_samples = 100
     config.bootstrap = 50
+  elif arg == "fmnist32":
+    config.checkpoint = "runs/fmnist32/converted"
+    config.output = "runs/fmnist32/scheme_sweep"
+    config.members = "runs/fmnist32/members.npz"
+    config.nonmembers = "runs/fmnist32/nonmembers.npz"
+    config.batch_size = 32
   elif arg:
-    raise ValueError(f"unknown variant {arg!r}; expected '' or 'quick'")
+    raise ValueError(f"unknown variant {arg!r}; expected '', 'quick' or "
+                     "'fmnist32'")
   return config

@@ -15,6 +15,7 @@ non-member part of any of them) and `ConcatSource` /
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -139,6 +140,29 @@ class ArraySource:
   def describe(self) -> dict[str, Any]:
     return dict(kind=type(self).__name__, name=self.name, size=len(self),
                 resolution=self.resolution, channels=self.channels)
+
+
+def read_idx_images(path) -> np.ndarray:
+  """Images of an IDX file (MNIST / Fashion-MNIST format, optionally .gz).
+
+  Returns [N, H, W, 1] uint8. Debian's ``dataset-fashion-mnist`` package
+  installs Fashion-MNIST this way under /usr/share/datasets/fashion-mnist.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such IDX file (Fashion-MNIST: "
+                            "apt-get install dataset-fashion-mnist).")
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as f:
+    raw = f.read()
+  if len(raw) < 16 or raw[:4] != b"\x00\x00\x08\x03":
+    raise ValueError(f"{path}: not an IDX uint8 image file (magic "
+                     f"{raw[:4].hex()}, expected 00000803).")
+  n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
+  if len(raw) != 16 + n * h * w:
+    raise ValueError(f"{path}: {len(raw) - 16} pixel bytes, header says "
+                     f"{n}x{h}x{w}; the file is truncated or corrupt.")
+  return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w, 1).copy()
 
 
 def load_digits_uint8() -> np.ndarray:

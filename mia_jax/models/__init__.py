@@ -61,14 +61,16 @@ def make_eps_fn(family: str, module: nn.Module,
 
   The network's own time input is derived once, by
   `schedules.model_time_input` (integer index for DDPM/SD, ``t/(T-1)*999``
-  for U-ViT). Dropout is off.
+  for U-ViT). Dropout is off. The prediction comes back in ``x_t``'s dtype:
+  a module computing in bfloat16 still feeds float32 noise chains.
   """
   family_module(family)  # fail early on an unknown family
 
   def eps_fn(params, x_t, t, cond=None):
-    return module.apply({"params": params}, x_t,
-                        schedules.model_time_input(schedule, t), cond=cond,
-                        train=False)
+    eps = module.apply({"params": params}, x_t,
+                       schedules.model_time_input(schedule, t), cond=cond,
+                       train=False)
+    return eps.astype(x_t.dtype)
   return eps_fn
 
 

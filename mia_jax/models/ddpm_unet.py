@@ -118,7 +118,7 @@ class AttnBlock(nn.Module):
 
     def proj(name):
       if self.attn_proj == "conv1x1":
-        return _conv(c, 1, name, self.dtype)
+        return layers.Conv1x1(c, dtype=self.dtype, name=name)
       if self.attn_proj == "linear":
         return nn.Dense(c, dtype=self.dtype, name=name)
       raise ValueError(f"attn_proj={self.attn_proj!r}; expected one of "
@@ -159,7 +159,7 @@ class ResBlock(nn.Module):
     h = nn.Dropout(self.dropout)(nn.silu(h), deterministic=not train)
     h = _conv(self.out_ch, 3, "block2_3", self.dtype)(h)
     if x.shape[-1] != self.out_ch:
-      x = _conv(self.out_ch, 1, "shortcut", self.dtype)(x)
+      x = layers.Conv1x1(self.out_ch, dtype=self.dtype, name="shortcut")(x)
     h = h + x
     if self.attn:
       h = AttnBlock(self.gn_eps, self.norm_groups, self.attn_proj,
@@ -313,8 +313,8 @@ class UpSample(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return _conv(x.shape[-1], 3, "main", self.dtype)(
-        layers.upsample_nearest_2x(x))
+    return layers.UpsampleConv3x3(x.shape[-1], dtype=self.dtype,
+                                  name="main")(x)
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -25,21 +25,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mia_jax.models import layers
+
 Dtype = Any
 
 
 def group_norm(num_groups: int, epsilon: float, dtype: Dtype,
-               param_dtype: Dtype, name: str) -> nn.GroupNorm:
-  """torch ``nn.GroupNorm`` with the epsilon written out.
+               param_dtype: Dtype, name: str) -> layers.GroupNorm:
+  """torch ``nn.GroupNorm`` with the epsilon written out (`layers.GroupNorm`).
 
   The UNet's resnets use ``norm_eps`` (1e-5 in SD), its transformers and the
-  whole VAE use 1e-6; Flax's own default is 1e-6, torch's 1e-5. The variance
-  is the two-pass ``E[(x - mean)^2]`` (``use_fast_variance=False``) like torch,
-  not ``E[x^2] - mean^2``.
+  whole VAE use 1e-6; Flax's own default is 1e-6, torch's 1e-5.
   """
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon,
-                      use_fast_variance=False, dtype=dtype,
-                      param_dtype=param_dtype, name=name)
+  return layers.group_norm(num_groups, epsilon, name, dtype=dtype,
+                           param_dtype=param_dtype)
 
 
 def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype,
