@@ -320,3 +320,36 @@ def test_member_nonmember_source_keeps_or_prefixes_ids():
   gray8 = sources.ArraySource(np.zeros((1, 8, 8, 1), np.uint8), name="big")
   with pytest.raises(ValueError, match="differ"):
     sources.member_nonmember_source(a, gray8)
+
+
+def _write_idx(path, images, magic=b"\x00\x00\x08\x03", gz=True):
+  import gzip
+  n, h, w = images.shape
+  raw = (magic + n.to_bytes(4, "big") + h.to_bytes(4, "big") +
+         w.to_bytes(4, "big") + images.astype(np.uint8).tobytes())
+  with (gzip.open if gz else open)(path, "wb") as f:
+    f.write(raw)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_read_idx_images(tmp_path, gz):
+  images = np.random.default_rng(0).integers(0, 256, (5, 3, 4), np.uint8)
+  path = tmp_path / ("x.idx.gz" if gz else "x.idx")
+  _write_idx(path, images, gz=gz)
+  got = sources.read_idx_images(path)
+  assert got.shape == (5, 3, 4, 1) and got.dtype == np.uint8
+  np.testing.assert_array_equal(got[..., 0], images)
+
+
+def test_read_idx_images_rejects_bad_files(tmp_path):
+  images = np.zeros((2, 2, 2), np.uint8)
+  _write_idx(tmp_path / "labels.gz", images, magic=b"\x00\x00\x08\x01")
+  with pytest.raises(ValueError, match="not an IDX uint8 image file"):
+    sources.read_idx_images(tmp_path / "labels.gz")
+  path = tmp_path / "short"
+  _write_idx(path, images, gz=False)
+  path.write_bytes(path.read_bytes()[:-1])
+  with pytest.raises(ValueError, match="truncated"):
+    sources.read_idx_images(path)
+  with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+    sources.read_idx_images(tmp_path / "missing.gz")
