@@ -24,7 +24,6 @@ index turned into ``_`` + index (``downblocks.3.attn.proj_q`` ->
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from mia_jax.models import layers
+from mia_jax.models import presets
 
 Dtype = Any
 
@@ -340,9 +340,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                          downsample_padding="symmetric", attn_proj="conv1x1"),
 }
 
-_FIELDS = tuple(f.name for f in dataclasses.fields(DDPMUNet)
-                if f.name not in ("parent", "name"))
-
 
 def resolve_config(model_config: dict[str, Any] | str | None) -> dict[str, Any]:
   """A complete, JSON-able model config from a preset name or dict.
@@ -354,22 +351,8 @@ def resolve_config(model_config: dict[str, Any] | str | None) -> dict[str, Any]:
   """
   if model_config is None:
     model_config = "cifar10"
-  if isinstance(model_config, str):
-    model_config = {"preset": model_config}
-  config = dict(model_config)
-  preset = config.pop("preset", None)
-  if preset is not None:
-    if preset not in PRESETS:
-      raise ValueError(f"unknown ddpm_unet preset {preset!r}; expected one "
-                       f"of {sorted(PRESETS)}")
-    config = {**PRESETS[preset], **config}
-  unknown = sorted(set(config) - set(_FIELDS))
-  if unknown:
-    raise ValueError(f"unknown DDPMUNet field(s) {unknown}; expected a "
-                     f"subset of {list(_FIELDS)}")
-  config.pop("dtype", None)  # not JSON-able; a build-time choice
-  out = {f: getattr(DDPMUNet, f) for f in _FIELDS if f != "dtype"}
-  out.update(config)
+  out = presets.merge_with_defaults(model_config, PRESETS, DDPMUNet,
+                                    "DDPMUNet")
   for key in ("ch_mult", "attn_levels"):
     out[key] = tuple(int(v) for v in out[key])
   out["freq_shift"] = float(out["freq_shift"])

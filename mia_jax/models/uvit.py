@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mia_jax.models import presets
+
 # torch.nn.LayerNorm's default eps (Flax's LayerNorm defaults to 1e-6).
 _TORCH_LAYERNORM_EPS = 1e-5
 # U-ViT's _init_weights: trunc_normal_(std=.02) for Linear weights and
@@ -377,8 +379,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-_FIELDS = tuple(f for f in UViT.__dataclass_fields__
-                if f not in ("parent", "name"))
 DEFAULT_PRESET = "cifar10_uvit_small"
 
 
@@ -396,22 +396,7 @@ def resolve_config(model_config: dict[str, Any] | str | None
   """
   if model_config is None:
     model_config = DEFAULT_PRESET
-  if isinstance(model_config, str):
-    model_config = {"preset": model_config}
-  config = dict(model_config)
-  preset = config.pop("preset", None)
-  if preset is not None:
-    if preset not in PRESETS:
-      raise ValueError(f"unknown UViT preset {preset!r}; expected one of "
-                       f"{sorted(PRESETS)}")
-    config = {**PRESETS[preset], **config}
-  unknown = sorted(set(config) - set(_FIELDS))
-  if unknown:
-    raise ValueError(f"unknown UViT field(s) {unknown}; expected some of "
-                     f"{list(_FIELDS)}")
-  config.pop("dtype", None)
-  out = {f: getattr(UViT, f) for f in _FIELDS if f != "dtype"}
-  out.update(config)
+  out = presets.merge_with_defaults(model_config, PRESETS, UViT, "UViT")
   for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth",
               "num_heads", "num_classes"):
     out[key] = int(out[key])

@@ -199,7 +199,7 @@ class DDPMUNetTest(parameterized.TestCase):
     self.assertEqual(config["in_channels"], 1)
     self.assertEqual(ddpm_unet.resolve_config(
         {**SMALL, "ch_mult": [1, 2]})["ch_mult"], (1, 2))
-    with self.assertRaisesRegex(ValueError, "unknown ddpm_unet preset"):
+    with self.assertRaisesRegex(ValueError, "unknown DDPMUNet preset"):
       ddpm_unet.resolve_config("cifar100")
     with self.assertRaisesRegex(ValueError, "unknown DDPMUNet field"):
       ddpm_unet.resolve_config({"chh": 3})

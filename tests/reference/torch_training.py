@@ -70,8 +70,12 @@ def _atomic_torch_save(obj, path: pathlib.Path) -> None:
   os.replace(tmp, path)
 
 
+def _print_now(message: str) -> None:
+  print(message, flush=True)  # progress must show even when piped to a file
+
+
 def train(images: np.ndarray, cfg: TorchTrainConfig, output,
-          log: Callable[[str], None] = print) -> pathlib.Path:
+          log: Callable[[str], None] = _print_now) -> pathlib.Path:
   """Trains on ``images`` [N, H, W, C] uint8; resumes from ``output/ckpt.pt``.
 
   Returns the checkpoint path. Every ``save_every`` steps the checkpoint is
