@@ -127,7 +127,7 @@ class _Progress:
       self.bar.close()
 
 
-def _gather(sets: Sequence[SampleSet], positions: np.ndarray):
+def gather_samples(sets: Sequence[SampleSet], positions: np.ndarray):
   """Images [B,...] uint8, ids, labels, captions of global positions."""
   offsets = np.cumsum([0] + [len(s.indices) for s in sets])
   images, ids, labels, captions = [], [], [], []
@@ -217,7 +217,7 @@ def _batch_positions(k: int, batch_size: int, total: int):
 
 def _read_batch(sets, k: int, batch_size: int, total: int):
   positions, padded = _batch_positions(k, batch_size, total)
-  images, ids, labels, captions = _gather(sets, padded)
+  images, ids, labels, captions = gather_samples(sets, padded)
   return positions, padded, data.to_model_range(images), ids, labels, list(captions)
 
 

@@ -35,7 +35,6 @@ import json
 import math
 import os
 import time
-import zlib
 from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
@@ -43,9 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mia_jax import data
 from mia_jax import fixed_point
+from mia_jax import runner
 from mia_jax.analysis import contraction, convergence, jacobian
-from mia_jax.data.sources import has_captions
 from mia_jax.denoiser import EpsFn
 
 # Timesteps of the paper's Figure 1 are not legible in our copy; the paper
@@ -266,38 +266,10 @@ def memory_stats(compiled) -> dict[str, int]:
 
 def analysis_key(seed: int, name: str = "noise_search_analysis") -> jax.Array:
   """The run's base key (the runner's convention: fold in a name's crc32)."""
-  return jax.random.fold_in(jax.random.key(seed),
-                            zlib.crc32(name.encode()) & 0x7FFFFFFF)
+  return runner.attack_key(seed, name)
 
 
-def sample_keys(base_key: jax.Array, positions: np.ndarray) -> jax.Array:
-  """[B] per-sample keys from global sample positions."""
-  return jax.vmap(lambda p: jax.random.fold_in(base_key, p))(
-      jnp.asarray(positions, jnp.uint32))
-
-
-def _gather(sets, positions: np.ndarray):
-  """uint8 images, ids, labels and captions of global positions."""
-  offsets = np.cumsum([0] + [len(s.indices) for s in sets])
-  images, ids, labels, captions = [], [], [], []
-  for k, s in enumerate(sets):
-    local = positions[(positions >= offsets[k]) & (positions < offsets[k + 1])]
-    if not len(local):
-      continue
-    idx = s.indices[local - offsets[k]]
-    images.append(np.asarray(s.source.get(idx)))
-    ids.append(np.asarray(s.source.ids)[idx])
-    labels.append(np.full(len(idx), s.label, np.int8))
-    caps = s.source.captions(idx) if has_captions(s.source) else None
-    captions.extend(list(caps) if caps is not None else [""] * len(idx))
-  return (np.concatenate(images), np.concatenate(ids), np.concatenate(labels),
-          captions)
-
-
-def _to_model_range(images: np.ndarray) -> np.ndarray:
-  if images.dtype == np.uint8:
-    return images.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-  return np.asarray(images, np.float32)
+sample_keys = runner.sample_keys
 
 
 def analyze_sets(denoiser, sets: Sequence[Any], *,
@@ -349,8 +321,8 @@ def analyze_sets(denoiser, sets: Sequence[Any], *,
     n_valid = len(positions)
     padded = np.concatenate(
         [positions, np.full(batch_size - n_valid, positions[-1])])
-    images, ids, labels, captions = _gather(sets, padded)
-    x = jnp.asarray(_to_model_range(images))
+    images, ids, labels, captions = runner.gather_samples(sets, padded)
+    x = jnp.asarray(data.to_model_range(images))
     if prepare_batch is not None:
       x0, cond = prepare_batch(x, captions, sample_keys(encode_key, padded))
     else:
