@@ -49,13 +49,18 @@ def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype,
 
 
 def conv(features: int, kernel: int, dtype: Dtype, param_dtype: Dtype,
-         name: str, stride: int = 1, padding: Optional[int] = None) -> nn.Conv:
+         name: str, stride: int = 1, padding: Optional[int] = None
+         ) -> nn.Module:
   """torch ``nn.Conv2d(kernel, stride, padding)``; padding defaults to k // 2.
 
   Padding is explicit and symmetric like torch (Flax ``"SAME"`` would pad a
-  stride-2 convolution (0, 1) instead of (1, 1)).
+  stride-2 convolution (0, 1) instead of (1, 1)). A plain 1x1 conv is
+  `layers.Conv1x1` (a matrix product; same parameters).
   """
   pad = kernel // 2 if padding is None else padding
+  if kernel == 1 and stride == 1 and pad == 0:
+    return layers.Conv1x1(features, dtype=dtype, param_dtype=param_dtype,
+                          name=name)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), dtype=dtype,
                  param_dtype=param_dtype, name=name)
@@ -178,8 +183,9 @@ class Upsample2D(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return conv(self.channels, 3, self.dtype, self.param_dtype, "conv")(x)
+    return layers.UpsampleConv3x3(self.channels, dtype=self.dtype,
+                                  param_dtype=self.param_dtype,
+                                  name="conv")(x)
 
 
 class Attention(nn.Module):
