@@ -21,14 +21,30 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 
 
+def _as_tuple(value, sep: str = ",") -> tuple:
+  """Accepts ``--config.attacks=naive,pia`` as well as a tuple literal.
+
+  Scheme specs contain commas (``ishikawa:0.5,0.5``), so they split on ``;``.
+  """
+  items = [value] if isinstance(value, str) else list(value)
+  out = []
+  for item in items:
+    if isinstance(item, str):
+      out.extend(part.strip() for part in item.split(sep) if part.strip())
+    else:
+      out.append(item)
+  return tuple(out)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   c = _CONFIG.value
   cfg = schemes.SweepConfig(
-      checkpoint=c.checkpoint, output=c.output, attacks=tuple(c.attacks),
-      schemes=tuple(c.schemes), budgets=tuple(int(b) for b in c.budgets),
+      checkpoint=c.checkpoint, output=c.output,
+      attacks=_as_tuple(c.attacks), schemes=_as_tuple(c.schemes, sep=";"),
+      budgets=tuple(int(b) for b in _as_tuple(c.budgets)),
       calibration_fraction=c.calibration_fraction, max_samples=c.max_samples,
       seed=c.seed, batch_size=c.batch_size, bootstrap=c.bootstrap,
       members=c.members or None, nonmembers=c.nonmembers or None)
