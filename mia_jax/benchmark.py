@@ -26,15 +26,16 @@ import resource
 import statistics
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import schedules
-from mia_jax.attacks import base, secmi
+from mia_jax import report, schedules
+from mia_jax.analysis import run as analysis_run
+from mia_jax.attacks import base
 
 # The CIFAR-10 configuration of pytorch-ddpm (35.7M params) and a tiny one
 # for CI (GroupNorm(32) in the reference needs channels divisible by 32).
@@ -225,12 +226,11 @@ def _cost(compiled) -> dict[str, float]:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
-  mem = compiled.memory_analysis()
   out = {"xla_flops": float((cost or {}).get("flops", float("nan")))}
-  if mem is not None:
-    out["temp_mb"] = mem.temp_size_in_bytes / 2**20
-    out["argument_mb"] = mem.argument_size_in_bytes / 2**20
-    out["output_mb"] = mem.output_size_in_bytes / 2**20
+  mem = analysis_run.memory_stats(compiled)
+  if mem:
+    for buffers in ("temp", "argument", "output"):
+      out[f"{buffers}_mb"] = mem[f"{buffers}_size_in_bytes"] / 2**20
   return out
 
 
@@ -475,10 +475,7 @@ def projection(result: dict, num_samples: int, accel_tflops: float,
 
 
 def write_json(result: dict, path: str) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2, default=str)
-  os.replace(tmp, path)
+  report.atomic_write_text(path, json.dumps(result, indent=2, default=str))
 
 
 __all__ = ["BenchConfig", "MODELS", "run_benchmark", "format_table",

@@ -44,7 +44,7 @@ import numpy as np
 
 from mia_jax import attacks as attacks_lib
 from mia_jax import audit, checkpoints, fixed_point, metrics, report, runner
-from mia_jax.attacks import base, naive, pia
+from mia_jax.attacks import base, naive, pia, schemes
 
 KINDS = ("audit", "timesteps", "epochs", "chain", "analysis")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,32 +201,24 @@ def audit_config(cfg: ml_collections.ConfigDict, checkpoint: str, output: str,
 # Sweeps as one compiled program.
 
 
-def _start_noise(name: str, kwargs: dict, eps_fn):
-  """eps^0 of Naive (N(0, I) per key) or PIA / PIAN (eps(x0, 0))."""
+def _chain_start(name: str, kwargs: dict, eps_fn):
+  """eps^0 of Naive (N(0, I) per key) or PIA / PIAN (eps(x0, 0)).
+
+  Returns ``(start, start_queries)``: ``start(params, sched, x0, keys, cond)``
+  is the attack's own chain start (`schemes.chain_start`) and
+  ``start_queries`` the model calls it makes.
+  """
   factory = attacks_lib.PRESETS[name][0]
-  if factory is naive.make_naive:
-    return lambda params, x0, keys, cond: base.per_sample_normal(
-        keys, x0.shape, x0.dtype)
-  if factory is pia.make_pia:
-    mode = kwargs.get("normalize")
+  if factory not in (naive.make_naive, pia.make_pia):
+    raise ValueError(
+        f"attack {name!r} cannot be swept in one program: only Naive and PIA "
+        "/ PIAN start from a noise independent of t (SecMI's DDIM walk length "
+        "depends on t); run one audit per timestep instead")
+  chain_start = schemes.chain_start(name, factory(eps_fn, **kwargs), eps_fn)
 
-    def start(params, x0, keys, cond):
-      eps0 = eps_fn(params, x0, base.full_t(x0, 0), cond)
-      return eps0 if mode is None else pia.normalize_eps(eps0, mode)
-    return start
-  raise ValueError(
-      f"attack {name!r} cannot be swept in one program: only Naive and PIA / "
-      "PIAN start from a noise independent of t (SecMI's DDIM walk length "
-      "depends on t); run one audit per timestep instead")
-
-
-def _resolved(name: str, overrides: dict) -> dict:
-  if name not in attacks_lib.PRESETS:
-    raise ValueError(f"unknown attack {name!r}; expected one of "
-                     f"{sorted(attacks_lib.PRESETS)}")
-  kw = dict(attacks_lib.PRESETS[name][1])
-  kw.update({k: v for k, v in overrides.items() if v is not None})
-  return kw
+  def start(params, sched, x0, keys, cond):
+    return chain_start(params, sched, x0, keys, cond).eps0
+  return start, 1 if factory is pia.make_pia else 0
 
 
 def _tile(tree, reps: int):
@@ -262,19 +254,19 @@ def make_timestep_sweep(name: str, eps_fn, timesteps: Sequence[int], *,
     rows ordered (timestep, depth) and named ``<name>_t<t>_oms<n>``.
   """
   overrides = {k: v for k, v in overrides.items() if k != "timestep"}
-  kw = _resolved(name, overrides)
+  _, kw = attacks_lib.resolve(name, **overrides)
   oms_steps = base.check_oms_steps(oms_steps)
   timesteps = [int(t) for t in timesteps]
   if not timesteps:
     raise ValueError("timesteps is empty")
-  start = _start_noise(name, kw, eps_fn)
+  start, extra = _chain_start(name, kw, eps_fn)
   p = float(kw["p"])
   num_t = len(timesteps)
   t_grid = jnp.asarray(timesteps, jnp.int32)
 
   def score_fn(params, sched, x0, keys, cond=None):
     batch = x0.shape[0]
-    eps0 = start(params, x0, keys, cond)
+    eps0 = start(params, sched, x0, keys, cond)
     t = jnp.repeat(t_grid, batch)                             # [S * B]
     chain = fixed_point.run_chain(
         eps_fn, params, sched, _tile(x0, num_t), t, _tile(eps0, num_t),
@@ -283,7 +275,6 @@ def make_timestep_sweep(name: str, eps_fn, timesteps: Sequence[int], *,
     d = d.reshape(oms_steps + 1, num_t, batch).transpose(1, 0, 2)
     return d.reshape(num_t * (oms_steps + 1), batch)
 
-  extra = 1 if attacks_lib.PRESETS[name][0] is pia.make_pia else 0
   return base.Attack(
       name=name, score_fn=jax.jit(score_fn), oms_steps=oms_steps,
       timestep=timesteps[0],
@@ -304,15 +295,15 @@ def make_chain_attack(name: str, eps_fn, *, num_steps: int = 4,
   ``-sum |eps^n - eps^{n-1}|^p`` for n = 2..N (res1 = dist1). Same start and
   keys as `attacks.build(name)`.
   """
-  kw = _resolved(name, dict(overrides, timestep=timestep))
+  _, kw = attacks_lib.resolve(name, **dict(overrides, timestep=timestep))
   if int(num_steps) < 1:
     raise ValueError(f"num_steps must be >= 1, got {num_steps}")
   num_steps = int(num_steps)
-  start = _start_noise(name, kw, eps_fn)
+  start, extra = _chain_start(name, kw, eps_fn)
   p, t_attack = float(kw["p"]), int(kw["timestep"])
 
   def score_fn(params, sched, x0, keys, cond=None):
-    eps0 = start(params, x0, keys, cond)
+    eps0 = start(params, sched, x0, keys, cond)
     chain = fixed_point.run_chain(eps_fn, params, sched, x0,
                                   base.full_t(x0, t_attack), eps0, num_steps,
                                   cond)
@@ -322,7 +313,6 @@ def make_chain_attack(name: str, eps_fn, *, num_steps: int = 4,
 
   variants = ([f"{name}_dist{n}" for n in range(1, num_steps + 1)] +
               [f"{name}_res{n}" for n in range(2, num_steps + 1)])
-  extra = 1 if attacks_lib.PRESETS[name][0] is pia.make_pia else 0
   return base.Attack(
       name=name, score_fn=jax.jit(score_fn), oms_steps=num_steps - 1,
       timestep=t_attack, queries_per_sample=extra + num_steps,

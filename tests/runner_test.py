@@ -9,7 +9,6 @@ batches that had no shard, and leave finished shards untouched.
 """
 
 import dataclasses
-import json
 import logging as std_logging
 import os
 import signal

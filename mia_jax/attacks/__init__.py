@@ -40,8 +40,8 @@ PRESETS: dict[str, tuple[Any, dict[str, Any]]] = {
 LOSS_BASED = ("naive", "secmi", "pia", "pian")
 
 
-def build(name: str, eps_fn, **overrides) -> Attack:
-  """Builds attack ``name`` from its preset with ``overrides`` applied.
+def resolve(name: str, **overrides) -> tuple[Any, dict[str, Any]]:
+  """(factory, keyword arguments) of preset ``name`` with ``overrides``.
 
   ``None`` values in overrides are ignored, so CLI flags can pass through.
   """
@@ -51,9 +51,18 @@ def build(name: str, eps_fn, **overrides) -> Attack:
   factory, preset = PRESETS[name]
   kwargs = dict(preset)
   kwargs.update({k: v for k, v in overrides.items() if v is not None})
+  return factory, kwargs
+
+
+def build(name: str, eps_fn, **overrides) -> Attack:
+  """Builds attack ``name`` from its preset with ``overrides`` applied.
+
+  ``None`` values in overrides are ignored, so CLI flags can pass through.
+  """
+  factory, kwargs = resolve(name, **overrides)
   attack = factory(eps_fn, **kwargs)
   # Preset aliases keep their own name so two conventions can share a run.
   return dataclasses.replace(attack, name=name) if name != attack.name else attack
 
 
-__all__ = ["Attack", "PRESETS", "LOSS_BASED", "build", "base"]
+__all__ = ["Attack", "PRESETS", "LOSS_BASED", "build", "resolve", "base"]

@@ -80,6 +80,11 @@ class FittedContext:
   def num_eval(self) -> int:
     return int(sum(len(s.indices) for s in self.eval_sets))
 
+  def eval_ids(self) -> list:
+    """The evaluation samples' ids in runner order (labels not exposed)."""
+    return [v for s in self.eval_sets
+            for v in np.asarray(s.source.ids)[s.indices].tolist()]
+
   def eval_batches(self) -> Iterator[tuple[np.ndarray, list]]:
     """(uint8 images [b, H, W, C], captions) of the evaluation samples in
     runner order, in chunks of ``batch_size``; labels are not exposed."""

@@ -66,7 +66,6 @@ import json
 import os
 import re
 import time
-import zlib
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from absl import logging
@@ -504,7 +503,6 @@ class ShadowData:
 def load_shadow(directory: str, max_per_side: Optional[int] = None
                 ) -> ShadowData:
   """A shadow checkpoint with its recorded members / non-members."""
-  from mia_jax import data
   _check_shadow_record(directory)
   recorded = checkpoints.read_metadata(directory)["data"]
   source = data.parse_spec(recorded["source"])
@@ -555,19 +553,9 @@ def _same_network(a: Denoiser, b: Denoiser) -> bool:
           and a.cond_fn is None and b.cond_fn is None)
 
 
-def _eval_ids(ctx) -> set[str]:
-  return {str(v) for s in ctx.eval_sets
-          for v in np.asarray(s.source.ids)[s.indices].tolist()}
-
-
 def _fingerprint(payload: dict) -> str:
   return hashlib.sha256(json.dumps(payload, sort_keys=True,
                                    default=str).encode()).hexdigest()[:16]
-
-
-def _noise_key(seed: int, tag: str) -> jax.Array:
-  return jax.random.fold_in(jax.random.key(seed),
-                            zlib.crc32(tag.encode()) & 0x7FFFFFFF)
 
 
 def target_features(ctx: fitted.FittedContext, feature_fn: Callable,
@@ -579,12 +567,10 @@ def target_features(ctx: fitted.FittedContext, feature_fn: Callable,
   (``runner.attack_key(seed, "gsa")``, ``runner.attack_key(seed,
   "__encode__")``, folded with the sample's global position).
   """
-  from mia_jax import runner
   target = ctx.denoiser
   fp = _fingerprint({**common, "tag": "target", "params":
                      checkpoints.params_fingerprint(target.params),
-                     "ids": [str(v) for s in ctx.eval_sets for v in
-                             np.asarray(s.source.ids)[s.indices].tolist()]})
+                     "ids": [str(v) for v in ctx.eval_ids()]})
   return extract_features(
       target, ctx.eval_batches(), ctx.num_eval(), feature_fn=feature_fn,
       noise_key=runner.attack_key(ctx.seed, "gsa"),
@@ -667,7 +653,7 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
   batch_size = common["batch"]
   target = ctx.denoiser
   feature_dir = os.path.join(ctx.work_dir, "features")
-  eval_ids = _eval_ids(ctx)
+  eval_ids = {str(v) for v in ctx.eval_ids()}
 
   for directory in ctx.shadow_checkpoints:  # fail before the long part
     _check_shadow_record(directory)
@@ -704,8 +690,8 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
                                   vmap_width=opts["vmap_width"])
     feats = extract_features(
         shadow.denoiser, shadow.chunks(batch_size), len(shadow.positions),
-        feature_fn=shadow_fn, noise_key=_noise_key(ctx.seed, f"gsa/{tag}"),
-        encode_key=_noise_key(ctx.seed, f"gsa/{tag}/encode"),
+        feature_fn=shadow_fn, noise_key=runner.attack_key(ctx.seed, f"gsa/{tag}"),
+        encode_key=runner.attack_key(ctx.seed, f"gsa/{tag}/encode"),
         batch_size=batch_size,
         cache_dir=os.path.join(feature_dir, f"{tag}-{fp}"),
         label=f"gsa {tag} ({directory})")

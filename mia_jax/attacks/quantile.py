@@ -54,7 +54,7 @@ import optax
 from scipy import stats
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import checkpoints, data, runner
+from mia_jax import checkpoints, data, plots, runner
 from mia_jax.attacks import fitted
 from mia_jax.models import quantile_cnn
 
@@ -275,19 +275,6 @@ def fit_quantiles(images: np.ndarray, targets: np.ndarray, cfg: FitConfig,
 
 # ----------------------------------------------------------------- caching --
 
-def _atomic_bytes(path: str, payload: bytes) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(payload)
-  os.replace(tmp, path)
-
-
-def _atomic_npz(path: str, **arrays) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
 def _digest(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True,
                                    default=str).encode()).hexdigest()
@@ -299,8 +286,8 @@ def save_model(path: str, model: QuantileModel, fingerprint: str) -> None:
               num_holdout=model.num_holdout,
               holdout_fpr={str(k): v for k, v in model.holdout_fpr.items()},
               config=dataclasses.asdict(model.config))
-  _atomic_bytes(path + ".msgpack", flax.serialization.to_bytes(model.params))
-  _atomic_bytes(path + ".json", json.dumps(meta, indent=2).encode())
+  plots.atomic_write_bytes(path + ".msgpack", flax.serialization.to_bytes(model.params))
+  plots.atomic_write_bytes(path + ".json", json.dumps(meta, indent=2).encode())
 
 
 def load_model(path: str, fingerprint: str, cfg: FitConfig,
@@ -377,7 +364,7 @@ def _cached_t_errors(path: str, fingerprint: str,
       if str(z["fingerprint"]) == fingerprint:
         return z["t_errors"], z["images"]
   te, images = compute()
-  _atomic_npz(path, t_errors=te, images=images, fingerprint=fingerprint)
+  runner.atomic_savez(path, t_errors=te, images=images, fingerprint=fingerprint)
   return te, images
 
 
@@ -459,9 +446,8 @@ def run_fitted(ctx: fitted.FittedContext, *, oms_steps: int = 1,
   os.makedirs(ctx.work_dir, exist_ok=True)
   ref = ctx.reference_set
   ref_ids = np.asarray(ref.source.ids)[ref.indices].tolist()
-  eval_ids = [x for s in ctx.eval_sets
-              for x in np.asarray(s.source.ids)[s.indices].tolist()]
-  _atomic_bytes(os.path.join(ctx.work_dir, "config.json"), json.dumps(
+  eval_ids = ctx.eval_ids()
+  plots.atomic_write_bytes(os.path.join(ctx.work_dir, "config.json"), json.dumps(
       dict(secmi=attack.config, fit=dataclasses.asdict(cfg), seed=seed,
            score_alpha=float(score_alpha), num_reference=len(ref_ids),
            max_resolution=max_resolution),

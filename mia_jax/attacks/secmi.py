@@ -89,8 +89,9 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
   return base.Attack(
       name="secmi", score_fn=jax.jit(score_fn), oms_steps=oms_steps,
       timestep=timestep,
-      # The DDIM walk, eps(x_t, t), then the chain.
-      queries_per_sample=(int(walk.shape[0]) - 1 + 1
+      # The DDIM walk (one call per step between its len(walk) points),
+      # eps(x_t, t), then the chain.
+      queries_per_sample=((int(walk.shape[0]) - 1) + 1
                           + (oms_steps + 1) * scheme.queries_per_step),
       config=dict(timestep=timestep, interval=interval, convention=convention,
                   compare_step=t_cmp, probe_step=t_probe, oms_steps=oms_steps,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-import os
 import pathlib
 import re
 from typing import Any, Optional, Protocol, Sequence, runtime_checkable

@@ -7,7 +7,6 @@ float32 eager on the original model with the same noise.
 """
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp

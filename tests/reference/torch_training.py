@@ -17,7 +17,7 @@ import json
 import os
 import pathlib
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import torch
