@@ -15,7 +15,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from mia_jax import audit, cli, fixed_point, report
+from mia_jax import attacks, audit, cli, fixed_point, report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional preset (e.g. experiments/configs/attack_sd.py); "
@@ -91,8 +91,9 @@ def main(argv):
     cfg.attack_overrides.setdefault(name, {})[key] = value
   if _SCHEME.value != "plain":
     scheme = fixed_point.parse_scheme(_SCHEME.value)
-    for name in ("naive", "secmi", "pia", "pian"):
-      cfg.attack_overrides.setdefault(name, {})["scheme"] = scheme
+    for name in cfg.attacks:  # preset aliases (naive_oms_paper, ...) too
+      if attacks.takes_scheme(name):
+        cfg.attack_overrides.setdefault(name, {})["scheme"] = scheme
   rows = audit.run_audit(cfg)
   if jax.process_index() == 0:
     print(report.format_table(rows))

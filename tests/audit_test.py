@@ -76,3 +76,25 @@ def test_attack_cli(tiny_checkpoint, tmp_path):
   assert "secmi_oms1" in out.stdout
   rows = json.load(open(tmp_path / "cli" / "metrics.json"))
   assert [r["variant"] for r in rows] == ["secmi_oms0", "secmi_oms1"]
+
+
+def test_attack_cli_scheme_reaches_preset_aliases(tiny_checkpoint, tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run(
+      [sys.executable, os.path.join(repo, "experiments", "attack.py"),
+       f"--checkpoint={tiny_checkpoint}", f"--output={tmp_path / 'cli'}",
+       "--attacks=naive_oms_paper,probe", "--scheme=km:0.5", "--oms_steps=1",
+       "--max_samples=2", "--batch_size=2", "--bootstrap=0"],
+      capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  configs = json.load(open(tmp_path / "cli" / "config.json"))["attack_configs"]
+  assert configs["naive_oms_paper"]["scheme"] == "km(a=0.5)"
+  assert "scheme" not in configs["probe"]
+
+
+def test_takes_scheme():
+  from mia_jax import attacks
+  assert all(attacks.takes_scheme(n) for n in (
+      "naive", "naive_oms_paper", "secmi", "secmi_code", "pia", "pian",
+      "pian_paper"))
+  assert not any(attacks.takes_scheme(n) for n in ("probe", "qr", "gsa", "x"))

@@ -40,6 +40,12 @@ PRESETS: dict[str, tuple[Any, dict[str, Any]]] = {
 LOSS_BASED = ("naive", "secmi", "pia", "pian")
 
 
+def takes_scheme(name: str) -> bool:
+  """Whether preset ``name`` runs a noise-search chain (has ``scheme``)."""
+  return name in PRESETS and PRESETS[name][0] in (
+      naive.make_naive, secmi.make_secmi, pia.make_pia)
+
+
 def resolve(name: str, **overrides) -> tuple[Any, dict[str, Any]]:
   """(factory, keyword arguments) of preset ``name`` with ``overrides``.
 
@@ -65,4 +71,5 @@ def build(name: str, eps_fn, **overrides) -> Attack:
   return dataclasses.replace(attack, name=name) if name != attack.name else attack
 
 
-__all__ = ["Attack", "PRESETS", "LOSS_BASED", "build", "resolve", "base"]
+__all__ = ["Attack", "PRESETS", "LOSS_BASED", "build", "resolve", "takes_scheme",
+           "base"]
