@@ -19,6 +19,7 @@ legible in our copy, and the paper attacks CIFAR-10 DDPMs at 50..250.
 
 from absl import app, flags
 
+from mia_jax import cli
 from mia_jax.analysis import run as analysis
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.")
@@ -68,4 +69,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["checkpoint", "output"])
-  app.run(main)
+  cli.run(main)

@@ -102,4 +102,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["checkpoint", "output"])
-  app.run(main)
+  cli.run(main)

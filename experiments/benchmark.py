@@ -19,7 +19,7 @@ from absl import app, flags
 # tests.reference (the PyTorch reference UNet) lives at the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mia_jax import benchmark  # pylint: disable=g-import-not-at-top
+from mia_jax import benchmark, cli  # pylint: disable=g-import-not-at-top
 
 _MODEL = flags.DEFINE_enum("model", "cifar10", list(benchmark.MODELS),
                            "UNet configuration.")
@@ -62,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

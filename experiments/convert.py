@@ -53,4 +53,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["format", "source", "output"])
-  app.run(main)
+  cli.run(main)

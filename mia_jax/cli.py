@@ -44,3 +44,37 @@ def maybe_initialize_distributed(enabled: bool) -> None:
   logging.info("process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
+
+
+def run(main) -> None:
+  """`absl.app.run(main)`, with a user's mistake shown as one line.
+
+  A `mia_jax.errors.UserError` (and the project's other refusal types, all
+  subclasses of it) raised anywhere below `main` prints
+  ``error: <what> (<input>): <what to do>`` on stderr and exits with status
+  2; ``--traceback`` shows the full traceback instead. Anything else is a
+  bug and keeps its traceback.
+  """
+  import sys
+
+  from absl import app, flags
+
+  from mia_jax import errors
+
+  if "traceback" not in flags.FLAGS:
+    flags.DEFINE_bool("traceback", False,
+                      "Show the Python traceback of a refused input.")
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except errors.UserError as e:
+      if flags.FLAGS.traceback:
+        raise
+      sys.stderr.write(errors.one_line(e) + "\n")
+      sys.stderr.flush()
+      # os._exit: orbax / asyncio threads can otherwise print their own
+      # tracebacks at interpreter shutdown after a refused checkpoint.
+      os._exit(2)
+
+  app.run(guarded)

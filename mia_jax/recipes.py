@@ -43,14 +43,14 @@ import ml_collections
 import numpy as np
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import audit, checkpoints, fixed_point, metrics, report, runner
+from mia_jax import audit, checkpoints, errors, fixed_point, metrics, report, runner
 from mia_jax.attacks import base, naive, pia, schemes
 
 KINDS = ("audit", "timesteps", "epochs", "chain", "analysis")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class RecipeUnavailable(RuntimeError):
+class RecipeUnavailable(errors.UserError, RuntimeError):
   """A recipe needs a library piece this checkout does not have."""
 
 

@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from mia_jax import errors
+
 # A transform maps the source arrays of a rule (in the rule's order) to its
 # target arrays (in the rule's order).
 Transform = Callable[..., Any]
@@ -41,7 +43,7 @@ Transform = Callable[..., Any]
 _MAX_LISTED = 25  # keys listed per category in an error message
 
 
-class ConversionError(ValueError):
+class ConversionError(errors.UserError):
   """A key table does not match a checkpoint or a parameter tree.
 
   Attributes:

@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from mia_jax import errors
 
-class CheckpointReadError(ValueError):
+
+class CheckpointReadError(errors.UserError):
   """A checkpoint file is missing, truncated, corrupt or of the wrong kind."""
 
 

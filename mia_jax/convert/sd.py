@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mia_jax import errors
 from mia_jax.convert import common
 from mia_jax.convert import io
 
@@ -67,7 +68,7 @@ _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight",
                "bias": "bias"}
 
 
-class MissingComponentError(FileNotFoundError):
+class MissingComponentError(errors.UserError, FileNotFoundError):
   """A Stable Diffusion folder lacks a component directory or file."""
 
 

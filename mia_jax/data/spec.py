@@ -45,6 +45,7 @@ import os
 import pathlib
 from typing import Optional
 
+from mia_jax import errors
 from mia_jax.data import sources as sources_lib
 from mia_jax.data import splits as splits_lib
 
@@ -59,7 +60,7 @@ _KEYS_BY_KIND = {
 }
 
 
-class SpecError(ValueError):
+class SpecError(errors.UserError):
   """A data spec string that cannot be parsed or resolved."""
 
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import schedules
+from mia_jax import errors, schedules
 from mia_jax.denoiser import Denoiser, InputSpec
 from mia_jax.models.sd import clip as clip_lib
 from mia_jax.models.sd import unet as unet_lib
@@ -46,14 +46,14 @@ FAMILY = "sd"
 _TEXT_BATCH = 16  # captions per text-encoder call (padded: one compile)
 
 
-class MissingCaptionError(KeyError):
+class MissingCaptionError(errors.UserError, KeyError):
   """Some image ids have no caption in the captions file."""
 
   def __str__(self) -> str:  # KeyError would repr() the message
     return str(self.args[0])
 
 
-class ImageResolutionError(ValueError):
+class ImageResolutionError(errors.UserError):
   """Candidate images do not have the resolution the VAE/UNet expect."""
 
 
