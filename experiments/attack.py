@@ -15,14 +15,22 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from mia_jax import attacks, audit, cli, fixed_point, report
+from mia_jax import attacks, audit, cli, errors, fixed_point, report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional preset (e.g. experiments/configs/attack_sd.py); "
     "flags given on the command line override its values.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.")
-_MEMBERS = flags.DEFINE_string("members", None, "Member data spec.")
-_NONMEMBERS = flags.DEFINE_string("nonmembers", None, "Non-member data spec.")
+_MEMBERS = flags.DEFINE_string(
+    "members", None, "Member data spec; 'recorded' (or both left out) takes "
+    "the set recorded in the checkpoint by training.")
+_NONMEMBERS = flags.DEFINE_string(
+    "nonmembers", None, "Non-member data spec; 'recorded' as for --members. "
+    "Give both sides or neither (one side with the other 'recorded' is fine).")
+_DROP_OVERLAP = flags.DEFINE_bool(
+    "drop_overlap", False, "Drop samples whose pixels (and caption) are in two "
+    "sets (members, non-members, reference) from all of them instead of "
+    "refusing the run.")
 _ATTACKS = flags.DEFINE_list("attacks", ["naive", "secmi", "pia", "pian"],
                              "Attacks (see mia_jax.attacks.PRESETS).")
 _OMS_STEPS = flags.DEFINE_integer("oms_steps", 1, "Score OMS depths 0..N.")
@@ -82,7 +90,7 @@ def main(argv):
       max_samples=_MAX_SAMPLES.value,
       bootstrap=_BOOTSTRAP.value, reference=_REFERENCE.value,
       shadow_checkpoints=tuple(_SHADOWS.value), captions=_CAPTIONS.value,
-      latent_sample=_LATENT_SAMPLE.value,
+      latent_sample=_LATENT_SAMPLE.value, drop_overlap=_DROP_OVERLAP.value,
       attack_overrides=(preset.get("attack_overrides", {}).to_dict()
                         if preset is not None and "attack_overrides" in preset
                         else {}))
@@ -90,7 +98,11 @@ def main(argv):
     name, key, value = audit.parse_attack_option(option)
     cfg.attack_overrides.setdefault(name, {})[key] = value
   if _SCHEME.value != "plain":
-    scheme = fixed_point.parse_scheme(_SCHEME.value)
+    try:
+      scheme = fixed_point.parse_scheme(_SCHEME.value)
+    except ValueError as e:
+      raise errors.UserError(f"bad scheme ({e})", f"--scheme {_SCHEME.value}",
+                             "use plain, km:A, ishikawa:A,B or anderson:M") from e
     for name in cfg.attacks:  # preset aliases (naive_oms_paper, ...) too
       if attacks.takes_scheme(name):
         cfg.attack_overrides.setdefault(name, {})["scheme"] = scheme

@@ -18,8 +18,10 @@ from absl import logging
 import numpy as np
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import checkpoints, data, metrics, parallel, report, runner
+from mia_jax import checkpoints, data, errors, metrics, parallel, report
+from mia_jax import rundir, runner, schedules
 from mia_jax.attacks import fitted
+from mia_jax.data import integrity
 from mia_jax.denoiser import Denoiser
 
 
@@ -49,6 +51,8 @@ class AuditConfig:
       uses captions carried by the data sources (or empty captions).
     latent_sample: latent models: encode images with a posterior sample
       instead of the posterior mean (the default, reproducible).
+    drop_overlap: drop samples whose content (pixels + caption) is in two
+      sets from all of them, instead of refusing the run.
   """
 
   checkpoint: str
@@ -67,15 +71,102 @@ class AuditConfig:
   shadow_checkpoints: Sequence[str] = ()
   captions: Optional[str] = None
   latent_sample: bool = False
+  drop_overlap: bool = False
 
 
+# `--members recorded` / `--nonmembers recorded`: the side recorded in the
+# checkpoint by training, named explicitly (see `resolve_sets`).
+RECORDED = "recorded"
+# Settings that change only the metrics, not a single score: a rerun that
+# changes them recomputes the metrics from the finished shards.
+METRICS_ONLY = ("output", "bootstrap", "checkpoint", "shadow_checkpoints")
+
+
+def _positive_int(value, flag: str, *, minimum: int = 1,
+                  allow_none: bool = False):
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value < minimum):
+    raise errors.UserError(f"{flag} must be an integer >= {minimum}",
+                           f"{flag} {value!r}",
+                           f"pass an integer >= {minimum}" + (
+                               " or leave it unset" if allow_none else ""))
+
+
+def check_config(cfg: AuditConfig, metadata: dict) -> None:
+  """Refuses flag and option values that would give a meaningless audit.
+
+  Runs before anything is read or written; ``metadata`` is the checkpoint's
+  `checkpoints.read_metadata`. Each attack's own timesteps (presets and
+  options) are checked against the schedule once built (`build_attacks`).
+  """
+  attacks_given = [a for a in cfg.attacks if a]
+  if not attacks_given or len(attacks_given) != len(cfg.attacks):
+    raise errors.UserError("no attack (or an empty name) in --attacks",
+                           f"--attacks {','.join(cfg.attacks)!r}",
+                           "name one or more, e.g. --attacks naive,pia")
+  dupes = sorted({a for a in cfg.attacks if list(cfg.attacks).count(a) > 1})
+  if dupes:
+    raise errors.UserError(f"attack(s) {dupes} named twice", "--attacks",
+                           "name each attack once")
+  for name in cfg.attacks:
+    if name not in attacks_lib.PRESETS and not fitted.is_fitted(name):
+      raise errors.UserError(
+          f"unknown attack {name!r}", "--attacks",
+          f"expected some of {sorted(attacks_lib.PRESETS) + sorted(fitted.FITTED)}")
+  _positive_int(cfg.oms_steps, "--oms_steps", minimum=0)
+  _positive_int(cfg.batch_size, "--batch_size")
+  _positive_int(cfg.max_samples, "--max_samples", allow_none=True)
+  _positive_int(cfg.bootstrap, "--bootstrap", minimum=0)
+  if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)):
+    raise errors.UserError("--seed must be an integer", f"--seed {cfg.seed!r}",
+                           "pass an integer")
+  if cfg.timestep is not None:
+    schedules.validate_timestep(schedules.from_config(metadata["schedule"]),
+                                cfg.timestep, "--timestep")
+  for name, options in cfg.attack_overrides.items():
+    if name not in cfg.attacks:
+      raise errors.UserError(
+          f"option for attack {name!r}, which this run does not run",
+          f"--attack_option {name}.{','.join(options)}",
+          f"add {name} to --attacks or drop the option (running: "
+          f"{', '.join(cfg.attacks)})")
+    unknown = sorted(set(options) - attacks_lib.option_names(name))
+    if unknown:
+      raise errors.UserError(
+          f"attack {name} has no option {', '.join(unknown)}",
+          f"--attack_option {name}.{unknown[0]}",
+          f"expected some of {sorted(attacks_lib.option_names(name))}")
+  if "gsa" in cfg.attacks and not cfg.shadow_checkpoints:
+    raise errors.UserError("gsa needs shadow models", "--shadow_checkpoints",
+                           "train shadows on public data (see the README) "
+                           "and pass their checkpoint directories")
+  if (cfg.members == RECORDED) != (cfg.nonmembers == RECORDED) or (
+      cfg.members is None) != (cfg.nonmembers is None):
+    _check_one_sided(cfg)
+  rundir.check_output_path(
+      cfg.output, (cfg.checkpoint, *cfg.shadow_checkpoints))
+
+
+def _check_one_sided(cfg: AuditConfig) -> None:
+  """One side given, the other left out: only ``recorded`` is explicit."""
+  for given, missing, side in ((cfg.members, cfg.nonmembers, "nonmembers"),
+                               (cfg.nonmembers, cfg.members, "members")):
+    if given not in (None, RECORDED) and missing is None:
+      raise errors.UserError(
+          f"--{side} is missing while the other side is given",
+          f"--{'members' if side == 'nonmembers' else 'nonmembers'} {given}",
+          f"pass --{side} SPEC, or --{side} {RECORDED} to take the "
+          "checkpoint's recorded set (checked to be disjoint by content)")
 def parse_attack_option(option: str) -> tuple[str, str, Any]:
   """``"pia.timestep=100"`` -> ("pia", "timestep", 100)."""
   head, sep, raw = option.partition("=")
   name, dot, key = head.partition(".")
   if not (sep and dot and name and key):
-    raise ValueError(f"--attack_option {option!r}: expected NAME.KEY=VALUE, "
-                     "e.g. pia.timestep=100")
+    raise errors.UserError("malformed attack option",
+                           f"--attack_option {option!r}",
+                           "write NAME.KEY=VALUE, e.g. pia.timestep=100")
   try:
     value = json.loads(raw)
   except json.JSONDecodeError:
@@ -88,44 +179,85 @@ def positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
   lookup = {str(v): i for i, v in enumerate(np.asarray(source.ids).tolist())}
   missing = [i for i in ids if str(i) not in lookup]
   if missing:
-    raise ValueError(f"{len(missing)} {what} ids are not in the data source "
-                     f"(first: {missing[:5]})")
+    raise errors.UserError(
+        f"{len(missing)} recorded {what} ids are not in the data source "
+        f"(first: {missing[:5]})", getattr(source, "name", what),
+        "the data changed since training; pass the sets explicitly")
   return np.asarray([lookup[str(i)] for i in ids], np.int64)
 
 
 def resolve_sets(cfg: AuditConfig, metadata: dict):
-  """The member and non-member `runner.SampleSet`s of a run."""
+  """The member and non-member `runner.SampleSet`s of a run.
+
+  A side left out (both left out) or given as ``recorded`` takes the ids
+  recorded in the checkpoint by training. Overlap by content is checked
+  later, in `check_data`, for every combination.
+  """
   recorded = metadata.get("data") or {}
+  given_specs = {k: v for k, v in (("members", cfg.members),
+                                   ("nonmembers", cfg.nonmembers))
+                 if v not in (None, RECORDED)}
   given = {}
-  if cfg.members is not None and cfg.nonmembers is not None:
+  if len(given_specs) == 2:
     # The data layer checks the image shapes and, for two parts of one base
     # data set, that no id is on both sides.
     given["members"], given["nonmembers"] = data.parse_member_specs(
         cfg.members, cfg.nonmembers)
   sets = []
-  for label, spec, key in ((1, cfg.members, "members"),
-                           (0, cfg.nonmembers, "nonmembers")):
-    if spec is None:
+  for label, key in ((1, "members"), (0, "nonmembers")):
+    if key not in given_specs:
       if key not in recorded:
-        raise ValueError(
-            f"--{key} is required: the checkpoint records no {key} (only "
-            "targets trained by mia_jax do). Pass an .npz, an image folder or "
-            "a tfds spec.")
+        raise errors.UserError(
+            f"the checkpoint records no {key}", f"--{key}",
+            "pass an .npz, an image folder or a tfds spec (only targets "
+            "trained by mia_jax record their sets)")
       source = data.parse_spec(recorded["source"])
       indices = positions_of(source, recorded[key], key)
     else:
-      source = given.get(key) or data.parse_spec(spec)
+      source = given.get(key) or data.parse_spec(given_specs[key])
       indices = np.arange(len(source), dtype=np.int64)
     if cfg.max_samples is not None:
       indices = indices[:cfg.max_samples]
     if not len(indices):
-      raise ValueError(f"the {key} set is empty")
+      raise errors.UserError(f"the {key} set is empty", f"--{key}",
+                             "give a data set with at least one image")
     sets.append(runner.SampleSet(source, indices, label))
   member_ids = np.asarray(sets[0].source.ids)[sets[0].indices]
   nonmember_ids = np.asarray(sets[1].source.ids)[sets[1].indices]
   if sets[0].source is sets[1].source or (cfg.members == cfg.nonmembers):
-    data.check_disjoint(member_ids, nonmember_ids)
+    try:
+      data.check_disjoint(member_ids, nonmember_ids)
+    except ValueError as e:
+      raise errors.UserError(str(e), "--members / --nonmembers",
+                             "give disjoint sets") from None
   return sets
+
+
+def check_data(cfg: AuditConfig, sets, reference):
+  """Reads every sample once: unreadable images, content overlap, ids.
+
+  Returns:
+    (sets, reference) with ids unique across the run (prefixed with their
+    role where two sets share id values) and, with ``drop_overlap``, the
+    overlapping samples removed.
+  """
+  named = [("members", sets[0]), ("nonmembers", sets[1])]
+  if reference is not None:
+    named.append(("reference", reference))
+  kept = integrity.check_sample_sets(
+      [(role, s.source, s.indices) for role, s in named],
+      drop_overlap=cfg.drop_overlap)
+  named = [(role, dataclasses.replace(s, indices=kept[role]))
+           for role, s in named]
+  for role, s in named:
+    if not len(s.indices):
+      raise errors.UserError(f"the {role} set is empty after --drop_overlap",
+                             f"--{role}", "give sets that share fewer images")
+  sources = integrity.qualify_ids([(role, s.source, s.indices)
+                                   for role, s in named])
+  out = [dataclasses.replace(s, source=src)
+         for (_, s), src in zip(named, sources)]
+  return out[:2], (out[2] if reference is not None else None)
 
 
 class CaptionedSource:
@@ -196,7 +328,25 @@ def build_attacks(cfg: AuditConfig, denoiser: Denoiser):
     overrides.setdefault("oms_steps", cfg.oms_steps)
     if cfg.timestep is not None:
       overrides["timestep"] = cfg.timestep
-    built.append(attacks_lib.build(name, denoiser.eps_fn, **overrides))
+    try:
+      attack = attacks_lib.build(name, denoiser.eps_fn, **overrides)
+    except errors.UserError:
+      raise
+    except (TypeError, ValueError) as e:
+      raise errors.UserError(f"attack {name} rejects its options ({e})",
+                             f"--attack_option {name}.*",
+                             f"check the values; options: {overrides}") from e
+    attacks_lib.check_timesteps(attack, denoiser.schedule)
+    built.append(attack)
+  for name in cfg.attacks:  # fitted attacks' timesteps, before any work
+    if fitted.is_fitted(name):
+      options = cfg.attack_overrides.get(name, {})
+      steps = list(options.get("timesteps", ())) + (
+          [options["timestep"]] if "timestep" in options else [])
+      if cfg.timestep is not None:
+        steps.append(cfg.timestep)
+      for t in steps:
+        schedules.validate_timestep(denoiser.schedule, t, f"{name} timestep")
   return built
 
 
@@ -234,8 +384,30 @@ def _manifest(cfg: AuditConfig, denoiser: Denoiser, sets) -> dict:
 
 def run_audit(cfg: AuditConfig, *, progress: bool = True,
               denoiser: Optional[Denoiser] = None) -> list[dict]:
-  """Runs the audit of ``cfg`` and writes the run directory (see module doc)."""
+  """Runs the audit of ``cfg`` and writes the run directory (see module doc).
+
+  Every input is checked before anything is written: flags and options
+  (`check_config`), the data (`check_data`: unreadable images, content
+  overlap, ids), the attacks against the schedule, and the finished shards
+  of an earlier run against this one's settings. The run directory is
+  locked for the whole run; ``config.json`` is written only once all checks
+  passed, so it always describes the scores beside it.
+  """
   metadata = checkpoints.read_metadata(cfg.checkpoint)
+  check_config(cfg, metadata)
+  import jax
+  lead = jax.process_index() == 0
+  with rundir.lock(cfg.output, enabled=lead):
+    return _run_locked(cfg, metadata, denoiser, progress, lead)
+
+
+def _scoring_config(resolved: dict) -> dict:
+  """The resolved config without the settings that only change metrics."""
+  return {k: v for k, v in resolved.items() if k not in METRICS_ONLY}
+
+
+def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
+                lead: bool) -> list[dict]:
   denoiser = denoiser or checkpoints.load_denoiser(cfg.checkpoint)
   sets = resolve_sets(cfg, metadata)
   if cfg.captions is not None:
@@ -246,16 +418,25 @@ def run_audit(cfg: AuditConfig, *, progress: bool = True,
   _check_resolution(denoiser, sets)
   built = build_attacks(cfg, denoiser)
   import jax
-  lead = jax.process_index() == 0
   fitted_names = [a for a in cfg.attacks if fitted.is_fitted(a)]
   if jax.process_count() > 1 and fitted_names:
-    raise ValueError(f"fitted attacks {fitted_names} do not run multi-host yet; "
-                     "run them on one host")
-  os.makedirs(cfg.output, exist_ok=True)
+    raise errors.UserError(f"fitted attacks {fitted_names} do not run "
+                           "multi-host yet", "--multihost", "run them on one host")
+  reference = resolve_reference(cfg, metadata) if fitted_names else None
+  sets, reference = check_data(cfg, sets, reference)
   manifest = _manifest(cfg, denoiser, sets)
   resolved = {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
               "attack_configs": {a.name: a.config for a in built},
               "schedule": denoiser.schedule.to_config(), "family": denoiser.family}
+  shard_dir = os.path.join(cfg.output, "shards")
+  run_fingerprint = {"config": _scoring_config(resolved),
+                     "params": manifest["checkpoint_params_sha256"],
+                     "split": manifest["split_sha256"]}
+  variants = [v for a in built for v in a.variant_names()]
+  if variants:  # refuse a mismatched rerun before config.json is touched
+    runner.check_shards(shard_dir, runner.shard_fingerprint(
+        run_fingerprint, batch_size=cfg.batch_size, seed=cfg.seed,
+        variants=variants, total=sum(len(s.indices) for s in sets)))
   if lead:
     report.atomic_write_text(os.path.join(cfg.output, "config.json"),
                              json.dumps(resolved, indent=2, default=str))
@@ -264,14 +445,9 @@ def run_audit(cfg: AuditConfig, *, progress: bool = True,
                [a.name for a in built], cfg.oms_steps)
   table = runner.score_samples(
       denoiser, built, sets, batch_size=cfg.batch_size, seed=cfg.seed,
-      shard_dir=os.path.join(cfg.output, "shards"),
-      run_fingerprint={"config": resolved,
-                       "params": manifest["checkpoint_params_sha256"],
-                       "split": manifest["split_sha256"]},
-      progress=progress)
+      shard_dir=shard_dir, run_fingerprint=run_fingerprint, progress=progress)
   if lead:
-    fitted_variants = run_fitted_attacks(cfg, denoiser, sets,
-                                         resolve_reference(cfg, metadata))
+    fitted_variants = run_fitted_attacks(cfg, denoiser, sets, reference)
     write_outputs(cfg.output, table, built, resolved, manifest,
                   bootstrap=cfg.bootstrap, seed=cfg.seed,
                   fitted_variants=fitted_variants)

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mia_jax import data
+from mia_jax import errors
 from mia_jax import parallel
 from mia_jax.attacks.base import Attack
 from mia_jax.denoiser import Denoiser
@@ -158,51 +159,147 @@ def shard_path(shard_dir: str, k: int) -> str:
   return os.path.join(shard_dir, f"shard_{k:06d}.npz")
 
 
+def _index_path(shard_dir: str) -> str:
+  # One append-only index per process: hosts never write the same file.
+  return os.path.join(shard_dir, f"index_p{parallel.process_index()}.txt")
+
+
+def _file_sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _record_shard(shard_dir: str, k: int) -> None:
+  """Appends ``<shard name> <sha256>`` to this process's index."""
+  path = shard_path(shard_dir, k)
+  line = f"{os.path.basename(path)} {_file_sha256(path)}\n"
+  with open(_index_path(shard_dir), "a") as f:
+    f.write(line)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _read_index(shard_dir: str) -> dict[str, str]:
+  """shard name -> sha256, from every process's index."""
+  index = {}
+  for name in sorted(os.listdir(shard_dir)):
+    if not (name.startswith("index_p") and name.endswith(".txt")):
+      continue
+    with open(os.path.join(shard_dir, name)) as f:
+      for line in f:
+        parts = line.split()
+        if len(parts) == 2:  # a torn last line of a killed append is skipped
+          index[parts[0]] = parts[1]
+  return index
+
+
 def _load_shards(shard_dir: str, num_batches: int,
                  variants: Sequence[str]) -> dict[int, dict[str, np.ndarray]]:
-  """Finished shards of ``shard_dir``; leftovers of killed writes are removed."""
+  """Finished shards of ``shard_dir``; leftovers of killed writes are removed.
+
+  A shard counts as finished when the index records its sha256 (written
+  right after the shard's rename). A shard without an entry was renamed by
+  a run killed before it could record it: it is recomputed. A shard whose
+  bytes no longer match the recorded hash was changed after it was written:
+  the run refuses to use it.
+  """
   done = {}
+  index = _read_index(shard_dir)
+  lead = parallel.process_index() == 0
   for name in sorted(os.listdir(shard_dir)):
     path = os.path.join(shard_dir, name)
     if ".tmp-" in name:
       # A write interrupted before its rename: never a finished shard.
-      if parallel.process_index() == 0:
+      if lead:
         os.remove(path)
       continue
     m = _SHARD_RE.match(name)
     if not m:
       continue
     k = int(m.group(1))
+    if name not in index:
+      logging.warning("%s was written by a killed run but never recorded; "
+                      "recomputing that batch", path)
+      if lead:
+        os.remove(path)
+      continue
+    if _file_sha256(path) != index[name]:
+      raise errors.UserError(
+          "a score shard was changed after it was written", path,
+          "its sha256 no longer matches the run's index; delete the shard to "
+          "recompute that batch, or use a new --output")
     try:
       with np.load(path) as z:
         shard = {n: z[n] for n in z.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
-      # Shards are renamed into place whole, so only a crashed disk or a
-      # hand-copied file gets here; deleting it recomputes that batch.
-      raise RuntimeError(f"unreadable shard {path} ({e}); delete it to "
-                         "recompute that batch") from e
+      raise errors.UserError(
+          "unreadable score shard", path,
+          f"delete it to recompute that batch ({e})") from e
     missing = [v for v in ("positions", "mask", *variants) if v not in shard]
     if k >= num_batches or missing:
-      raise RuntimeError(
-          f"{path} does not belong to this run (batch {k} of {num_batches}, "
-          f"missing arrays {missing}); use a new output directory")
+      raise errors.UserError(
+          f"a score shard does not belong to this run (batch {k} of "
+          f"{num_batches}, missing arrays {missing})", path,
+          "use a new --output directory")
     done[k] = shard
   return done
 
 
+def shard_fingerprint(run_fingerprint: Optional[dict], *, batch_size: int,
+                      seed: int, variants: Sequence[str], total: int) -> dict:
+  """What pins a shard directory: the run's inputs and the batch layout.
+
+  The mesh is not part of it: keys come from global positions, so a run may
+  resume on a different device count (scores then differ from an
+  uninterrupted run only by float rounding). Nor is the output path, so a
+  moved run directory resumes.
+  """
+  payload = {**(run_fingerprint or {}), "batch_size": batch_size,
+             "seed": seed, "variants": list(variants), "total": total}
+  return {"fingerprint": fingerprint(payload), "payload": payload,
+          "num_batches": -(-total // batch_size)}
+
+
+def check_shards(shard_dir: str, fp: dict) -> None:
+  """Refuses, before anything is written, a shard dir of a different run.
+
+  Args:
+    shard_dir: the run's shard directory (may not exist yet).
+    fp: `shard_fingerprint`'s result.
+  Raises:
+    UserError: naming each setting that differs from the recorded run.
+  """
+  fp_path = os.path.join(shard_dir, "fingerprint.json")
+  if not os.path.exists(fp_path):
+    return
+  try:
+    with open(fp_path) as f:
+      old = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.UserError("unreadable run fingerprint", fp_path,
+                           f"use a new --output directory ({e})") from e
+  if old.get("fingerprint") == fp["fingerprint"]:
+    return
+  if "payload" in old:
+    from mia_jax import rundir
+    changed = rundir.config_differences(old["payload"], fp["payload"])
+  else:
+    changed = "config, checkpoint or samples"
+  raise errors.UserError(
+      "the run directory holds scores of a different run",
+      os.path.dirname(shard_dir.rstrip(os.sep)) or shard_dir,
+      f"changed: {changed}. Rerun with the old settings, use a new --output, "
+      "or delete its shards/ to recompute")
+
+
 def _check_fingerprint(shard_dir: str, fp: dict) -> None:
   """Writes ``fingerprint.json`` or refuses if it pins a different run."""
-  fp_path = os.path.join(shard_dir, "fingerprint.json")
-  if parallel.process_index() == 0 and not os.path.exists(fp_path):
-    _atomic_write_json(fp_path, fp)
+  if parallel.process_index() == 0:
+    check_shards(shard_dir, fp)
+    if not os.path.exists(os.path.join(shard_dir, "fingerprint.json")):
+      _atomic_write_json(os.path.join(shard_dir, "fingerprint.json"), fp)
   parallel.sync("mia_jax.runner.fingerprint")
-  with open(fp_path) as f:
-    old = json.load(f)
-  if old.get("fingerprint") != fp["fingerprint"]:
-    raise RuntimeError(
-        f"{shard_dir} holds shards of a different run (config, checkpoint "
-        "or samples changed). Use a new --output directory, or delete "
-        "the old shards to recompute.")
+  check_shards(shard_dir, fp)
 
 
 def _batch_positions(k: int, batch_size: int, total: int):
@@ -282,12 +379,9 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
   done: dict[int, dict[str, np.ndarray]] = {}
   if shard_dir is not None:
     os.makedirs(shard_dir, exist_ok=True)
-    # The mesh is not part of the fingerprint: keys come from global
-    # positions, so a run may resume on a different device count (scores
-    # then differ from an uninterrupted run only by float rounding).
-    _check_fingerprint(shard_dir, {"fingerprint": fingerprint(
-        {**(run_fingerprint or {}), "batch_size": batch_size, "seed": seed,
-         "variants": variants, "total": total}), "num_batches": num_batches})
+    _check_fingerprint(shard_dir, shard_fingerprint(
+        run_fingerprint, batch_size=batch_size, seed=seed, variants=variants,
+        total=total))
     done = _load_shards(shard_dir, num_batches, variants)
     # Process 0 removes stale temporaries above; nobody writes before that.
     parallel.sync("mia_jax.runner.loaded")
@@ -319,6 +413,7 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
                              sched, mesh, prepare_batch, k, batch)
       if shard_dir is not None:
         atomic_savez(shard_path(shard_dir, k), **done[k])
+        _record_shard(shard_dir, k)
       bar.update(len(batch[0]))
   finally:
     if pool is not None:

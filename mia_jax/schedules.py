@@ -180,11 +180,29 @@ def abar_at(sched: Schedule, t: jnp.ndarray) -> jnp.ndarray:
   return jnp.where(t < 0, 1.0, sched.alphas_cumprod[jnp.clip(t, 0)])
 
 
-def validate_timestep(sched: Schedule, t: int, what: str = "timestep") -> int:
-  """Checks a host-side attack timestep against the schedule's range."""
+def validate_timestep(sched: Schedule, t, what: str = "timestep") -> int:
+  """Checks a host-side attack timestep: an integer index 0..T-1.
+
+  Args:
+    sched: the model's schedule.
+    t: the timestep as given (int, or a float/str from an option).
+    what: how the user wrote it, for the message (e.g. "--timestep").
+  Returns:
+    t as an int.
+  Raises:
+    UserError: ``t`` is not an integer (fractional, bool, text) or outside
+      0..T-1 (a negative index would run with no noise at all).
+  """
+  from mia_jax import errors
+  hint = (f"use an integer attack index 0..{sched.num_timesteps - 1} "
+          f"(this schedule has {sched.num_timesteps} steps)")
+  if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+    if isinstance(t, (float, np.floating)) and float(t).is_integer():
+      t = int(t)
+    else:
+      raise errors.UserError(f"timestep {t!r} is not an integer", what, hint)
   if not 0 <= int(t) < sched.num_timesteps:
-    raise ValueError(f"{what}={t} is outside the schedule's range "
-                     f"0..{sched.num_timesteps - 1}")
+    raise errors.UserError(f"timestep {t} is out of range", what, hint)
   return int(t)
 
 

@@ -42,7 +42,7 @@ def test_audit_writes_the_run_directory_and_resumes(tiny_checkpoint, tmp_path):
     for k in z.files:
       np.testing.assert_array_equal(z[k], first[k])
   # A changed config refuses to mix with the old shards.
-  with pytest.raises(RuntimeError, match="different run"):
+  with pytest.raises(ValueError, match="different run"):
     audit.run_audit(audit.AuditConfig(**{**cfg.__dict__, "oms_steps": 2}), progress=False)
 
 

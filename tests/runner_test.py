@@ -159,9 +159,9 @@ def test_changed_config_or_checkpoint_refuses_old_shards(tmp_path):
   first = runner.score_samples(den, built, sets,
                                run_fingerprint={"params": "aaa"}, **kw)
   for changed in ({"params": "bbb"}, {"params": "aaa", "config": 1}):
-    with pytest.raises(RuntimeError, match="different run"):
+    with pytest.raises(ValueError, match="different run"):
       runner.score_samples(den, built, sets, run_fingerprint=changed, **kw)
-  with pytest.raises(RuntimeError, match="different run"):
+  with pytest.raises(ValueError, match="different run"):
     runner.score_samples(den, built, sets, run_fingerprint={"params": "aaa"},
                          **{**kw, "seed": 8})
   # The same inputs reuse every shard (no attack call) and agree exactly.

@@ -7,7 +7,10 @@ reference code's defaults, documented in `PRESETS`) and applies overrides.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any
+
+from mia_jax import errors, schedules
 
 from mia_jax.attacks import base, naive, pia, secmi
 from mia_jax.attacks import probe
@@ -52,8 +55,8 @@ def resolve(name: str, **overrides) -> tuple[Any, dict[str, Any]]:
   ``None`` values in overrides are ignored, so CLI flags can pass through.
   """
   if name not in PRESETS:
-    raise ValueError(f"unknown attack {name!r}; expected one of "
-                     f"{sorted(PRESETS)}")
+    raise errors.UserError(f"unknown attack {name!r}", "--attacks",
+                           f"expected some of {sorted(PRESETS)}")
   factory, preset = PRESETS[name]
   kwargs = dict(preset)
   kwargs.update({k: v for k, v in overrides.items() if v is not None})
@@ -71,5 +74,37 @@ def build(name: str, eps_fn, **overrides) -> Attack:
   return dataclasses.replace(attack, name=name) if name != attack.name else attack
 
 
-__all__ = ["Attack", "PRESETS", "LOSS_BASED", "build", "resolve", "takes_scheme",
+def option_names(name: str) -> set[str]:
+  """The keys ``--attack_option NAME.KEY=VALUE`` accepts for attack ``name``."""
+  from mia_jax.attacks import fitted
+  if fitted.is_fitted(name):
+    return fitted.option_names(name)
+  if name not in PRESETS:
+    raise errors.UserError(f"unknown attack {name!r}", "--attacks",
+                           f"expected some of {sorted(PRESETS) + sorted(fitted.FITTED)}")
+  params = inspect.signature(PRESETS[name][0]).parameters
+  return {k for k, p in params.items()
+          if p.kind == inspect.Parameter.KEYWORD_ONLY and k != "name"}
+
+
+def check_timesteps(attack: Attack, sched: schedules.Schedule) -> None:
+  """Refuses an attack whose timesteps fall outside ``sched`` (before work).
+
+  Every step the attack queries is checked: the main timestep, and for
+  SecMI the compare and probe steps of its DDIM walk.
+  """
+  config = attack.config
+  if attack.timestep is not None:  # None: the probe's "last step"
+    schedules.validate_timestep(sched, attack.timestep,
+                                f"{attack.name} timestep")
+  if "interval" in config and "convention" in config:  # SecMI
+    t_cmp, t_probe = secmi.secmi_steps(config["timestep"], config["interval"],
+                                       config["convention"])
+    for t, what in ((t_cmp, "compare"), (t_probe, "probe")):
+      schedules.validate_timestep(
+          sched, t, f"{attack.name} {what} step (timestep "
+          f"{config['timestep']}, interval {config['interval']})")
+
+
+__all__ = ["option_names", "check_timesteps", "Attack", "PRESETS", "LOSS_BASED", "build", "resolve", "takes_scheme",
            "base"]

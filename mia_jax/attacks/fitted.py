@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -103,6 +104,15 @@ def _captions(source, idx) -> list:
 
 def is_fitted(name: str) -> bool:
   return name in FITTED
+
+
+def option_names(name: str) -> set[str]:
+  """The option keys fitted attack ``name`` accepts."""
+  module = importlib.import_module(FITTED[name])
+  if hasattr(module, "OPTIONS"):
+    return set(module.OPTIONS)
+  params = inspect.signature(module.run_fitted).parameters
+  return {k for k in params if k != "ctx"}
 
 
 def run(name: str, ctx: FittedContext, **overrides) -> list[FittedVariant]:

@@ -592,6 +592,7 @@ def _check_shadow_record(directory: str) -> None:
 _DEFAULTS = dict(oms_steps=1, timesteps=DEFAULT_TIMESTEPS, classifier="hgb",
                  scaling="shadow", feature_batch_size=16, exclude=(),
                  max_shadow_samples=None, validate=True, vmap_width=1)
+OPTIONS = tuple(_DEFAULTS)  # the keys of --attack_option gsa.KEY=VALUE
 
 
 def _setup(ctx: fitted.FittedContext, overrides: dict):

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mia_jax import diffusion, fixed_point
+from mia_jax import diffusion, errors, fixed_point
 from mia_jax.attacks import base
 from mia_jax.denoiser import EpsFn
 
@@ -38,16 +39,23 @@ CONVENTIONS = ("probe_after", "secmi_code")
 def secmi_steps(timestep: int, interval: int, convention: str) -> tuple[int, int]:
   """(compare step t, probe step s) of a SecMI configuration."""
   if convention not in CONVENTIONS:
-    raise ValueError(f"unknown SecMI convention {convention!r}; expected one "
-                     f"of {CONVENTIONS}")
+    raise errors.UserError(f"unknown SecMI convention {convention!r}",
+                           "secmi.convention", f"expected one of {CONVENTIONS}")
+  for value, what in ((timestep, "timestep"), (interval, "interval")):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise errors.UserError(f"SecMI {what} {value!r} is not an integer",
+                             f"secmi.{what}", "give an integer")
   if interval <= 0:
-    raise ValueError(f"SecMI interval must be positive, got {interval}")
+    raise errors.UserError(f"SecMI interval {interval} is not positive",
+                           "secmi.interval", "use a positive stride, e.g. 10")
   t_cmp = timestep if convention == "probe_after" else timestep - interval
   if t_cmp < 0 or t_cmp % interval:
-    raise ValueError(
+    raise errors.UserError(
         f"SecMI compare step {t_cmp} (timestep={timestep}, interval={interval}, "
-        f"convention={convention!r}) must be a non-negative multiple of the "
-        "interval, because the deterministic walk goes 0, k, 2k, ...")
+        f"convention={convention!r}) is not a non-negative multiple of the "
+        "interval", "secmi.timestep",
+        "the deterministic walk goes 0, k, 2k, ...: use a multiple of the "
+        "interval")
   return t_cmp, t_cmp + interval
 
 def t_error_scale(sched, t_cmp: int, t_probe: int) -> jax.Array:

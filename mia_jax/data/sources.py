@@ -264,6 +264,10 @@ def _read_captions_file(folder: pathlib.Path) -> Optional[dict[str, str]]:
   return None
 
 
+# Single-channel PIL modes of 16-bit (and 32-bit integer) files.
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def _pil_channels(mode: str) -> int:
   return 1 if mode in ("1", "L", "I", "I;16", "F") else 3
 
@@ -317,6 +321,7 @@ class FolderSource:
             f"{f.relative_to(folder)} is {size[0]}x{size[1]} "
             f"with {channels}.")
     self._files = files
+    self._noted_16bit = False
     self.resolution = int(first_size[0])
     self.channels = int(first_channels)
     rel = [f.relative_to(folder).as_posix() for f in files]
@@ -350,9 +355,32 @@ class FolderSource:
                     self.channels), np.uint8)
     for row, i in enumerate(positions):
       with self._image_mod.open(self._files[i]) as im:
-        pixels = np.asarray(im.convert(mode), np.uint8)
+        pixels = self._decode(im, mode, i)
       out[row] = pixels.reshape(out.shape[1:])
     return out
+
+  def path_of(self, position: int) -> str:
+    """The file behind ``position`` (for messages)."""
+    return str(self._files[int(position)])
+
+  def _decode(self, im, mode: str, position: int) -> np.ndarray:
+    """uint8 pixels; 16-bit files are scaled to 8 bits, never saturated."""
+    if im.mode not in _WIDE_MODES:
+      return np.asarray(im.convert(mode), np.uint8)
+    # PIL's convert("L") clips 16-bit values at 255 (almost every pixel
+    # white); scale the true 0..65535 range instead.
+    wide = np.asarray(im, np.int64)
+    if wide.min() < 0 or wide.max() > 65535:
+      raise ValueError(f"{self.path_of(position)}: {im.mode} pixel values "
+                       f"{wide.min()}..{wide.max()} are outside 0..65535.")
+    if not self._noted_16bit:
+      logging.warning("%s: 16-bit images are scaled to 8 bits "
+                      "(round(v * 255 / 65535)).", self.name)
+      self._noted_16bit = True
+    pixels = ((wide * 255 + 32767) // 65535).astype(np.uint8)
+    if mode == "RGB":
+      pixels = np.repeat(pixels[..., None], 3, axis=-1)
+    return pixels
 
   def captions(self, positions) -> list[str]:
     if self._captions is None:

@@ -1,0 +1,205 @@
+"""Ground truth you can trust: readable images, unique ids, disjoint sets.
+
+An audit's labels are only as good as the sets behind them. Before any
+scoring, `check_sample_sets` reads every image of every set once and
+
+- reports every unreadable image (truncated file, corrupt data stream) with
+  its id and path, all of them at once, before any work starts;
+- hashes each sample's decoded pixels (and its caption, where it has one)
+  and refuses a run where one content appears in two different sets
+  (members, non-members, public reference), whatever the ids say: two
+  files holding the same images under different ids are caught.
+
+`qualify_ids` makes ids unique across a run: when two sets share an id value
+(e.g. two ``.npz`` files without ``ids`` both numbered 0..N-1), every id of
+the run is prefixed with its set's role (``"members/3"``), so no two samples
+of ``scores.npz`` share an id.
+
+All refusals are `mia_jax.errors.UserError`s naming the set and ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from mia_jax import errors
+
+# How many images to read per call while hashing: bounded memory on large
+# folders / TFDS splits.
+_CHUNK = 256
+_MAX_SHOWN = 5
+
+
+class RenamedSource:
+  """A source with other ids (same images, captions and shape).
+
+  Attributes:
+    base: the wrapped source.
+  """
+
+  def __init__(self, base, ids: np.ndarray):
+    self.base = base
+    self._ids = np.asarray(ids)
+    if self._ids.shape != (len(base),):
+      raise ValueError(f"{getattr(base, 'name', 'source')}: need {len(base)} "
+                       f"ids, got shape {self._ids.shape}")
+
+  def __getattr__(self, name):  # name, resolution, channels, captions, ...
+    return getattr(self.base, name)
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  @property
+  def ids(self) -> np.ndarray:
+    return self._ids
+
+
+def _shown(values: Sequence[Any]) -> str:
+  values = list(values)
+  more = f" and {len(values) - _MAX_SHOWN} more" if len(values) > _MAX_SHOWN else ""
+  return ", ".join(str(v) for v in values[:_MAX_SHOWN]) + more
+
+
+def qualify_ids(named_sets: Sequence[tuple[str, Any, np.ndarray]]
+                ) -> list[Any]:
+  """Sources whose selected ids are unique across all sets of a run.
+
+  Args:
+    named_sets: (role, source, positions) triples, e.g. ("members", src,
+      positions). Each source's own ids are unique (the sources check that).
+  Returns:
+    The sources, unchanged when no selected id value is in two sets;
+    otherwise every source wrapped with ids ``"<role>/<id>"``.
+  """
+  seen: set[str] = set()
+  clash = False
+  for _, source, positions in named_sets:
+    ids = {str(i) for i in
+           np.asarray(source.ids)[np.asarray(positions, np.int64)].tolist()}
+    if seen & ids:
+      clash = True
+      break
+    seen |= ids
+  if not clash:
+    return [source for _, source, _ in named_sets]
+  return [RenamedSource(source, np.array(
+      [f"{role}/{i}" for i in np.asarray(source.ids).tolist()]))
+          for role, source, _ in named_sets]
+
+
+def _where(source, position: int) -> str:
+  """``id <id>`` plus the file path when the source knows it."""
+  text = f"id {np.asarray(source.ids)[position]}"
+  path_of = getattr(source, "path_of", None)
+  if path_of is not None:
+    text += f" ({path_of(position)})"
+  return text
+
+
+def _read_chunk(source, positions: np.ndarray, bad: list[str]):
+  """Images of ``positions``, or None for the ones that cannot be read."""
+  try:
+    return list(np.asarray(source.get(positions)))
+  except Exception:  # pylint: disable=broad-except
+    pass  # find which ones, one at a time
+  out = []
+  for p in positions:
+    try:
+      out.append(np.asarray(source.get(np.array([p])))[0])
+    except Exception as e:  # pylint: disable=broad-except
+      bad.append(f"{_where(source, int(p))}: {type(e).__name__}: {e}")
+      out.append(None)
+  return out
+
+
+def content_hashes(source, positions: np.ndarray, *,
+                   role: str) -> list[Optional[str]]:
+  """sha256 of each sample's decoded uint8 pixels (+ caption, if any).
+
+  Args:
+    source: an image source.
+    positions: [K] positions to read.
+    role: the set's name for messages ("members").
+  Returns:
+    [K] hex digests.
+  Raises:
+    UserError: listing every image of ``positions`` that cannot be read.
+  """
+  from mia_jax.data import sources as sources_lib
+  captioned = sources_lib.has_captions(source)
+  digests, bad = [], []
+  positions = np.asarray(positions, np.int64)
+  for start in range(0, positions.size, _CHUNK):
+    chunk = positions[start:start + _CHUNK]
+    images = _read_chunk(source, chunk, bad)
+    captions = source.captions(chunk) if captioned else [None] * len(chunk)
+    for image, caption in zip(images, captions):
+      if image is None:
+        digests.append(None)
+        continue
+      h = hashlib.sha256()
+      h.update(repr((image.shape, str(image.dtype))).encode())
+      h.update(np.ascontiguousarray(image).tobytes())
+      if caption is not None:
+        h.update(b"\0caption\0" + str(caption).encode("utf-8"))
+      digests.append(h.hexdigest())
+  if bad:
+    raise errors.UserError(
+        f"{len(bad)} {role} image(s) cannot be read",
+        getattr(source, "name", role),
+        f"fix or remove them before the audit; {_shown(bad)}")
+  return digests
+
+
+def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
+                      drop_overlap: bool = False) -> dict[str, np.ndarray]:
+  """Reads every image once; refuses unreadable ones and cross-set overlap.
+
+  Args:
+    named_sets: (role, source, positions) triples, e.g. members, non-members
+      and the public reference set.
+    drop_overlap: instead of refusing, drop every sample whose content is in
+      two sets from all of them (logged with the count).
+  Returns:
+    role -> [K'] positions to keep (all of them unless ``drop_overlap``).
+  Raises:
+    UserError: an image cannot be read, or (unless ``drop_overlap``) one
+      content (pixels + caption) appears in two sets.
+  """
+  digests = {role: content_hashes(source, positions, role=role)
+             for role, source, positions in named_sets}
+  shared: set[str] = set()
+  for i, (role_a, source_a, pos_a) in enumerate(named_sets):
+    for role_b, source_b, pos_b in named_sets[i + 1:]:
+      common = set(digests[role_a]) & set(digests[role_b])
+      shared |= common
+      if not common or drop_overlap:
+        continue
+      ids_a = np.asarray(source_a.ids)[np.asarray(pos_a, np.int64)].tolist()
+      ids_b = np.asarray(source_b.ids)[np.asarray(pos_b, np.int64)].tolist()
+      first_a = {}
+      for d, sid in zip(digests[role_a], ids_a):
+        first_a.setdefault(d, sid)
+      pairs = [f"{first_a[d]} = {sid}"
+               for d, sid in zip(digests[role_b], ids_b) if d in common]
+      raise errors.UserError(
+          f"{len(common)} image(s) are both {role_a} and {role_b} (same "
+          "pixels and caption, ids shown as "
+          f"{role_a} id = {role_b} id: {_shown(pairs)})",
+          f"{getattr(source_a, 'name', role_a)} vs "
+          f"{getattr(source_b, 'name', role_b)}",
+          "a sample cannot be on both sides; remove the duplicates from one "
+          "set, or pass --drop_overlap to drop them from both")
+  kept = {}
+  for role, _, positions in named_sets:
+    keep = np.array([d not in shared for d in digests[role]], bool)
+    kept[role] = np.asarray(positions, np.int64)[keep]
+    if not keep.all():
+      logging.warning("--drop_overlap: dropped %d %s sample(s) whose content "
+                      "is also in another set", int((~keep).sum()), role)
+  return kept
