@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging as std_logging
 import os
 
@@ -46,6 +47,12 @@ def maybe_initialize_distributed(enabled: bool) -> None:
                jax.local_device_count(), jax.device_count())
 
 
+# OS errors that are the environment's, not a bug: a full disk, a read-only
+# or forbidden path. Shown as one line naming the path.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                       errno.EPERM)
+
+
 def run(main) -> None:
   """`absl.app.run(main)`, with a user's mistake shown as one line.
 
@@ -68,10 +75,11 @@ def run(main) -> None:
   def guarded(argv):
     try:
       return main(argv)
-    except errors.UserError as e:
-      if flags.FLAGS.traceback:
+    except (errors.UserError, OSError) as e:
+      if flags.FLAGS.traceback or not isinstance(
+          e, errors.UserError) and e.errno not in _ENVIRONMENT_ERRNOS:
         raise
-      sys.stderr.write(errors.one_line(e) + "\n")
+      sys.stderr.write(errors.one_line(errors.from_os_error(e)) + "\n")
       sys.stderr.flush()
       # os._exit: orbax / asyncio threads can otherwise print their own
       # tracebacks at interpreter shutdown after a refused checkpoint.

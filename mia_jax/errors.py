@@ -54,3 +54,20 @@ def one_line(error: BaseException) -> str:
   else:
     text = str(error) or type(error).__name__
   return "error: " + " ".join(text.split())
+
+
+class MissingInputError(UserError, FileNotFoundError):
+  """A file or folder the user named does not exist (or lacks a part)."""
+
+
+def from_os_error(error: BaseException) -> BaseException:
+  """A full disk or a forbidden path as a `UserError` naming the path."""
+  if isinstance(error, UserError) or not isinstance(error, OSError):
+    return error
+  import errno  # pylint: disable=g-import-not-at-top
+  todo = {errno.ENOSPC: "free space on that disk or write elsewhere",
+          errno.EDQUOT: "free space in your quota or write elsewhere",
+          errno.EROFS: "write to a writable location",
+          }.get(error.errno, "check the path's permissions or write elsewhere")
+  return UserError(error.strerror or str(error),
+                   error.filename or "an output file", todo)

@@ -17,6 +17,8 @@ from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from mia_jax import errors
+
 from mia_jax.data import images as images_lib
 
 
@@ -93,14 +95,14 @@ def iterate_batches(source, indices=None, batch_size: int = 64, *,
     `Batch` with images [batch_size, H, W, C] float32.
   """
   if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    raise errors.UserError(f"batch_size must be positive, got {batch_size}.")
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} must be in "
+    raise errors.UserError(f"process_index {process_index} must be in "
                      f"[0, {process_count}).")
   indices = (np.arange(len(source), dtype=np.int64) if indices is None
              else np.asarray(indices, np.int64))
   if indices.ndim != 1 or indices.size == 0:
-    raise ValueError(f"{source.name}: indices must be a non-empty 1-D array, "
+    raise errors.UserError(f"{source.name}: indices must be a non-empty 1-D array, "
                      f"got shape {indices.shape}.")
   if indices.min() < 0 or indices.max() >= len(source):
     raise IndexError(f"{source.name}: indices must be in [0, {len(source)}), "

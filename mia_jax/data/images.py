@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from mia_jax import errors
+
 # Slack for float round-off when checking the [-1, 1] range.
 _RANGE_TOL = 1e-5
 
@@ -54,14 +56,14 @@ def float_to_uint8(images: np.ndarray, value_range: tuple[float, float],
   """
   low, high = (float(v) for v in value_range)
   if (low, high) not in ((0.0, 1.0), (-1.0, 1.0)):
-    raise ValueError(f"{name}: value_range must be (0, 1) or (-1, 1), got "
+    raise errors.UserError(f"{name}: value_range must be (0, 1) or (-1, 1), got "
                      f"{value_range}.")
   images = np.asarray(images)
   if not np.all(np.isfinite(images)):
-    raise ValueError(f"{name}: contains NaN or infinite values.")
+    raise errors.UserError(f"{name}: contains NaN or infinite values.")
   found_low, found_high = float(images.min()), float(images.max())
   if found_low < low - _RANGE_TOL or found_high > high + _RANGE_TOL:
-    raise ValueError(
+    raise errors.UserError(
         f"{name}: float pixels must lie in [{low:g}, {high:g}] but span "
         f"[{found_low:g}, {found_high:g}]. Store uint8 pixels (0..255) or "
         "rescale to [0, 1] or [-1, 1] first.")
@@ -90,34 +92,34 @@ def validate_images(x, expected_resolution: Optional[int] = None,
   shape = tuple(getattr(x, "shape", ()))
   dtype = np.dtype(getattr(x, "dtype", np.asarray(x).dtype))
   if len(shape) != 4:
-    raise ValueError(f"{name}: expected a [B, H, W, C] array (rank 4), found "
+    raise errors.UserError(f"{name}: expected a [B, H, W, C] array (rank 4), found "
                      f"shape {shape}.")
   if not np.issubdtype(dtype, np.floating):
     hint = (" Use to_model_range() to map uint8 pixels to [-1, 1]."
             if dtype == np.uint8 else "")
-    raise ValueError(f"{name}: expected float32 images in [-1, 1], found "
+    raise errors.UserError(f"{name}: expected float32 images in [-1, 1], found "
                      f"dtype {dtype}.{hint}")
   _, height, width, channels = shape
   if height != width:
-    raise ValueError(f"{name}: expected square images, found H x W = "
+    raise errors.UserError(f"{name}: expected square images, found H x W = "
                      f"{height} x {width} (shape {shape}).")
   if expected_resolution is not None and height != expected_resolution:
-    raise ValueError(
+    raise errors.UserError(
         f"{name}: expected resolution {expected_resolution}x"
         f"{expected_resolution}, found {height}x{width} (shape {shape}).")
   if expected_channels is not None and channels != expected_channels:
-    raise ValueError(f"{name}: expected {expected_channels} channels, found "
+    raise errors.UserError(f"{name}: expected {expected_channels} channels, found "
                      f"{channels} (shape {shape}).")
   values = np.asarray(x)
   if values.size == 0:
-    raise ValueError(f"{name}: empty batch (shape {shape}).")
+    raise errors.UserError(f"{name}: empty batch (shape {shape}).")
   finite = np.isfinite(values)
   if not finite.all():
-    raise ValueError(f"{name}: {int((~finite).sum())} NaN or infinite "
+    raise errors.UserError(f"{name}: {int((~finite).sum())} NaN or infinite "
                      f"values out of {values.size}.")
   low, high = float(values.min()), float(values.max())
   if low < -1.0 - _RANGE_TOL or high > 1.0 + _RANGE_TOL:
-    raise ValueError(f"{name}: expected values in [-1, 1], found "
+    raise errors.UserError(f"{name}: expected values in [-1, 1], found "
                      f"[{low:g}, {high:g}].")
   return x
 
@@ -126,17 +128,17 @@ def validate_uint8_images(images: np.ndarray, name: str) -> None:
   """Checks a stored pixel array: [N, H, W, C] uint8, N > 0, C in {1, 3}."""
   images = np.asarray(images) if not hasattr(images, "shape") else images
   if images.ndim != 4:
-    raise ValueError(f"{name}: images must be [N, H, W, C] (rank 4), found "
+    raise errors.UserError(f"{name}: images must be [N, H, W, C] (rank 4), found "
                      f"shape {tuple(images.shape)}.")
   if images.dtype != np.uint8:
-    raise ValueError(f"{name}: images must be uint8, found {images.dtype}.")
+    raise errors.UserError(f"{name}: images must be uint8, found {images.dtype}.")
   if images.shape[0] == 0:
-    raise ValueError(f"{name}: contains no images (shape "
+    raise errors.UserError(f"{name}: contains no images (shape "
                      f"{tuple(images.shape)}).")
   if images.shape[-1] not in (1, 3):
-    raise ValueError(f"{name}: images must have 1 or 3 channels (NHWC), found "
+    raise errors.UserError(f"{name}: images must have 1 or 3 channels (NHWC), found "
                      f"{images.shape[-1]} (shape {tuple(images.shape)}). "
                      "Channels-first data must be transposed to NHWC.")
   if images.shape[1] != images.shape[2]:
-    raise ValueError(f"{name}: images must be square, found H x W = "
+    raise errors.UserError(f"{name}: images must be square, found H x W = "
                      f"{images.shape[1]} x {images.shape[2]}.")

@@ -24,6 +24,8 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from mia_jax import errors
+
 from mia_jax.data import images as images_lib
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -65,7 +67,7 @@ def _positions(positions, size: int, name: str) -> np.ndarray:
   positions = np.asarray(positions)
   if positions.ndim != 1 or not (np.issubdtype(positions.dtype, np.integer)
                                  or positions.size == 0):
-    raise ValueError(f"{name}: positions must be a 1-D integer array, got "
+    raise errors.UserError(f"{name}: positions must be a 1-D integer array, got "
                      f"{positions.dtype} shape {positions.shape}.")
   positions = positions.astype(np.int64)
   if positions.size and (positions.min() < 0 or positions.max() >= size):
@@ -77,19 +79,19 @@ def _positions(positions, size: int, name: str) -> np.ndarray:
 def _check_ids(ids: np.ndarray, num: int, name: str) -> np.ndarray:
   ids = np.asarray(ids)
   if ids.ndim != 1 or ids.shape[0] != num:
-    raise ValueError(f"{name}: ids must be 1-D with one id per image "
+    raise errors.UserError(f"{name}: ids must be 1-D with one id per image "
                      f"({num}), found shape {ids.shape}.")
   if np.issubdtype(ids.dtype, np.integer):
     ids = ids.astype(np.int64)
   elif ids.dtype.kind in ("U", "S"):
     ids = ids.astype(str)
   else:
-    raise ValueError(f"{name}: ids must be integers or strings, found "
+    raise errors.UserError(f"{name}: ids must be integers or strings, found "
                      f"{ids.dtype}.")
   unique, counts = np.unique(ids, return_counts=True)
   if unique.size != ids.size:
     dup = unique[counts > 1]
-    raise ValueError(f"{name}: ids must be unique; {dup.size} id(s) repeat "
+    raise errors.UserError(f"{name}: ids must be unique; {dup.size} id(s) repeat "
                      f"(first: {', '.join(str(d) for d in dup[:5])}).")
   return ids
 
@@ -115,7 +117,7 @@ class ArraySource:
     if captions is not None:
       captions = [str(c) for c in np.asarray(captions).tolist()]
       if len(captions) != num:
-        raise ValueError(f"{name}: {len(captions)} captions for {num} images; "
+        raise errors.UserError(f"{name}: {len(captions)} captions for {num} images; "
                          "need exactly one caption per image.")
     self._captions = captions
     self.has_captions = captions is not None
@@ -132,7 +134,7 @@ class ArraySource:
 
   def captions(self, positions) -> list[str]:
     if self._captions is None:
-      raise ValueError(f"{self.name}: has no captions.")
+      raise errors.UserError(f"{self.name}: has no captions.")
     return [self._captions[i]
             for i in _positions(positions, len(self), self.name)]
 
@@ -149,17 +151,17 @@ def read_idx_images(path) -> np.ndarray:
   """
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"{path}: no such IDX file (Fashion-MNIST: "
+    raise errors.MissingInputError(f"{path}: no such IDX file (Fashion-MNIST: "
                             "apt-get install dataset-fashion-mnist).")
   opener = gzip.open if path.suffix == ".gz" else open
   with opener(path, "rb") as f:
     raw = f.read()
   if len(raw) < 16 or raw[:4] != b"\x00\x00\x08\x03":
-    raise ValueError(f"{path}: not an IDX uint8 image file (magic "
+    raise errors.UserError(f"{path}: not an IDX uint8 image file (magic "
                      f"{raw[:4].hex()}, expected 00000803).")
   n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
   if len(raw) != 16 + n * h * w:
-    raise ValueError(f"{path}: {len(raw) - 16} pixel bytes, header says "
+    raise errors.UserError(f"{path}: {len(raw) - 16} pixel bytes, header says "
                      f"{n}x{h}x{w}; the file is truncated or corrupt.")
   return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w, 1).copy()
 
@@ -196,11 +198,11 @@ class NpzSource(ArraySource):
     path = pathlib.Path(path)
     name = name or str(path)
     if not path.is_file():
-      raise FileNotFoundError(f"{name}: no such .npz file.")
+      raise errors.MissingInputError(f"{name}: no such .npz file.")
     try:
       with np.load(path, allow_pickle=False) as data:
         if "images" not in data.files:
-          raise ValueError(
+          raise errors.UserError(
               f"{name}: has no 'images' array (found {data.files}); expected "
               "images [N, H, W, C] uint8.")
         images = data["images"]
@@ -212,22 +214,22 @@ class NpzSource(ArraySource):
       if "allow_pickle" not in str(e):
         raise
       # Object arrays need unpickling, which can run code: refused.
-      raise ValueError(f"{name}: holds object arrays, which cannot be read "
+      raise errors.UserError(f"{name}: holds object arrays, which cannot be read "
                        "without unpickling; store plain arrays (captions as a "
                        "str array).") from e
     if images.ndim != 4:
-      raise ValueError(f"{name}: images must be [N, H, W, C] (rank 4), found "
+      raise errors.UserError(f"{name}: images must be [N, H, W, C] (rank 4), found "
                        f"shape {images.shape}.")
     if images.shape[0] == 0:
-      raise ValueError(f"{name}: contains no images (shape {images.shape}).")
+      raise errors.UserError(f"{name}: contains no images (shape {images.shape}).")
     if np.issubdtype(images.dtype, np.floating):
       if not np.all(np.isfinite(images)):
-        raise ValueError(f"{name}: images contain NaN or infinite values.")
+        raise errors.UserError(f"{name}: images contain NaN or infinite values.")
       if value_range is None:
         value_range = (-1.0, 1.0) if images.min() < 0 else (0.0, 1.0)
       images = images_lib.float_to_uint8(images, value_range, name)
     elif images.dtype != np.uint8:
-      raise ValueError(
+      raise errors.UserError(
           f"{name}: images must be uint8 (0..255) or float in [0, 1] / "
           f"[-1, 1], found {images.dtype}. Convert with "
           "np.clip(x, 0, 255).astype(np.uint8) if they are 0..255 levels.")
@@ -238,7 +240,7 @@ def _read_captions_file(folder: pathlib.Path) -> Optional[dict[str, str]]:
   """captions.txt ("id<TAB>caption" lines) or captions.jsonl ({id, caption})."""
   txt, jsonl = folder / "captions.txt", folder / "captions.jsonl"
   if txt.is_file() and jsonl.is_file():
-    raise ValueError(f"{folder}: has both captions.txt and captions.jsonl; "
+    raise errors.UserError(f"{folder}: has both captions.txt and captions.jsonl; "
                      "keep one.")
   table = {}
   if txt.is_file():
@@ -246,7 +248,7 @@ def _read_captions_file(folder: pathlib.Path) -> Optional[dict[str, str]]:
       if not line.strip():
         continue
       if "\t" not in line:
-        raise ValueError(f"{txt}:{lineno}: expected 'id<TAB>caption'.")
+        raise errors.UserError(f"{txt}:{lineno}: expected 'id<TAB>caption'.")
       key, caption = line.split("\t", 1)
       table[key.strip()] = caption
     return table
@@ -258,7 +260,7 @@ def _read_captions_file(folder: pathlib.Path) -> Optional[dict[str, str]]:
         record = json.loads(line)
         table[str(record["id"])] = str(record["caption"])
       except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{jsonl}:{lineno}: expected a JSON object with "
+        raise errors.UserError(f"{jsonl}:{lineno}: expected a JSON object with "
                          f"'id' and 'caption' ({e}).") from e
     return table
   return None
@@ -292,7 +294,7 @@ class FolderSource:
     folder = pathlib.Path(path)
     self.name = name or str(folder)
     if not folder.is_dir():
-      raise FileNotFoundError(f"{self.name}: no such folder.")
+      raise errors.MissingInputError(f"{self.name}: no such folder.")
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     # Sorting by path components ("a" < "a-b" as directory names) gives
     # ImageFolder's directory-by-directory order; plain string order would not.
@@ -300,21 +302,32 @@ class FolderSource:
                     if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
                    key=lambda p: p.relative_to(folder).parts)
     if not files:
-      raise ValueError(f"{self.name}: contains no image files "
+      raise errors.UserError(f"{self.name}: contains no image files "
                        f"({', '.join(IMAGE_SUFFIXES)}).")
     # Headers only: PIL reads the size and mode without decoding pixels.
     first_size = first_channels = None
+    headers, unreadable = [], []
     for f in files:
-      with Image.open(f) as im:
-        size, channels = im.size, _pil_channels(im.mode)
+      try:
+        with Image.open(f) as im:
+          headers.append((f, im.size, _pil_channels(im.mode)))
+      except (OSError, SyntaxError, ValueError) as e:  # PIL's decode errors
+        unreadable.append(f"{f}: {e}")
+    if unreadable:
+      raise errors.UserError(
+          f"{len(unreadable)} image file(s) cannot be read", self.name,
+          "fix or remove them: " + "; ".join(unreadable[:5]) + (
+              f"; and {len(unreadable) - 5} more" if len(unreadable) > 5
+              else ""))
+    for f, size, channels in headers:
       if first_size is None:
         first_size, first_channels = size, channels
         if size[0] != size[1]:
-          raise ValueError(f"{self.name}: images must be square; "
+          raise errors.UserError(f"{self.name}: images must be square; "
                            f"{f.relative_to(folder)} is "
                            f"{size[0]}x{size[1]} (W x H).")
       elif size != first_size or channels != first_channels:
-        raise ValueError(
+        raise errors.UserError(
             f"{self.name}: all images must have the same size and channels; "
             f"{files[0].relative_to(folder)} is {first_size[0]}x"
             f"{first_size[1]} with {first_channels} channel(s) but "
@@ -336,7 +349,7 @@ class FolderSource:
           missing.append(key)
         captions.append(caption)
       if missing:
-        raise ValueError(f"{self.name}: no caption for {len(missing)} file(s) "
+        raise errors.UserError(f"{self.name}: no caption for {len(missing)} file(s) "
                          f"(first: {', '.join(missing[:5])}).")
       self._captions = captions
     self.has_captions = self._captions is not None
@@ -371,7 +384,7 @@ class FolderSource:
     # white); scale the true 0..65535 range instead.
     wide = np.asarray(im, np.int64)
     if wide.min() < 0 or wide.max() > 65535:
-      raise ValueError(f"{self.path_of(position)}: {im.mode} pixel values "
+      raise errors.UserError(f"{self.path_of(position)}: {im.mode} pixel values "
                        f"{wide.min()}..{wide.max()} are outside 0..65535.")
     if not self._noted_16bit:
       logging.warning("%s: 16-bit images are scaled to 8 bits "
@@ -384,7 +397,7 @@ class FolderSource:
 
   def captions(self, positions) -> list[str]:
     if self._captions is None:
-      raise ValueError(f"{self.name}: has no captions.txt / captions.jsonl.")
+      raise errors.UserError(f"{self.name}: has no captions.txt / captions.jsonl.")
     return [self._captions[i]
             for i in _positions(positions, len(self), self.name)]
 
@@ -437,7 +450,7 @@ class TfdsSource:
     """
     self.name = name or f"tfds:{dataset}:{split}"
     if order not in ("auto", "id", "record"):
-      raise ValueError(f"{self.name}: order must be auto, id or record, got "
+      raise errors.UserError(f"{self.name}: order must be auto, id or record, got "
                        f"{order!r}.")
     self._image_key, self._caption_key = image_key, caption_key
     if data_source is None:
@@ -446,16 +459,16 @@ class TfdsSource:
     self._source = data_source
     num = len(data_source)
     if num == 0:
-      raise ValueError(f"{self.name}: the split is empty.")
+      raise errors.UserError(f"{self.name}: the split is empty.")
     first = self._read([0])[0]
     if image_key not in first:
-      raise ValueError(f"{self.name}: records have no {image_key!r} feature "
+      raise errors.UserError(f"{self.name}: records have no {image_key!r} feature "
                        f"(features: {sorted(first)}); pass image_key=.")
     image = np.asarray(first[image_key])
     if image.ndim == 2:
       image = image[..., None]
     if image.ndim != 3 or image.dtype != np.uint8:
-      raise ValueError(f"{self.name}: feature {image_key!r} must be [H, W, C] "
+      raise errors.UserError(f"{self.name}: feature {image_key!r} must be [H, W, C] "
                        f"uint8, found {image.dtype} shape {image.shape}.")
     self.resolution, self.channels = int(image.shape[0]), int(image.shape[2])
     images_lib.validate_uint8_images(image[None], self.name)
@@ -478,7 +491,7 @@ class TfdsSource:
       source = tfds.data_source(dataset, split=split, data_dir=data_dir,
                                 download=download)
     except Exception as e:  # TFDS raises several kinds; name what we tried.
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           f"{self.name}: cannot open TFDS {dataset!r} split {split!r} in "
           f"data_dir={data_dir!r} as an array_record data source ({e}). "
           "Prepare it with `tfds build --file_format=array_record` where "
@@ -514,14 +527,14 @@ class TfdsSource:
         match = _TRAILING_INT.search(str(value)) if value is not None else None
         if match is None:
           if strict:
-            raise ValueError(
+            raise errors.UserError(
                 f"{self.name}: order='id' needs an {id_key!r} feature ending "
                 f"in an integer in every record; record {k} has {value!r}.")
           return None
         numbers[k] = int(match.group(1))
     if not np.array_equal(np.sort(numbers), np.arange(num)):
       if strict:
-        raise ValueError(f"{self.name}: the integers in {id_key!r} are not "
+        raise errors.UserError(f"{self.name}: the integers in {id_key!r} are not "
                          f"exactly 0..{num - 1}; use order='record'.")
       logging.warning("%s: ids are not 0..N-1; keeping record order.",
                       self.name)
@@ -552,7 +565,7 @@ class TfdsSource:
       if image.ndim == 2:
         image = image[..., None]
       if image.shape != out.shape[1:] or image.dtype != np.uint8:
-        raise ValueError(f"{self.name}: a record's {self._image_key!r} is "
+        raise errors.UserError(f"{self.name}: a record's {self._image_key!r} is "
                          f"{image.dtype} {image.shape}, expected uint8 "
                          f"{out.shape[1:]} like the first record.")
       out[row] = image
@@ -564,7 +577,7 @@ class TfdsSource:
 
   def captions(self, positions) -> list[str]:
     if self._caption_key is None:
-      raise ValueError(f"{self.name}: no caption feature given "
+      raise errors.UserError(f"{self.name}: no caption feature given "
                        "(caption_key=...).")
     out = []
     for record in self._records(positions):
@@ -600,9 +613,9 @@ class SubsetSource:
     self.name = name or f"{base.name}[subset]"
     self.indices = _positions(indices, len(base), self.name)
     if self.indices.size == 0:
-      raise ValueError(f"{self.name}: selects no images.")
+      raise errors.UserError(f"{self.name}: selects no images.")
     if np.unique(self.indices).size != self.indices.size:
-      raise ValueError(f"{self.name}: selects some positions twice.")
+      raise errors.UserError(f"{self.name}: selects some positions twice.")
     self.resolution, self.channels = base.resolution, base.channels
     self._ids = np.asarray(base.ids)[self.indices]
     self.has_captions = has_captions(base)
@@ -648,11 +661,11 @@ class ConcatSource:
   def __init__(self, parts: Sequence[Any], labels: Sequence[str],
                name: str = "concat"):
     if not parts or len(parts) != len(labels):
-      raise ValueError(f"{name}: need one label per part, got {len(parts)} "
+      raise errors.UserError(f"{name}: need one label per part, got {len(parts)} "
                        f"parts and {len(labels)} labels.")
     shapes = {(p.resolution, p.channels) for p in parts}
     if len(shapes) != 1:
-      raise ValueError(f"{name}: parts differ in (resolution, channels): "
+      raise errors.UserError(f"{name}: parts differ in (resolution, channels): "
                        f"{sorted(shapes)}.")
     self.name = name
     self.parts = list(parts)

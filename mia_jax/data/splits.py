@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from mia_jax import errors
+
 # third_party/ sits next to the package in the repository.
 THIRD_PARTY_SPLITS = (
     pathlib.Path(__file__).resolve().parents[2] / "third_party" / "splits")
@@ -46,13 +48,13 @@ def member_split(num: int, fraction: float = 0.5,
     disjoint, together ``range(num)``.
   """
   if num <= 0:
-    raise ValueError(f"member_split: num must be positive, got {num}.")
+    raise errors.UserError(f"member_split: num must be positive, got {num}.")
   if not 0.0 < fraction < 1.0:
-    raise ValueError(
+    raise errors.UserError(
         f"member_split: fraction must be in (0, 1), got {fraction}.")
   num_members = int(round(fraction * num))
   if num_members in (0, num):
-    raise ValueError(f"member_split: fraction {fraction} of {num} leaves one "
+    raise errors.UserError(f"member_split: fraction {fraction} of {num} leaves one "
                      "side empty.")
   perm = np.random.Generator(np.random.PCG64(seed)).permutation(num)
   return (np.sort(perm[:num_members]).astype(np.int64),
@@ -72,7 +74,7 @@ def three_way_split(num: int, member_fraction: float, public_fraction: float,
   if public_fraction <= 0:
     return members, rest, np.zeros(0, np.int64)
   if member_fraction + public_fraction >= 1.0:
-    raise ValueError(f"three_way_split: member_fraction {member_fraction} + "
+    raise errors.UserError(f"three_way_split: member_fraction {member_fraction} + "
                      f"public_fraction {public_fraction} leaves no non-members")
   share = public_fraction / (1.0 - member_fraction)
   public_pos, nonmember_pos = member_split(len(rest), share, seed + 1)
@@ -109,7 +111,7 @@ def check_disjoint(member_ids, nonmember_ids, *, max_shown: int = 5) -> None:
   if overlap.size:
     shown = ", ".join(str(v) for v in overlap[:max_shown])
     more = " ..." if overlap.size > max_shown else ""
-    raise ValueError(
+    raise errors.UserError(
         f"members and non-members overlap: {overlap.size} id(s) in both sets "
         f"(first: {shown}{more}). A sample cannot be both; check the split.")
 
@@ -167,40 +169,40 @@ def load_index_split(
   """
   path = resolve_split_path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"split file {str(path)!r} does not exist "
+    raise errors.MissingInputError(f"split file {str(path)!r} does not exist "
                             f"(known names: {sorted(KNOWN_SPLITS)}).")
   want = expected_sha256 or _listed_sha256(path)
   if want is not None:
     found = sha256_file(path)
     if found != want.lower():
-      raise ValueError(f"split file {str(path)!r}: sha256 {found} differs from "
+      raise errors.UserError(f"split file {str(path)!r}: sha256 {found} differs from "
                        f"the expected {want}; the file is corrupt or not the "
                        "published split.")
   with np.load(path, allow_pickle=False) as data:
     missing = [k for k in keys if k not in data.files]
     if missing:
-      raise ValueError(f"split file {str(path)!r}: missing key(s) {missing}; "
+      raise errors.UserError(f"split file {str(path)!r}: missing key(s) {missing}; "
                        f"found {data.files}, expected {list(keys)}.")
     arrays = [np.asarray(data[k]) for k in keys]
   out = []
   for key, idx in zip(keys, arrays):
     where = f"split file {str(path)!r}, {key!r}"
     if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-      raise ValueError(f"{where}: expected a 1-D integer array, found "
+      raise errors.UserError(f"{where}: expected a 1-D integer array, found "
                        f"{idx.dtype} shape {idx.shape}.")
     if idx.size == 0:
-      raise ValueError(f"{where}: is empty.")
+      raise errors.UserError(f"{where}: is empty.")
     if idx.min() < 0:
-      raise ValueError(f"{where}: negative index {int(idx.min())}.")
+      raise errors.UserError(f"{where}: negative index {int(idx.min())}.")
     if universe is not None and idx.max() >= universe:
-      raise ValueError(f"{where}: index {int(idx.max())} is outside the "
+      raise errors.UserError(f"{where}: index {int(idx.max())} is outside the "
                        f"dataset of {universe} images.")
     if np.unique(idx).size != idx.size:
-      raise ValueError(f"{where}: {idx.size - np.unique(idx).size} repeated "
+      raise errors.UserError(f"{where}: {idx.size - np.unique(idx).size} repeated "
                        "index(es).")
     out.append(idx.astype(np.int64))
   try:
     check_disjoint(out[0], out[1])
   except ValueError as e:
-    raise ValueError(f"split file {str(path)!r}: {e}") from None
+    raise errors.UserError(f"split file {str(path)!r}: {e}") from None
   return out[0], out[1]

@@ -1,0 +1,315 @@
+"""Nothing silently wrong: the audit refuses bad input before any work.
+
+Each case checks the refusal, that its message names the input, and, for the
+run directory, that nothing in it changed.
+"""
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from mia_jax import audit, errors, rundir
+from mia_jax.data import sources
+from tests import toy_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+  return toy_models.save_tiny_checkpoint(
+      str(tmp_path_factory.mktemp("ckpt") / "target"))
+
+
+def _cfg(ckpt, out, **kw):
+  base = dict(checkpoint=ckpt, output=str(out), attacks=("naive",),
+              oms_steps=0, batch_size=4, max_samples=4, bootstrap=0)
+  return audit.AuditConfig(**{**base, **kw})
+
+
+def _snapshot(directory):
+  """{relative path: bytes} of every file (None when the dir is absent)."""
+  if not os.path.exists(directory):
+    return None
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  out.pop(rundir.LOCK_NAME, None)  # the lock's own holder note
+
+  return out
+
+
+def _refuses(cfg, match):
+  before = _snapshot(cfg.output)
+  with pytest.raises(errors.UserError, match=match):
+    audit.run_audit(cfg, progress=False)
+  assert _snapshot(cfg.output) == before, "a refused run changed its output"
+
+
+def _digits_npz(path, positions, ids=None, **extra):
+  images = sources.load_digits_uint8()[positions]
+  arrays = dict(images=images, **extra)
+  if ids is not None:
+    arrays["ids"] = np.asarray(ids)
+  np.savez(path, **arrays)
+  return str(path)
+
+
+# --- membership ground truth -------------------------------------------------
+
+
+def test_same_images_under_other_ids_are_refused(ckpt, tmp_path):
+  members = _digits_npz(tmp_path / "m.npz", np.arange(0, 6), ids=np.arange(6))
+  # Non-members: two of the member images again, under different ids.
+  nonmembers = _digits_npz(tmp_path / "n.npz", np.array([100, 101, 2, 5]),
+                           ids=np.array([900, 901, 902, 903]))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=members, nonmembers=nonmembers,
+                max_samples=None),
+           r"2 image\(s\) are both members and nonmembers.*2 = 902, 5 = 903")
+
+
+def test_drop_overlap_drops_the_shared_images_from_both_sides(ckpt, tmp_path):
+  members = _digits_npz(tmp_path / "m.npz", np.arange(0, 4), ids=np.arange(4))
+  nonmembers = _digits_npz(tmp_path / "n.npz", np.array([100, 101, 102, 3]),
+                           ids=np.array([900, 901, 902, 903]))
+  cfg = _cfg(ckpt, tmp_path / "run", members=members, nonmembers=nonmembers,
+             drop_overlap=True)
+  audit.run_audit(cfg, progress=False)
+  with np.load(tmp_path / "run" / "scores.npz") as z:
+    assert z["ids"].tolist() == [0, 1, 2, 900, 901, 902]
+
+
+def test_captions_are_part_of_the_content(ckpt, tmp_path):
+  # Same pixels, different captions: different samples (text-to-image).
+  members = _digits_npz(tmp_path / "m.npz", np.arange(0, 4), ids=np.arange(4),
+                        captions=np.array(["a"] * 4))
+  nonmembers = _digits_npz(tmp_path / "n.npz", np.arange(0, 4),
+                           ids=np.arange(10, 14), captions=np.array(["b"] * 4))
+  from mia_jax.data import integrity
+  m, n = sources.NpzSource(members), sources.NpzSource(nonmembers)
+  kept = integrity.check_sample_sets([("members", m, np.arange(4)),
+                                      ("nonmembers", n, np.arange(4))])
+  assert [len(v) for v in kept.values()] == [4, 4]
+
+
+def test_ids_are_unique_when_neither_side_has_ids(ckpt, tmp_path):
+  members = _digits_npz(tmp_path / "m.npz", np.arange(0, 4))
+  nonmembers = _digits_npz(tmp_path / "n.npz", np.arange(100, 104))
+  audit.run_audit(_cfg(ckpt, tmp_path / "run", members=members,
+                       nonmembers=nonmembers), progress=False)
+  with np.load(tmp_path / "run" / "scores.npz") as z:
+    ids = z["ids"].tolist()
+  assert len(set(ids)) == len(ids) == 8
+  assert ids[0] == "members/0" and ids[4] == "nonmembers/0"
+
+
+def test_one_sided_runs_need_the_other_side_named(ckpt, tmp_path):
+  members = _digits_npz(tmp_path / "m.npz", np.arange(1000, 1004))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=members),
+           "--nonmembers is missing.*--nonmembers recorded")
+  _refuses(_cfg(ckpt, tmp_path / "run", nonmembers=members),
+           "--members is missing")
+  # Named explicitly and disjoint: runs against the recorded non-members.
+  audit.run_audit(_cfg(ckpt, tmp_path / "ok", members=members,
+                       nonmembers=audit.RECORDED), progress=False)
+  # The recorded non-members (digits 40..79) overlap by content: refused.
+  overlapping = _digits_npz(tmp_path / "o.npz", np.arange(40, 44))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=overlapping,
+                nonmembers=audit.RECORDED), "both members and nonmembers")
+
+
+# --- values accepted but meaningless ----------------------------------------
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(timestep=-3), r"timestep -3 is out of range \(--timestep\).*0..999"),
+    (dict(timestep=5000), r"timestep 5000 is out of range.*0..999"),
+    (dict(timestep=2.5), r"timestep 2.5 is not an integer"),
+    (dict(max_samples=-1), r"--max_samples must be an integer >= 1"),
+    (dict(max_samples=0), r"--max_samples must be an integer >= 1"),
+    (dict(bootstrap=-1), r"--bootstrap must be an integer >= 0"),
+    (dict(batch_size=0), r"--batch_size must be an integer >= 1"),
+    (dict(oms_steps=-1), r"--oms_steps must be an integer >= 0"),
+    (dict(attacks=()), r"no attack"),
+    (dict(attacks=("naive", "")), r"no attack"),
+    (dict(attacks=("naive", "naive")), r"named twice"),
+    (dict(attacks=("nave",)), r"unknown attack 'nave'"),
+    (dict(attack_overrides={"pia": {"timestep": 100}}),
+     r"option for attack 'pia', which this run does not run"),
+    (dict(attack_overrides={"naive": {"timstep": 100}}),
+     r"attack naive has no option timstep"),
+    (dict(attack_overrides={"naive": {"timestep": -3}}),
+     r"timestep -3 is out of range \(naive timestep\)"),
+    (dict(attack_overrides={"naive": {"timestep": 2.5}}),
+     r"timestep 2.5 is not an integer"),
+    (dict(attacks=("secmi",), attack_overrides={"secmi": {"timestep": 990}}),
+     r"timestep 1000 is out of range \(secmi probe step"),
+    (dict(attacks=("qr",), attack_overrides={"qr": {"timestep": 4000}}),
+     r"timestep 4000 is out of range \(qr timestep\)"),
+    (dict(attacks=("gsa",)), r"gsa needs shadow models"),
+])
+def test_meaningless_values_are_refused_before_work(ckpt, tmp_path, kw, match):
+  _refuses(_cfg(ckpt, tmp_path / "run", **kw), match)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_output_must_be_a_directory_outside_the_checkpoint(ckpt, tmp_path):
+  _refuses(_cfg(ckpt, ckpt), "inside a checkpoint")
+  _refuses(_cfg(ckpt, os.path.join(ckpt, "audit")), "inside a checkpoint")
+  (tmp_path / "file").write_text("x")
+  _refuses(_cfg(ckpt, tmp_path / "file"), "is a file")
+
+
+# --- the run directory -------------------------------------------------------
+
+
+def test_refused_rerun_names_the_setting_and_changes_nothing(ckpt, tmp_path):
+  cfg = _cfg(ckpt, tmp_path / "run")
+  audit.run_audit(cfg, progress=False)
+  _refuses(audit.AuditConfig(**{**cfg.__dict__, "seed": 1}),
+           r"different run.*seed: 0 -> 1")
+  _refuses(audit.AuditConfig(**{**cfg.__dict__, "oms_steps": 1}),
+           r"different run.*oms_steps: 0 -> 1")
+
+
+def test_metrics_only_change_and_a_moved_directory_reuse_the_shards(ckpt, tmp_path):
+  cfg = _cfg(ckpt, tmp_path / "run", bootstrap=5)
+  audit.run_audit(cfg, progress=False)
+  shards = tmp_path / "run" / "shards"
+  mtimes = {n: os.path.getmtime(shards / n) for n in os.listdir(shards)}
+  rows = audit.run_audit(audit.AuditConfig(**{**cfg.__dict__, "bootstrap": 7}),
+                         progress=False)
+  assert rows[0]["bootstrap"] == 7
+  assert json.load(open(tmp_path / "run" / "config.json"))["bootstrap"] == 7
+  assert {n: os.path.getmtime(shards / n) for n in os.listdir(shards)} == mtimes
+  shutil.move(tmp_path / "run", tmp_path / "moved")
+  audit.run_audit(audit.AuditConfig(**{**cfg.__dict__,
+                                       "output": str(tmp_path / "moved")}),
+                  progress=False)
+  moved = tmp_path / "moved" / "shards"
+  assert {n: os.path.getmtime(moved / n) for n in os.listdir(moved)} == mtimes
+
+
+def test_an_edited_shard_is_refused(ckpt, tmp_path):
+  cfg = _cfg(ckpt, tmp_path / "run")
+  audit.run_audit(cfg, progress=False)
+  shard = tmp_path / "run" / "shards" / "shard_000000.npz"
+  with np.load(shard) as z:
+    arrays = {k: z[k] for k in z.files}
+  arrays["naive_oms0"] = arrays["naive_oms0"] + 1.0  # a forged score
+  np.savez(shard, **arrays)
+  _refuses(cfg, "changed after it was written.*shard_000000.npz")
+
+
+def test_a_second_run_on_a_locked_directory_refuses_at_once(ckpt, tmp_path):
+  out = tmp_path / "run"
+  holder = subprocess.Popen(
+      [sys.executable, "-c",
+       "import sys, time\nfrom mia_jax import rundir\n"
+       f"with rundir.lock({str(out)!r}):\n"
+       "  print('locked', flush=True)\n  time.sleep(120)\n"],
+      cwd=ROOT, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    before = _snapshot(out)
+    cli = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "attack.py"),
+         f"--checkpoint={ckpt}", f"--output={out}", "--attacks=naive",
+         "--oms_steps=0", "--max_samples=2", "--batch_size=2", "--bootstrap=0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 2, cli.stderr[-2000:]
+    last = cli.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the run directory is in use by another run")
+    assert f"pid {holder.pid}" in last and "Traceback" not in cli.stderr
+    assert _snapshot(out) == before
+  finally:
+    holder.kill()
+    holder.wait()
+  # The lock died with its holder: the same command now runs.
+  with rundir.lock(str(out)):
+    pass
+
+
+def test_two_attack_processes_on_one_output(ckpt, tmp_path):
+  """Two real attack.py runs at once: one runs, the other refuses at once."""
+  out = tmp_path / "run"
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "attack.py"),
+         f"--checkpoint={ckpt}", f"--output={out}", "--attacks=naive,pia",
+         "--oms_steps=2", "--max_samples=40", "--batch_size=4", "--bootstrap=0"]
+  first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  while not (out / ".lock").exists() or not (out / ".lock").read_text():
+    assert time.time() < deadline and first.poll() is None
+    time.sleep(0.05)
+  second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  first_out, first_err = first.communicate(timeout=600)
+  assert first.returncode == 0, first_err[-2000:]
+  if second.returncode == 0:
+    pytest.skip("the first run finished before the second started")
+  assert second.returncode == 2 and "in use by another run" in second.stderr
+  assert "Traceback" not in second.stderr
+  config = json.load(open(out / "config.json"))
+  with np.load(out / "scores.npz") as z:
+    assert len(z["ids"]) == 80 and config["oms_steps"] == 2
+
+
+# --- images -----------------------------------------------------------------
+
+
+def test_sixteen_bit_png_is_read_at_its_true_range(tmp_path):
+  wide = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+  Image.fromarray(wide).save(tmp_path / "a.png")
+  pixels = sources.FolderSource(tmp_path).get([0])[..., 0][0]
+  np.testing.assert_array_equal(pixels, np.round(wide / 257.0).astype(np.uint8))
+  assert pixels.max() < 255 and len(np.unique(pixels)) == 64  # not saturated
+
+
+def test_unreadable_images_are_all_reported_before_scoring(ckpt, tmp_path):
+  members, nonmembers = tmp_path / "m", tmp_path / "n"
+  digits = sources.load_digits_uint8()
+  for folder, start in ((members, 0), (nonmembers, 100)):
+    folder.mkdir()
+    for i in range(4):
+      Image.fromarray(digits[start + i, ..., 0]).save(folder / f"{i}.png")
+  good = (members / "1.png").read_bytes()
+  (members / "1.png").write_bytes(good[:len(good) // 2])  # truncated
+  buf = bytearray((nonmembers / "2.png").read_bytes())
+  buf[60:80] = b"\0" * 20  # corrupt data stream
+  (nonmembers / "2.png").write_bytes(bytes(buf))
+  cfg = _cfg(ckpt, tmp_path / "run", members=str(members),
+             nonmembers=str(nonmembers))
+  with pytest.raises(errors.UserError) as info:
+    audit.run_audit(cfg, progress=False)
+  text = str(info.value)
+  assert "cannot be read" in text and "1.png" in text
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_cli_prints_one_line_without_traceback(ckpt, tmp_path):
+  cli = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "attack.py"),
+       f"--checkpoint={ckpt}", f"--output={tmp_path / 'run'}",
+       "--timestep=-3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert cli.returncode == 2
+  assert "Traceback" not in cli.stderr
+  assert cli.stderr.strip().splitlines()[-1].startswith(
+      "error: timestep -3 is out of range (--timestep)")
+  cli = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "attack.py"),
+       f"--checkpoint={ckpt}", f"--output={tmp_path / 'run'}",
+       "--timestep=-3", "--traceback"], cwd=ROOT, capture_output=True,
+      text=True, timeout=300)
+  assert cli.returncode != 0 and "Traceback" in cli.stderr
