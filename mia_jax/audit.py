@@ -268,9 +268,10 @@ class CaptionedSource:
     ids = [str(i) for i in np.asarray(source.ids).tolist()]
     missing = [i for i in ids if i not in captions]
     if missing:
-      raise ValueError(f"the captions file has no caption for {len(missing)} "
-                       f"ids of {getattr(source, 'name', 'the data')} (first: "
-                       f"{missing[:5]}); add them (empty captions are allowed)")
+      raise errors.UserError(
+          f"the captions file has no caption for {len(missing)} ids of "
+          f"{getattr(source, 'name', 'the data')} (first: {missing[:5]})",
+          "--captions", "add them (empty captions are allowed)")
 
   def __getattr__(self, name):
     return getattr(self._source, name)

@@ -151,7 +151,7 @@ def parse_spec(spec: str):
     elif path.suffix == ".npz":
       kind = "npz"
       if not path.is_file():
-        raise FileNotFoundError(f"data spec {spec!r}: file {head!r} does not "
+        raise errors.MissingInputError(f"data spec {spec!r}: file {head!r} does not "
                                 "exist.")
     elif not path.exists():
       scheme_hint = ""
@@ -159,7 +159,7 @@ def parse_spec(spec: str):
           "members", "nonmembers"):
         scheme_hint = (f" (if {head!r} is meant as a scheme: known schemes are "
                        "digits and tfds)")
-      raise FileNotFoundError(
+      raise errors.MissingInputError(
           f"data spec {spec!r}: {head!r} is neither an existing .npz file nor "
           f"a folder{scheme_hint}.")
     else:

@@ -60,6 +60,41 @@ class ImageResolutionError(errors.UserError):
 # ------------------------------------------------------------ captions
 
 
+def _caption_rows(path: str, ext: str) -> list[tuple[Any, Any]]:
+  """(id, caption) rows of a captions file, in file order."""
+  rows: list[tuple[Any, Any]] = []
+  with open(path, encoding="utf-8", newline="") as f:
+    if ext == ".json":
+      obj = json.load(f)
+      rows = (list(obj.items()) if isinstance(obj, dict) else
+              [(r["id"], r["caption"]) for r in obj])
+    elif ext == ".jsonl":
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          r = json.loads(line)
+          if "id" not in r or "caption" not in r:
+            raise errors.UserError(f"{path}:{n}: expected an object with "
+                                   f"'id' and 'caption', got {sorted(r)}")
+          rows.append((r["id"], r["caption"]))
+    elif ext in (".tsv", ".csv"):
+      reader = csv.reader(f, delimiter="\t" if ext == ".tsv" else ",")
+      for n, row in enumerate(reader, 1):
+        if n == 1 and [c.strip().lower() for c in row[:2]] == ["id", "caption"]:
+          continue
+        if not row:
+          continue
+        if len(row) == 1:
+          row = [row[0], ""]  # an id with an empty caption
+        if len(row) != 2:
+          raise errors.UserError(f"{path}:{n}: expected 2 columns (id, "
+                                 f"caption), got {len(row)}")
+        rows.append((row[0], row[1]))
+    else:
+      raise errors.UserError(f"captions file {path!r}: unknown extension "
+                             f"{ext!r}; expected .json, .jsonl, .tsv or .csv")
+  return rows
+
+
 def load_captions(path: str | os.PathLike) -> dict[str, str]:
   """Reads a captions file: one caption per image id (empty allowed).
 
@@ -75,45 +110,25 @@ def load_captions(path: str | os.PathLike) -> dict[str, str]:
   """
   path = os.fspath(path)
   ext = os.path.splitext(path)[1].lower()
-  rows: list[tuple[Any, Any]] = []
-  with open(path, encoding="utf-8", newline="") as f:
-    if ext == ".json":
-      obj = json.load(f)
-      rows = (list(obj.items()) if isinstance(obj, dict) else
-              [(r["id"], r["caption"]) for r in obj])
-    elif ext == ".jsonl":
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          r = json.loads(line)
-          if "id" not in r or "caption" not in r:
-            raise ValueError(f"{path}:{n}: expected an object with 'id' and "
-                             f"'caption', got {sorted(r)}")
-          rows.append((r["id"], r["caption"]))
-    elif ext in (".tsv", ".csv"):
-      reader = csv.reader(f, delimiter="\t" if ext == ".tsv" else ",")
-      for n, row in enumerate(reader, 1):
-        if n == 1 and [c.strip().lower() for c in row[:2]] == ["id", "caption"]:
-          continue
-        if not row:
-          continue
-        if len(row) == 1:
-          row = [row[0], ""]  # an id with an empty caption
-        if len(row) != 2:
-          raise ValueError(f"{path}:{n}: expected 2 columns (id, caption), "
-                           f"got {len(row)}")
-        rows.append((row[0], row[1]))
-    else:
-      raise ValueError(f"captions file {path!r}: unknown extension {ext!r}; "
-                       "expected .json, .jsonl, .tsv or .csv")
+  if not os.path.isfile(path):
+    raise errors.MissingInputError("no such captions file", path,
+                                   "pass an existing .json/.jsonl/.tsv/.csv")
+  try:
+    rows = _caption_rows(path, ext)
+  except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+          AttributeError, csv.Error) as e:
+    raise errors.UserError(f"malformed captions file ({type(e).__name__}: {e})",
+                           path, "write one id -> caption per entry (see "
+                           "--captions help)") from e
   out: dict[str, str] = {}
   for key, caption in rows:
     key = str(key)
     if key in out:
-      raise ValueError(f"captions file {path!r} lists id {key!r} twice")
+      raise errors.UserError(f"captions file {path!r} lists id {key!r} twice")
     if caption is None:
       caption = ""
     if not isinstance(caption, str):
-      raise ValueError(f"captions file {path!r}: caption of id {key!r} is a "
+      raise errors.UserError(f"captions file {path!r}: caption of id {key!r} is a "
                        f"{type(caption).__name__}, expected a string")
     out[key] = caption
   return out
