@@ -65,13 +65,33 @@ _MULTIHOST = flags.DEFINE_bool(
 _OUTPUT = flags.DEFINE_string("output", None, "Run directory.")
 
 
-def _value(flag, key):
+def _value(flag):
   """The flag's value if given on the command line, else the preset's."""
   preset = _CONFIG.value
-  if flags.FLAGS[flag.name].present or preset is None or key not in preset:
+  key = flag.name
+  if flags.FLAGS[key].present or preset is None or key not in preset:
     return flag.value
   value = preset[key]
   return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+# Keys a --config preset may set: every flag below, plus per-attack options.
+_PRESET_FLAGS = ("checkpoint", "members", "nonmembers", "attacks", "oms_steps",
+                 "timestep", "seed", "batch_size", "max_samples", "bootstrap",
+                 "reference", "shadow_checkpoints", "scheme", "captions",
+                 "latent_sample", "drop_overlap", "output")
+
+
+def _check_preset_keys() -> None:
+  preset = _CONFIG.value
+  if preset is None:
+    return
+  unknown = sorted(set(preset.keys()) - set(_PRESET_FLAGS)
+                   - {"attack_overrides"})
+  if unknown:
+    raise errors.UserError(
+        f"the --config preset sets unknown key(s) {unknown}", "--config",
+        f"use flag names ({', '.join(_PRESET_FLAGS)}) or attack_overrides")
 
 
 def main(argv):
@@ -79,29 +99,34 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.maybe_initialize_distributed(_MULTIHOST.value)
+  _check_preset_keys()
   preset = _CONFIG.value
   cfg = audit.AuditConfig(
-      checkpoint=_CHECKPOINT.value, output=_OUTPUT.value,
-      members=_MEMBERS.value, nonmembers=_NONMEMBERS.value,
-      attacks=tuple(_value(_ATTACKS, "attacks")),
-      oms_steps=_value(_OMS_STEPS, "oms_steps"),
-      timestep=_TIMESTEP.value, seed=_SEED.value,
-      batch_size=_value(_BATCH_SIZE, "batch_size"),
-      max_samples=_MAX_SAMPLES.value,
-      bootstrap=_BOOTSTRAP.value, reference=_REFERENCE.value,
-      shadow_checkpoints=tuple(_SHADOWS.value), captions=_CAPTIONS.value,
-      latent_sample=_LATENT_SAMPLE.value, drop_overlap=_DROP_OVERLAP.value,
+      checkpoint=_value(_CHECKPOINT), output=_value(_OUTPUT),
+      members=_value(_MEMBERS), nonmembers=_value(_NONMEMBERS),
+      attacks=tuple(_value(_ATTACKS)), oms_steps=_value(_OMS_STEPS),
+      timestep=_value(_TIMESTEP), seed=_value(_SEED),
+      batch_size=_value(_BATCH_SIZE), max_samples=_value(_MAX_SAMPLES),
+      bootstrap=_value(_BOOTSTRAP), reference=_value(_REFERENCE),
+      shadow_checkpoints=tuple(_value(_SHADOWS)), captions=_value(_CAPTIONS),
+      latent_sample=_value(_LATENT_SAMPLE),
+      drop_overlap=_value(_DROP_OVERLAP),
       attack_overrides=(preset.get("attack_overrides", {}).to_dict()
                         if preset is not None and "attack_overrides" in preset
                         else {}))
+  if not cfg.checkpoint or not cfg.output:
+    raise errors.UserError("--checkpoint and --output are required",
+                           "--checkpoint / --output",
+                           "pass both (on the command line or in --config)")
   for option in _OPTIONS.value:
     name, key, value = audit.parse_attack_option(option)
     cfg.attack_overrides.setdefault(name, {})[key] = value
-  if _SCHEME.value != "plain":
+  scheme_text = _value(_SCHEME)
+  if scheme_text != "plain":
     try:
-      scheme = fixed_point.parse_scheme(_SCHEME.value)
+      scheme = fixed_point.parse_scheme(scheme_text)
     except ValueError as e:
-      raise errors.UserError(f"bad scheme ({e})", f"--scheme {_SCHEME.value}",
+      raise errors.UserError(f"bad scheme ({e})", f"--scheme {scheme_text}",
                              "use plain, km:A, ishikawa:A,B or anderson:M") from e
     for name in cfg.attacks:  # preset aliases (naive_oms_paper, ...) too
       if attacks.takes_scheme(name):
@@ -113,5 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["checkpoint", "output"])
   cli.run(main)

@@ -53,6 +53,18 @@ _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                        errno.EPERM)
 
 
+def _config_file_error(error: BaseException):
+  """ml_collections' deferred "--config could not be loaded" as a UserError."""
+  from mia_jax import errors
+  text = str(error)
+  if not (isinstance(error, OSError) and "Failed loading config file" in text):
+    return None
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  return errors.UserError(f"cannot load the config file ({lines[-1]})",
+                          "--config", "check the path (and its :variant, if "
+                          "any) and that the file runs without errors")
+
+
 def run(main) -> None:
   """`absl.app.run(main)`, with a user's mistake shown as one line.
 
@@ -76,6 +88,7 @@ def run(main) -> None:
     try:
       return main(argv)
     except (errors.UserError, OSError) as e:
+      e = _config_file_error(e) or e
       if flags.FLAGS.traceback or not isinstance(
           e, errors.UserError) and e.errno not in _ENVIRONMENT_ERRNOS:
         raise

@@ -313,3 +313,30 @@ def test_cli_prints_one_line_without_traceback(ckpt, tmp_path):
        "--timestep=-3", "--traceback"], cwd=ROOT, capture_output=True,
       text=True, timeout=300)
   assert cli.returncode != 0 and "Traceback" in cli.stderr
+
+
+def test_config_presets_are_honoured_or_refused(ckpt, tmp_path):
+  preset = tmp_path / "preset.py"
+  preset.write_text(
+      "import ml_collections\n"
+      "def get_config(arg=''):\n"
+      "  c = ml_collections.ConfigDict()\n"
+      "  c.attacks = ('naive',)\n  c.oms_steps = 0\n  c.seed = 5\n"
+      "  c.max_samples = 2\n  c.batch_size = 2\n  c.bootstrap = 0\n"
+      "  if arg == 'typo':\n    c.sed = 1\n"
+      "  return c\n")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "attack.py"),
+         f"--checkpoint={ckpt}"]
+  ok = subprocess.run(cmd + [f"--config={preset}", f"--output={tmp_path / 'a'}"],
+                      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert json.load(open(tmp_path / "a" / "config.json"))["seed"] == 5
+  bad = subprocess.run(cmd + [f"--config={preset}:typo",
+                              f"--output={tmp_path / 'b'}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "unknown key(s) ['sed']" in bad.stderr
+  missing = subprocess.run(cmd + [f"--config={tmp_path / 'nope.py'}",
+                                  f"--output={tmp_path / 'c'}"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert missing.returncode == 2 and "Traceback" not in missing.stderr
+  assert "cannot load the config file" in missing.stderr
