@@ -340,3 +340,18 @@ def test_config_presets_are_honoured_or_refused(ckpt, tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert missing.returncode == 2 and "Traceback" not in missing.stderr
   assert "cannot load the config file" in missing.stderr
+
+
+@pytest.mark.parametrize("name,timestep", [("naive", -3), ("pia", 1000),
+                                           ("secmi", 990), ("naive", 2.5)])
+def test_every_caller_of_a_score_function_gets_the_timestep_check(name, timestep):
+  """Recipes, sweeps, GSA and QR call score_fn directly: it checks too."""
+  import jax
+  from mia_jax import attacks, schedules
+  sched = schedules.linear(1000)
+  attack = attacks.build(name, lambda p, x, t, c=None: x, timestep=timestep,
+                         oms_steps=0)
+  x0 = np.zeros((2, 4, 4, 1), np.float32)
+  keys = jax.random.split(jax.random.key(0), 2)
+  with pytest.raises(errors.UserError, match="timestep|step"):
+    attack.score_fn({}, sched, x0, keys)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import jax
 
-from mia_jax import fixed_point
+from mia_jax import fixed_point, schedules
 from mia_jax.attacks import base
 from mia_jax.denoiser import EpsFn
 
@@ -30,6 +30,8 @@ def make_naive(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
   oms_steps = base.check_oms_steps(oms_steps)
 
   def score_fn(params, sched, x0, keys, cond=None):
+    # The schedule's length is static: checked once, at trace time.
+    schedules.validate_timestep(sched, timestep, "naive timestep")
     t = base.full_t(x0, timestep)
     eps0 = base.per_sample_normal(keys, x0.shape, x0.dtype)
     chain = fixed_point.run_chain(eps_fn, params, sched, x0, t, eps0,

@@ -21,7 +21,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from mia_jax import fixed_point
+from mia_jax import fixed_point, schedules
 from mia_jax.attacks import base
 from mia_jax.denoiser import EpsFn
 
@@ -59,6 +59,8 @@ def make_pia(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
                      f"or one of {sorted(PIAN_SCALES)}")
 
   def score_fn(params, sched, x0, keys, cond=None):
+    # The schedule's length is static: checked once, at trace time.
+    schedules.validate_timestep(sched, timestep, "pia timestep")
     del keys  # PIA is deterministic.
     eps0 = eps_fn(params, x0, base.full_t(x0, 0), cond)
     if normalize is not None:

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import diffusion, errors, fixed_point
+from mia_jax import diffusion, errors, fixed_point, schedules
 from mia_jax.attacks import base
 from mia_jax.denoiser import EpsFn
 
@@ -83,6 +83,8 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
   walk = jnp.arange(0, t_cmp + 1, interval, dtype=jnp.int32)
 
   def score_fn(params, sched, x0, keys, cond=None):
+    # The schedule's length is static: checked once, at trace time.
+    schedules.validate_timestep(sched, t_probe, "secmi probe step")
     del keys  # SecMI is deterministic.
     x_t = diffusion.ddim_invert(eps_fn, params, sched, x0, walk, cond)
     t = base.full_t(x0, t_cmp)
