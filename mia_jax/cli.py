@@ -50,7 +50,8 @@ def maybe_initialize_distributed(enabled: bool) -> None:
 # OS errors that are the environment's, not a bug: a full disk, a read-only
 # or forbidden path. Shown as one line naming the path.
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                       errno.EPERM)
+                       errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+                       errno.ENAMETOOLONG)
 
 
 def _config_file_error(error: BaseException):

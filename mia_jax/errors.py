@@ -68,6 +68,9 @@ def from_os_error(error: BaseException) -> BaseException:
   todo = {errno.ENOSPC: "free space on that disk or write elsewhere",
           errno.EDQUOT: "free space in your quota or write elsewhere",
           errno.EROFS: "write to a writable location",
+          errno.ENOTDIR: "a part of the path is a file, not a folder: choose "
+                         "another path",
+          errno.EISDIR: "the path is a folder: name a file instead",
           }.get(error.errno, "check the path's permissions or write elsewhere")
   return UserError(error.strerror or str(error),
                    error.filename or "an output file", todo)
