@@ -458,10 +458,11 @@ def _score_batch(denoiser, attacks, base_keys, encode_key, params, sched, mesh,
     scores = attack.score_fn(params, sched, x0, keys, cond)
     scores = np.asarray(jax.device_get(scores), np.float64)[:, :n_valid]
     if not np.all(np.isfinite(scores)):
-      raise FloatingPointError(
+      raise errors.UserError(
           f"attack {attack.name} produced non-finite scores in batch {k} "
-          f"(sample ids {ids[:n_valid][~np.isfinite(scores).all(0)][:5]}); "
-          "check the checkpoint and the input range")
+          f"(sample ids {ids[:n_valid][~np.isfinite(scores).all(0)][:5]})",
+          "--checkpoint", "the model returns NaN/Inf on these inputs: check "
+          "the checkpoint's weights and the images' value range")
     for n, name in enumerate(attack.variant_names()):
       shard[name] = scores[n]
   return shard
