@@ -149,8 +149,11 @@ def _per_sample_fn(eps_fn: EpsFn, config: AnalysisConfig) -> Callable:
     x0_b = x0[None]
     cond_b = jax.tree.map(lambda c: c[None], cond)
     # The same starting noise at every timestep (stream 0); the analysis
-    # draws differ per timestep and iterate (see at_iterate).
-    eps0 = jax.random.normal(jax.random.fold_in(key, 0), x0.shape, x0.dtype)
+    # draws differ per timestep and iterate (see at_iterate). Every draw is
+    # made in float32 and cast, so a float64 analysis starts from the same
+    # noise as a float32 one and the two can be compared value by value.
+    eps0 = jax.random.normal(jax.random.fold_in(key, 0), x0.shape,
+                             jnp.float32).astype(x0.dtype)
 
     def per_timestep(t):
       t_b = jnp.reshape(t, (1,)).astype(jnp.int32)
@@ -169,11 +172,12 @@ def _per_sample_fn(eps_fn: EpsFn, config: AnalysisConfig) -> Callable:
       def at_iterate(n):
         eps_n = iterates[n]
         # One normal draw per iterate for everything random below (each
-        # PRNG call site costs XLA compile time): the power iteration's
+        # PRNG call site costs XLA compile time): the Lanczos
         # start, the probes and the pair perturbations.
         # Stream 1 + t K + n: distinct per (timestep, iterate), never 0.
         z = jax.random.normal(jax.random.fold_in(key, 1 + t * num_k + n),
-                              (num_draws,) + x0.shape, x0.dtype)
+                              (num_draws,) + x0.shape,
+                              jnp.float32).astype(x0.dtype)
         probes = jacobian.as_probes(z[1:1 + config.num_probes], config.probe)
         noise = z[1 + config.num_probes:].reshape(
             (num_scales, num_pairs, 2) + x0.shape)
