@@ -98,7 +98,7 @@ class AnalysisConfig:
   power_tol: float = 1e-5
   num_probes: int = 16
   confidence: float = 0.95
-  radius_steps: int = 32
+  radius_steps: int = 64
   tail_window: int = 5
   floor_factor: float = 100.0
   probe: str = "rademacher"
