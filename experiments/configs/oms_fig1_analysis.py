@@ -33,7 +33,7 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   c.analysis.timesteps = (50, 100, 150, 200)
   c.analysis.num_iterations = 5
   c.analysis.chain_length = 20
-  c.analysis.power_iterations = 50
+  c.analysis.power_iterations = 100
   c.analysis.num_probes = 16
   c.analysis.num_pairs = 4
   if c.variant == "full":

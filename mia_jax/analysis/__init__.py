@@ -1,20 +1,26 @@
 """The noise-search analysis: Jacobian norms, contraction, convergence.
 
-`jacobian` (matrix-free spectral and Frobenius norms of one sample's map),
-`contraction` (pair and chain ratios), `convergence` (residuals, errors, the
-Gaussian baseline), `run` (the compiled, vmapped analysis and the driver of
-`experiments/analyze.py`), `plots` (Figure 1 and Figure B.1 style PNGs).
+`krylov` (certified spectral norm by Lanczos, spectral radius by Arnoldi),
+`jacobian` (matrix-free norms of one sample's map, Hutchinson Frobenius),
+`contraction` (pair ratios, chain ratios, the long-run rate), `convergence`
+(residuals, errors, the Gaussian baseline, the rounding floor), `precision`
+(the float64 path), `run` (the compiled, vmapped analysis and the driver of
+`experiments/analyze.py`), `summary` (derived arrays, summary.json), `plots`
+(Figure 1 and Figure B.1 style PNGs).
 """
 
-from mia_jax.analysis.contraction import chain_ratios, pair_ratios
+from mia_jax.analysis.contraction import chain_ratios, pair_ratios, tail_rate
 from mia_jax.analysis.convergence import (chain_convergence,
-                                          expected_gaussian_distance)
-from mia_jax.analysis.jacobian import (hutchinson_frobenius, jacobian_norms,
-                                       power_iteration)
+                                          expected_gaussian_distance,
+                                          rounding_floor)
+from mia_jax.analysis.jacobian import hutchinson_frobenius, jacobian_norms
+from mia_jax.analysis.krylov import arnoldi, ritz_radius, spectral_norm
 from mia_jax.analysis.run import (DEFAULT_TIMESTEPS, AnalysisConfig,
-                                  analyze_sets, make_analysis_fn, summarize)
+                                  analyze_sets, make_analysis_fn)
+from mia_jax.analysis.summary import summarize
 
-__all__ = ["chain_ratios", "pair_ratios", "chain_convergence",
-           "expected_gaussian_distance", "hutchinson_frobenius",
-           "jacobian_norms", "power_iteration", "DEFAULT_TIMESTEPS",
-           "AnalysisConfig", "analyze_sets", "make_analysis_fn", "summarize"]
+__all__ = ["chain_ratios", "pair_ratios", "tail_rate", "chain_convergence",
+           "expected_gaussian_distance", "rounding_floor",
+           "hutchinson_frobenius", "jacobian_norms", "arnoldi", "ritz_radius",
+           "spectral_norm", "DEFAULT_TIMESTEPS", "AnalysisConfig",
+           "analyze_sets", "make_analysis_fn", "summarize"]

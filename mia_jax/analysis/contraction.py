@@ -11,7 +11,15 @@ for all a, b. Two empirical estimates of k:
 * `chain_ratios`: ||delta^{n+1}|| / ||delta^n|| along the fixed-point chain,
   delta^n = eps^n - eps^{n-1}. For an affine f with a symmetric Jacobian it
   tends to the largest |eigenvalue|; in general it tends to the rate of the
-  slowest mode the chain excites.
+  slowest mode the chain excites. The first ratios (the "early" rate) are a
+  transient, smaller than the long-run rate;
+* `tail_rate`: the long-run rate, the geometric mean of the last chain
+  ratios above the rounding floor; near the fixed point it approaches the
+  spectral radius of the Jacobian there (`krylov.arnoldi`).
+
+Pair ratios are averages over random directions: for small s they are about
+||J||_F / sqrt(D) (the RMS singular value), far below ||J||_2 when the
+spectrum is spread, so they cannot show that f expands its worst direction.
 
 `pair_ratios` works on ONE sample (callers vmap); `chain_ratios` is plain
 array arithmetic on any leading axes.
@@ -23,6 +31,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _TINY = 1e-30
 
@@ -86,3 +95,36 @@ def chain_ratios(residuals: jax.Array, axis: int = 0) -> jax.Array:
   num = jax.lax.slice_in_dim(residuals, 1, n, axis=axis)
   den = jax.lax.slice_in_dim(residuals, 0, n - 1, axis=axis)
   return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.nan)
+
+
+def tail_rate(residuals: np.ndarray, first: int, window: int) -> np.ndarray:
+  """Long-run contraction rate from the tail of each chain, on the host.
+
+  For each chain, takes the last ``window + 1`` finite residuals at indices
+  n >= ``first`` (n = 1..L, so after the early transient; residuals under
+  the rounding floor are NaN, `convergence.mask_below`) and returns the
+  geometric mean ratio (||delta^b|| / ||delta^a||)^(1 / (b - a)). NaN when
+  fewer than two residuals qualify: a rate we cannot measure is not
+  reported.
+
+  Args:
+    residuals: [..., L] ||delta^n||, n = 1..L, NaN below the floor.
+    first: the smallest n used (>= 1).
+    window: the number of ratios averaged (>= 1).
+  Returns:
+    [...] rates.
+  """
+  if first < 1 or window < 1:
+    raise ValueError(f"need first >= 1 and window >= 1, got {first}, "
+                     f"{window}")
+  res = np.asarray(residuals, np.float64)
+  flat = res.reshape(-1, res.shape[-1])
+  out = np.full(flat.shape[0], np.nan)
+  n = np.arange(1, res.shape[-1] + 1)
+  for i, row in enumerate(flat):
+    ok = np.flatnonzero(np.isfinite(row) & (row > 0) & (n >= first))
+    if ok.size < 2:
+      continue
+    a, b = ok[max(0, ok.size - window - 1)], ok[-1]
+    out[i] = (row[b] / row[a]) ** (1.0 / (b - a))
+  return out.reshape(res.shape[:-1])

@@ -13,6 +13,11 @@ All norms are the whole-vector L2 norm over the D = H * W * C dimensions of
 one sample (not divided by sqrt(D)), so they compare directly with
 `expected_gaussian_distance(D)`, the mean distance between two independent
 N(0, I_D) noises (the green line of the paper's Figure 1).
+
+Rounding. In float32 two iterates cannot be told apart below about
+1e-7 ||eps||: residuals, errors and defects under `rounding_floor` are
+rounding noise, and `mask_below` turns them into NaN on the host so that no
+ratio or rate is ever computed from them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class ChainConvergence(NamedTuple):
@@ -79,3 +85,31 @@ def expected_gaussian_distance(dim: int) -> float:
     raise ValueError(f"dim must be a positive integer, got {dim}")
   log_ratio = math.lgamma((dim + 1) / 2.0) - math.lgamma(dim / 2.0)
   return math.sqrt(2.0) * math.sqrt(2.0) * math.exp(log_ratio)
+
+
+def rounding_floor(scale: np.ndarray, dtype, factor: float) -> np.ndarray:
+  """The smallest distance between iterates that rounding lets us resolve.
+
+  An iterate eps^n = f(eps^{n-1}) is computed with a relative rounding
+  error of a few units in the last place of the compute dtype, amplified by
+  the network; two iterates closer than ``factor * finfo(dtype).eps *
+  ||eps||`` differ by rounding noise, not by the map. The factor is
+  calibrated against float64 (see README, "The noise-search analysis").
+
+  Args:
+    scale: [...] ||eps|| of the chain (e.g. ||eps^L||) per sample, timestep.
+    dtype: the compute dtype of the chain.
+    factor: multiple of the machine epsilon.
+  Returns:
+    [...] the floor, in the units of the residuals.
+  """
+  return factor * float(np.finfo(np.dtype(dtype)).eps) * np.asarray(
+      scale, np.float64)
+
+
+def mask_below(values: np.ndarray, floor: np.ndarray) -> np.ndarray:
+  """values where they exceed floor (broadcast on trailing axes), else NaN."""
+  values = np.asarray(values, np.float64)
+  floor = np.asarray(floor, np.float64)
+  floor = floor.reshape(floor.shape + (1,) * (values.ndim - floor.ndim))
+  return np.where(values > floor, values, np.nan)

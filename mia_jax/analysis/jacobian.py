@@ -6,11 +6,11 @@ R^D -> R^D (D = H * W * C). Its Jacobian J is never formed: `jax.linearize`
 gives ``v -> J v`` (reusing one forward pass) and `jax.linear_transpose` of it
 gives ``u -> J^T u``. On these two products:
 
-* `power_iteration`: the spectral norm ||J||_2 (largest singular value) by
-  power iteration on J^T J inside a `lax.while_loop`, with a relative
-  tolerance, an iteration cap, and the iteration count reported;
+* `krylov.spectral_norm`: the spectral norm ||J||_2 (largest singular
+  value) by Lanczos on J^T J, with certified lower and upper bounds;
 * `hutchinson_frobenius`: ||J||_F^2 = E ||J v||^2 for probes with
-  E[v v^T] = I (Rademacher or Gaussian), with the standard error of the mean.
+  E[v v^T] = I (Rademacher or Gaussian), with the standard error of the mean
+  and a Student-t interval.
 
 Normalisation. Both norms are of the whole D x D matrix of one sample. The
 per-dimension Frobenius norm ``||J||_F / sqrt(D)`` (the root-mean-square
@@ -27,29 +27,14 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from scipy import stats
+
+from mia_jax.analysis import krylov
 
 PROBES = ("rademacher", "gaussian")
 
 # Floor for norms we divide by: a zero Jacobian must give sigma = 0, not NaN.
 _TINY = 1e-30
-
-
-class SpectralNorm(NamedTuple):
-  """Power iteration result (each field a scalar, or batched by vmap).
-
-  Attributes:
-    sigma: the estimate of ||J||_2, ``sqrt(||J^T J v||)`` for the last unit
-      vector v. It is a lower bound of the true value that tightens every
-      iteration (``||J^T J v|| <= sigma_max^2`` for unit v).
-    num_iterations: int32, products J^T J v taken.
-    rel_change: |sigma_k - sigma_{k-1}| / sigma_k at the last iteration.
-    converged: bool, rel_change <= tol before the cap was reached.
-  """
-
-  sigma: jax.Array
-  num_iterations: jax.Array
-  rel_change: jax.Array
-  converged: jax.Array
 
 
 class FrobeniusNorm(NamedTuple):
@@ -60,68 +45,21 @@ class FrobeniusNorm(NamedTuple):
     sq_se: its standard error, std(||J v||^2, ddof=1) / sqrt(num_probes).
     norm: sqrt(sq), the estimate of ||J||_F (whole matrix).
     norm_se: sq_se / (2 norm), the delta-method standard error of `norm`.
+    sq_lower, sq_upper: the interval sq -+ t_{P-1} sq_se, t the Student-t
+      quantile of the confidence level with P - 1 degrees of freedom (the
+      normal 1.96 under-covers with 16 probes: the SE is itself estimated).
+    norm_lower, norm_upper: sqrt of the sq interval (clipped at 0), an
+      interval for ||J||_F with the same coverage.
   """
 
   sq: jax.Array
   sq_se: jax.Array
   norm: jax.Array
   norm_se: jax.Array
-
-
-def _norm(x: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(x)))
-
-
-def power_iteration(jvp_fn: Callable[[jax.Array], jax.Array],
-                    vjp_fn: Callable[[jax.Array], jax.Array],
-                    v0: jax.Array, *, tol: float = 1e-3,
-                    max_iterations: int = 50) -> SpectralNorm:
-  """Largest singular value of a linear map from its products.
-
-  Iterates ``v <- J^T J v / ||J^T J v||`` and estimates
-  ``sigma = sqrt(||J^T J v||)``. Stops once the relative change of sigma is
-  at most ``tol`` (after at least two products) or after ``max_iterations``.
-  The error of the estimate shrinks like (sigma_2 / sigma_1)^(2k): with a
-  small spectral gap the relative change can be small while sigma is still
-  low, so treat ``converged`` as "stalled within tol", and sigma as a lower
-  bound.
-
-  Args:
-    jvp_fn: ``v -> J v`` (linear).
-    vjp_fn: ``u -> J^T u`` (its transpose).
-    v0: start vector, any shape (the shape of eps); must not be zero.
-    tol: relative tolerance on successive sigma estimates.
-    max_iterations: cap on the number of J^T J v products (>= 1).
-  Returns:
-    A `SpectralNorm` of scalars.
-  """
-  if max_iterations < 1:
-    raise ValueError(f"max_iterations must be >= 1, got {max_iterations}")
-  if not tol >= 0:
-    raise ValueError(f"tol must be >= 0, got {tol}")
-  v0 = v0 / jnp.maximum(_norm(v0), _TINY)
-  dtype = v0.dtype
-
-  def step(v):
-    w = vjp_fn(jvp_fn(v))
-    w_norm = _norm(w)
-    return w / jnp.maximum(w_norm, _TINY), jnp.sqrt(w_norm)
-
-  def cond(state):
-    k, _, _, rel = state
-    return jnp.logical_and(k < max_iterations,
-                           jnp.logical_or(k < 2, rel > tol))
-
-  def body(state):
-    k, v, sigma, _ = state
-    v_new, sigma_new = step(v)
-    rel = jnp.abs(sigma_new - sigma) / jnp.maximum(sigma_new, _TINY)
-    return k + 1, v_new, sigma_new, rel
-
-  init = (jnp.int32(0), v0, jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype))
-  k, _, sigma, rel = jax.lax.while_loop(cond, body, init)
-  return SpectralNorm(sigma=sigma, num_iterations=k, rel_change=rel,
-                      converged=jnp.logical_and(k >= 2, rel <= tol))
+  sq_lower: jax.Array
+  sq_upper: jax.Array
+  norm_lower: jax.Array
+  norm_upper: jax.Array
 
 
 def draw_probes(key: jax.Array, num_probes: int, shape: tuple[int, ...],
@@ -146,8 +84,16 @@ def as_probes(gaussian: jax.Array, kind: str = "rademacher") -> jax.Array:
   raise ValueError(f"probe kind {kind!r} is unknown; expected one of {PROBES}")
 
 
+def t_quantile(num_probes: int, confidence: float) -> float:
+  """Two-sided Student-t quantile with num_probes - 1 degrees of freedom."""
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+  return float(stats.t.ppf(0.5 + confidence / 2.0, num_probes - 1))
+
+
 def hutchinson_frobenius(jvp_fn: Callable[[jax.Array], jax.Array],
-                         probes: jax.Array) -> FrobeniusNorm:
+                         probes: jax.Array, *,
+                         confidence: float = 0.95) -> FrobeniusNorm:
   """Hutchinson estimate of ||J||_F^2 = E ||J v||^2.
 
   Probes are taken one after another (`lax.map`) so memory does not grow
@@ -158,6 +104,7 @@ def hutchinson_frobenius(jvp_fn: Callable[[jax.Array], jax.Array],
     jvp_fn: ``v -> J v``.
     probes: [P, *shape] probe vectors with E[v v^T] = I (`draw_probes`),
       P >= 2 (the standard error needs two).
+    confidence: level of the t interval.
   Returns:
     A `FrobeniusNorm` of scalars.
   """
@@ -169,32 +116,38 @@ def hutchinson_frobenius(jvp_fn: Callable[[jax.Array], jax.Array],
   mean = jnp.mean(sq)
   se = jnp.std(sq, ddof=1) / jnp.sqrt(jnp.asarray(num_probes, sq.dtype))
   norm = jnp.sqrt(mean)
+  half = t_quantile(num_probes, confidence) * se
+  lo, hi = jnp.maximum(mean - half, 0.0), mean + half
   return FrobeniusNorm(sq=mean, sq_se=se, norm=norm,
-                       norm_se=se / (2.0 * jnp.maximum(norm, _TINY)))
+                       norm_se=se / (2.0 * jnp.maximum(norm, _TINY)),
+                       sq_lower=lo, sq_upper=hi, norm_lower=jnp.sqrt(lo),
+                       norm_upper=jnp.sqrt(hi))
 
 
 class JacobianNorms(NamedTuple):
   """Both norms of J at one point, and f at that point."""
 
   f_value: jax.Array
-  spectral: SpectralNorm
+  spectral: krylov.SpectralNorm
   frobenius: FrobeniusNorm
 
 
 def jacobian_norms(f: Callable[[jax.Array], jax.Array], eps: jax.Array,
-                   v0: jax.Array, probes: jax.Array, *, tol: float = 1e-3,
-                   max_iterations: int = 50) -> JacobianNorms:
+                   v0: jax.Array, probes: jax.Array, *, tol: float = 1e-5,
+                   max_iterations: int = 100,
+                   confidence: float = 0.95) -> JacobianNorms:
   """Spectral and Frobenius norms of the Jacobian of f at eps.
 
-  One `jax.linearize` serves the power iteration, its transpose and every
+  One `jax.linearize` serves the Lanczos iteration, its transpose and every
   Hutchinson probe; its primal output is f(eps), returned too.
 
   Args:
     f: a map R^D -> R^D on arrays of eps's shape (one sample).
     eps: [H, W, C] the point.
-    v0: [H, W, C] the power iteration's start (e.g. a Gaussian draw).
+    v0: [H, W, C] the Lanczos start (a Gaussian draw).
     probes: [P, H, W, C] Hutchinson probes (`draw_probes`, `as_probes`).
-    tol, max_iterations: see `power_iteration`.
+    tol, max_iterations: see `krylov.spectral_norm`.
+    confidence: see `hutchinson_frobenius`.
   Returns:
     `JacobianNorms` of scalars.
   """
@@ -207,7 +160,7 @@ def jacobian_norms(f: Callable[[jax.Array], jax.Array], eps: jax.Array,
   def vjp_fn(u):
     return transpose(u)[0]
 
-  spectral = power_iteration(jvp_fn, vjp_fn, v0, tol=tol,
-                             max_iterations=max_iterations)
-  frobenius = hutchinson_frobenius(jvp_fn, probes)
+  spectral = krylov.spectral_norm(jvp_fn, vjp_fn, v0, tol=tol,
+                                  max_iterations=max_iterations)
+  frobenius = hutchinson_frobenius(jvp_fn, probes, confidence=confidence)
   return JacobianNorms(f_value, spectral, frobenius)

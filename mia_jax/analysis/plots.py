@@ -11,8 +11,10 @@ written atomically through `mia_jax.plots.atomic_write_bytes`.
 * ``frobenius.png``: the per-dimension Frobenius norm ||J||_F / sqrt(D).
 * ``errors.png``: Figure B.1(b), ||eps^n - eps^*|| per timestep.
 * ``contraction.png``: Figure B.1(a)-style contraction estimates per
-  timestep: the largest pair ratio per sample (one panel per scale) and the
-  median chain ratio ||delta^{n+1}|| / ||delta^n||.
+  timestep: the largest pair ratio per sample (one panel per scale), the
+  early chain ratio (median of ||delta^{n+1}|| / ||delta^n||, n = 1..K-1,
+  a transient), the long-run tail rate and the spectral radius of J at the
+  fixed point. Rates under the rounding floor are NaN and left out.
 """
 
 from __future__ import annotations
@@ -159,7 +161,10 @@ def error_plot(path: str, errors: np.ndarray, labels: np.ndarray,
 def contraction_plot(path: str, pair_ratios: np.ndarray,
                      chain_ratios: np.ndarray, labels: np.ndarray,
                      timesteps: Sequence[int], scales: Sequence[float], *,
-                     num_iterations: int, dpi: int = 100) -> str:
+                     num_iterations: int,
+                     tail_rate: Optional[np.ndarray] = None,
+                     radius: Optional[np.ndarray] = None,
+                     dpi: int = 100) -> str:
   """Contraction estimates per timestep (Figure B.1(a) style).
 
   Args:
@@ -169,7 +174,9 @@ def contraction_plot(path: str, pair_ratios: np.ndarray,
     labels: [M].
     timesteps: S.
     scales: the pair scales.
-    num_iterations: K; chain ratios n = 1..K-1 enter the median.
+    num_iterations: K; chain ratios n = 1..K-1 enter the early median.
+    tail_rate: optional [M, S] long-run rates.
+    radius: optional [M, S] spectral radius of J at the fixed point.
     dpi: resolution.
   """
   panels = []
@@ -178,8 +185,16 @@ def contraction_plot(path: str, pair_ratios: np.ndarray,
     panels.append((pair_ratios[:, :, :, c].max(axis=(2, 3)),
                    f"max pair ratio, s = {s}"))
   upto = max(1, min(num_iterations - 1, chain_ratios.shape[2]))
-  panels.append((np.nanmedian(chain_ratios[:, :, :upto], axis=2),
-                 f"median ||d^(n+1)||/||d^n||, n=1..{upto}"))
+  early = chain_ratios[:, :, :upto]
+  # All-NaN rows (every ratio under the floor) stay NaN without a warning.
+  counts = np.sum(np.isfinite(early), axis=2)
+  early = np.where(counts > 0, np.nanmedian(
+      np.where(counts[..., None] > 0, early, 0.0), axis=2), np.nan)
+  panels.append((early, f"early: median ||d^(n+1)||/||d^n||, n=1..{upto}"))
+  if tail_rate is not None:
+    panels.append((tail_rate, "long-run (tail) rate"))
+  if radius is not None:
+    panels.append((radius, "spectral radius of J at eps^L"))
   fig = Figure(figsize=(max(3.4, 0.8 * len(timesteps) + 1.6) * len(panels),
                         3.4))
   for i, (values, title) in enumerate(panels):
@@ -216,6 +231,7 @@ def write_all(output: str, result, summary: dict) -> dict[str, str]:
       "contraction": contraction_plot(
           os.path.join(output, "contraction.png"), a["pair_ratios"],
           a["chain_ratios"], labels, ts, cfg["pair_scales"],
-          num_iterations=k),
+          num_iterations=k, tail_rate=a.get("tail_rate"),
+          radius=a.get("fixed_point_radius")),
   }
   return paths

@@ -31,8 +31,9 @@ class GroupNorm(nn.Module):
   small group sum), and the normalisation collapses into one multiply-add
   ``x * a[b, c] + d[b, c]`` that fuses with the following activation. The
   variance is torch's two-pass ``E[(x - mean)^2]``, not ``E[x^2] - mean^2``,
-  which loses digits on activations with a large mean. Statistics are float32
-  whatever ``dtype`` is.
+  which loses digits on activations with a large mean. Statistics are in
+  float32 for float32, bfloat16 and float16 inputs, and in float64 for
+  float64 inputs (the float64 analysis path needs the whole map in float64).
   """
   num_groups: int
   epsilon: float
@@ -52,7 +53,9 @@ class GroupNorm(nn.Module):
     out_dtype = self.dtype or x.dtype
     batch = x.shape[0]
     per_group = channels // self.num_groups
-    x3 = x.reshape(batch, -1, channels).astype(jnp.float32)  # [B, N, C]
+    # float32 at least (bf16 sums lose digits), float64 when x is float64.
+    stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+    x3 = x.reshape(batch, -1, channels).astype(stat_dtype)  # [B, N, C]
     count = x3.shape[1] * per_group
 
     def group_mean(v):  # [B, C] channel sums -> [B, 1, C] group means
@@ -61,8 +64,8 @@ class GroupNorm(nn.Module):
 
     mean = group_mean(jnp.sum(x3, axis=1))
     var = group_mean(jnp.sum(jnp.square(x3 - mean), axis=1))
-    a = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-    d = bias.astype(jnp.float32) - mean * a
+    a = jax.lax.rsqrt(var + self.epsilon) * scale.astype(stat_dtype)
+    d = bias.astype(stat_dtype) - mean * a
     return (x3 * a + d).astype(out_dtype).reshape(x.shape)
 
 
@@ -274,7 +277,10 @@ def sinusoidal_embedding(t: jax.Array, dim: int, *, flip_sin_to_cos: bool,
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                           scale: float) -> jax.Array:
-  """Softmax attention with an explicit scale, softmax in float32.
+  """Softmax attention with an explicit scale, softmax in float32 at least.
+
+  float32 for float32, bfloat16 and float16 inputs; float64 for float64
+  inputs (the float64 analysis path needs the whole map in float64).
 
   Args:
     q: [B, N, heads, d].
@@ -284,7 +290,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   Returns:
     [B, N, heads, d] in q's dtype.
   """
-  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(jnp.float32) * scale
+  softmax_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.einsum("bnhd,bmhd->bhnm", q, k).astype(softmax_dtype) * scale
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhnm,bmhd->bnhd", weights, v)
 

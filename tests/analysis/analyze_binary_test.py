@@ -12,6 +12,7 @@ import pytest
 
 from mia_jax import checkpoints, data, models, schedules
 from mia_jax.denoiser import InputSpec
+from tests.analysis import dense_check
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -46,9 +47,22 @@ def test_analyze_binary_on_a_tiny_checkpoint(tmp_path):
   assert summary["counts"] == {"members": 4, "nonmembers": 4}
   assert summary["dim"] == 64
   assert summary["timesteps"] == [50, 200]
+  assert summary["dtype"] == "float64"  # the CPU default
   with np.load(out / "arrays.npz") as z:
     assert z["spectral"].shape == (8, 2, 2)
+    assert z["spectral_lower"].shape == z["spectral_upper"].shape == (8, 2, 2)
     assert z["residuals"].shape == (8, 2, 4)
+    assert z["x0"].shape == (8, 8, 8, 1) and z["x0"].dtype == np.float64
+    assert z["iterates"].shape == (8, 2, 2, 8, 8, 1)
+    assert z["fixed_point"].shape == (8, 2, 8, 8, 1)
+    assert z["tail_rate"].shape == z["fixed_point_radius"].shape == (8, 2)
     assert np.all(np.isfinite(z["spectral"]))
   for name in ("figure1", "frobenius", "errors", "contraction"):
     assert (out / f"{name}.png").stat().st_size > 1000
+  # The independent float64 dense-Jacobian check of every reported number.
+  with jax.enable_x64(True):
+    checked = dense_check.check(str(ckpt), str(out), tol=1e-4)
+  assert checked["failures"] == 0, checked
+  assert checked["inside_bounds"] == checked["points"] == 32
+  assert checked["radius_max_rel_err"] < 1e-6
+  assert checked["residual_max_rel_err"] < 1e-9

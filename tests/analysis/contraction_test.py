@@ -51,3 +51,25 @@ def test_chain_ratios():
   np.testing.assert_allclose(out[:3, 0], [0.5, 0.5, 0.0])
   assert np.isnan(out[3, 0])  # 0 / 0: no rate, not a made-up one
   np.testing.assert_allclose(out[:, 1], 3.0)
+
+
+def test_tail_rate_is_the_geometric_mean_of_the_last_ratios_above_the_floor():
+  n = np.arange(1, 21)
+  # Early transient (0.2 per step for n <= 5), then 0.6 per step.
+  res = np.where(n <= 5, 0.2 ** (n - 1), 0.2 ** 4 * 0.6 ** (n - 5))
+  rate = contraction.tail_rate(res[None], first=5, window=5)
+  np.testing.assert_allclose(rate, [0.6], rtol=1e-12)
+  # Past n = 14 the residuals are under the floor (NaN): the rate comes from
+  # the last five ratios above it, not from noise.
+  masked = np.where(n <= 14, res, np.nan)
+  noisy = masked.copy()
+  assert np.isnan(contraction.tail_rate(masked[None, :5], 5, 5))[0]
+  np.testing.assert_allclose(contraction.tail_rate(noisy[None], 5, 5), [0.6],
+                             rtol=1e-12)
+  # A geometric mean, not the last ratio: wiggles average out.
+  wiggly = res * np.where(n % 2, 1.1, 1.0)
+  np.testing.assert_allclose(
+      contraction.tail_rate(wiggly[None], 5, 4),
+      [(wiggly[19] / wiggly[15]) ** 0.25], rtol=1e-12)
+  with pytest.raises(ValueError, match="first"):
+    contraction.tail_rate(res, 0, 5)

@@ -56,3 +56,15 @@ def test_chain_convergence_matches_numpy():
   assert np.all(np.asarray(out.errors[-1]) == 0)
   with pytest.raises(ValueError, match="at least 3"):
     convergence.chain_convergence(jnp.zeros((2, 1, 2, 2, 1)))
+
+
+def test_rounding_floor_and_mask():
+  floor = convergence.rounding_floor(np.array([[8.0, 2.0]]), "float32", 100)
+  np.testing.assert_allclose(floor, 100 * 2.0**-23 * np.array([[8.0, 2.0]]))
+  assert convergence.rounding_floor(8.0, "float64", 100) == pytest.approx(
+      800 * 2.0**-52)
+  res = np.array([[[1.0, 5e-5, 1e-5], [1.0, 5e-5, 1e-5]]])
+  out = convergence.mask_below(res, floor)
+  assert out[0, 0, 0] == 1.0
+  assert np.isnan(out[0, 0, 1]) and np.isnan(out[0, 0, 2])  # floor 9.5e-5
+  assert out[0, 1, 1] == 5e-5 and np.isnan(out[0, 1, 2])    # floor 2.4e-5

@@ -282,3 +282,60 @@ def test_config_validation():
     run.AnalysisConfig(num_iterations=5, chain_length=4)
   with pytest.raises(ValueError, match="probe"):
     run.AnalysisConfig(probe="sobol")
+
+
+def test_float32_rounding_floor_against_float64(linear_setup):
+  """At t = 20 the chain converges below float32 precision within L = 16
+  steps. In float32 the residuals, ratios and defects under the floor are
+  NaN, and every value still reported agrees with the float64 analysis; in
+  float64 nothing is masked and the residuals match a float64 NumPy chain."""
+  sched, w, b, _, config = linear_setup
+  rng = np.random.default_rng(6)
+  images = rng.integers(0, 256, size=(2,) + SHAPE, dtype=np.uint8)
+  sets = [_Set(_Source(images[:1], 0), np.arange(1), 1),
+          _Set(_Source(images[1:], 10), np.arange(1), 0)]
+  spec = InputSpec(resolution=2, channels=2)
+  results = {}
+  for dtype in ("float32", "float64"):
+    with jax.enable_x64(dtype == "float64"):
+      params = {"w": jnp.asarray(w, dtype), "b": jnp.asarray(b, dtype)}
+      den = Denoiser(eps_fn=tiny_models.linear_eps_fn, params=params,
+                     schedule=sched, spec=spec, family="test")
+      results[dtype] = run.analyze_sets(den, sets, timesteps=[20, 60],
+                                        config=config, batch_size=2, seed=0,
+                                        dtype=dtype)
+  r32, r64 = results["float32"].arrays, results["float64"].arrays
+  assert results["float64"].x0.dtype == np.float64
+  assert r64["iterates"].dtype == np.float64
+  # float32 reached its floor at t = 20: masked, never reported as a rate.
+  assert np.isnan(r32["residuals"][:, 0, -1]).all()
+  assert np.isnan(r32["chain_ratios"][:, 0, -1]).all()
+  assert np.isnan(r32["defect"][:, 0]).all()
+  assert np.all(np.isfinite(r64["residuals"]))
+  assert np.all(np.isfinite(r64["chain_ratios"]))
+  ok = np.isfinite(r32["residuals"])
+  assert ok.sum() > 10
+  np.testing.assert_allclose(r32["residuals"][ok], r64["residuals"][ok],
+                             rtol=1e-2)
+  ok = np.isfinite(r32["chain_ratios"])
+  np.testing.assert_allclose(r32["chain_ratios"][ok],
+                             r64["chain_ratios"][ok], rtol=2e-2)
+  # The long-run rate: float32's (from above its floor) agrees with
+  # float64's, and both approach the largest |eigenvalue| of J at t = 60.
+  np.testing.assert_allclose(r32["tail_rate"], r64["tail_rate"], rtol=2e-2)
+  np.testing.assert_allclose(r64["tail_rate"][:, 1], np.abs(EIGS).max(),
+                             rtol=2e-2)
+  # The radius at the fixed point: J is constant, so it is 0.9 at t = 60
+  # (Arnoldi with k = D steps) up to the float32 rounding of abar_t in the
+  # schedule (W was scaled with the float64 value).
+  np.testing.assert_allclose(r64["fixed_point_radius"][:, 1],
+                             np.abs(EIGS).max(), rtol=1e-6)
+  # float64 residuals against a float64 NumPy chain from the same eps^0.
+  x0 = results["float64"].x0
+  eps0 = r64["iterates"][:, :, 0]
+  for i in range(2):
+    for si, t in enumerate([20, 60]):
+      chain = _numpy_chain(w, b, sched, x0[i], t, eps0[i, si],
+                           config.chain_length)
+      res = np.linalg.norm(np.diff(chain, axis=0), axis=1)
+      np.testing.assert_allclose(r64["residuals"][i, si], res, rtol=1e-9)
