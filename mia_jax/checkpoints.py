@@ -23,10 +23,13 @@ line naming the directory.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging as std_logging
 import os
 import shutil
+import sys
 from typing import Any, Optional
 
 from absl import logging
@@ -211,6 +214,46 @@ def _flat(tree: Any) -> dict[str, Any]:
           jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def _drop_closed_loop_reports() -> None:
+  """Silences tensorstore's late callbacks after a failed orbax restore.
+
+  When a read fails, orbax's asyncio loop closes while tensorstore still
+  completes the other reads; each completion reports an unraisable
+  ``RuntimeError('Event loop is closed')`` with a traceback, after (and
+  burying) the one-line error. Those reports, and only those, are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "mia_jax_filter", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.mia_jax_filter = True
+  sys.unraisablehook = hook
+
+
+class _NoOrbaxRecords(std_logging.Filter):
+  """Drops orbax's own log lines while `restore_params` reads: its failures
+  become one `CheckpointError`, its warnings would only precede it."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  logger, quiet = std_logging.getLogger("absl"), _NoOrbaxRecords()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
 def restore_params(directory: str, abstract: Any, metadata: dict) -> Any:
   """Restores and verifies the ``params/`` tree of a checkpoint directory.
 
@@ -237,7 +280,8 @@ def restore_params(directory: str, abstract: Any, metadata: dict) -> Any:
     raise CheckpointError(f"the checkpoint has no {_PARAMS}/ directory",
                           directory, corrupt)
   try:
-    saved = checkpointer.metadata(params_dir)
+    with _quiet_orbax():
+      saved = checkpointer.metadata(params_dir)
     saved = getattr(saved, "item_metadata", saved)
     saved = _flat(getattr(saved, "tree", saved))
   except Exception as e:  # orbax raises several types for a broken layout.
@@ -265,8 +309,10 @@ def restore_params(directory: str, abstract: Any, metadata: dict) -> Any:
       lambda p, _: jax.ShapeDtypeStruct(
           tuple(saved[_path_str(p)].shape), saved[_path_str(p)].dtype),
       abstract)
+  _drop_closed_loop_reports()
   try:
-    params = checkpointer.restore(params_dir, target)
+    with _quiet_orbax():
+      params = checkpointer.restore(params_dir, target)
   except Exception as e:  # tensorstore / orbax: many types, long messages.
     raise CheckpointError(f"cannot read the parameters: {_first_line(e)}",
                           params_dir, corrupt) from e

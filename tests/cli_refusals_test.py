@@ -116,6 +116,7 @@ def test_recipe_missing_config_file(tmp_path):
   assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow  # compiles a training step (in-process: train_test.py)
 def test_train_nan_loss_exports_nothing(tmp_path, tiny_train_config):
   workdir = tmp_path / "w"
   line = _assert_refused(
