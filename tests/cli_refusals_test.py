@@ -101,6 +101,13 @@ def test_train_unknown_override_key(tmp_path):
                          "--config.train.lrr", "unknown config key")
   assert "lr" in line.split(":")[-1]  # lists the fields that exist
   assert not (tmp_path / "w").exists()
+  # The same with --config on the command line (ml_collections resolves the
+  # override while parsing then, not while defining the flag).
+  _assert_refused(_run(["train.py", f"--workdir={tmp_path / 'w'}",
+                        "--config=experiments/configs/train_digits.py:quick",
+                        "--config.trian.lr=0.1"]),
+                  "--config.trian.lr", "config has the fields")
+  assert not (tmp_path / "w").exists()
 
 
 def test_train_missing_config_file(tmp_path):

@@ -153,3 +153,23 @@ def test_nan_loss_stops_training_and_exports_nothing(tmp_path):
   # Whatever was checkpointed before the divergence is finite.
   for step in _state_steps(str(workdir)):
     assert step.isdigit() and int(step) < 6
+
+
+def test_finished_workdir_of_an_older_version_is_checked_by_provenance(
+    tmp_path):
+  """No train_config.json: the exported target's recorded config is used."""
+  from mia_jax import errors
+  from tests import toy_models
+  workdir = tmp_path / "w"
+  target = toy_models.save_tiny_checkpoint(str(workdir / "target"))
+  meta_path = os.path.join(target, "model.json")
+  meta = json.load(open(meta_path))
+  meta["provenance"] = {"config": tiny_config().to_dict()}
+  json.dump(meta, open(meta_path, "w"))
+  assert train.train(tiny_config(), str(workdir)) == target
+  changed = tiny_config()
+  changed.data.member_fraction = 0.5
+  with pytest.raises(errors.UserError,
+                     match=r"data.member_fraction: 0.4 -> 0.5"):
+    train.train(changed, str(workdir))
+  assert not (workdir / "train_config.json").exists()
