@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from mia_jax import attacks, audit, cli, errors, fixed_point, report
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", None, "Optional preset (e.g. experiments/configs/attack_sd.py); "
     "flags given on the command line override its values.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.")

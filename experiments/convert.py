@@ -12,12 +12,13 @@ parameter is filled, or the error lists the missing, unexpected and
 mismatched keys. The output records the source file's sha256.
 """
 
-import json
+import os
 
 from absl import app, flags
 
-from mia_jax import cli
+from mia_jax import cli, errors
 from mia_jax.convert import export
+from mia_jax.convert import io as ckpt_io
 
 _FORMAT = flags.DEFINE_enum("format", None, list(export.FORMATS),
                             "Source checkpoint format.")
@@ -42,8 +43,11 @@ def main(argv):
   cli.setup_logging()
   model_config = _PRESET.value
   if _MODEL_CONFIG.value:
-    with open(_MODEL_CONFIG.value) as f:
-      model_config = json.load(f)
+    if not os.path.isfile(_MODEL_CONFIG.value):
+      raise errors.UserError("the --model_config file does not exist",
+                             _MODEL_CONFIG.value, "pass a JSON file")
+    model_config = ckpt_io.read_json_config(_MODEL_CONFIG.value,
+                                            "--model_config file")
   out = export.convert_to_checkpoint(
       _FORMAT.value, _SOURCE.value, _OUTPUT.value,
       use_ema=_WEIGHTS.value == "ema", model_config=model_config,

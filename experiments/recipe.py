@@ -12,11 +12,10 @@ printed at the end; see `mia_jax.recipes`.
 """
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from mia_jax import cli, recipes
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", None, "Recipe config, PATH:VARIANT.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 

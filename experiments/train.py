@@ -10,11 +10,10 @@ schedule, and the exact member / non-member ids).
 
 from absl import app, flags, logging
 import jax
-from ml_collections import config_flags
 
 from mia_jax import cli, train
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", "experiments/configs/train_digits.py", "Training config.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where state/ and target/ go.")

@@ -10,24 +10,49 @@ A checkpoint directory holds
 ``data`` records the exact member and non-member ids of a target the project
 trained (``{"source": spec, "members": [...], "nonmembers": [...]}``), so
 `experiments/attack.py` audits the right split by default.
+
+Integrity: ``model.json`` records ``params_sha256``, the `params_fingerprint`
+of the tree as saved (paths, shapes, dtypes and bytes). `load_denoiser`
+restores the tree at its saved shapes and dtypes, recomputes the fingerprint
+and refuses a mismatch, so a flipped bit in a params file never loads
+silently. Checkpoints written before the hash existed load with a warning.
+Every refusal (missing, corrupt, tampered, a model config whose shapes do not
+match the saved parameters, a full disk at save) is a `CheckpointError`, one
+line naming the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging as std_logging
 import os
+import shutil
+import sys
 from typing import Any, Optional
 
+from absl import logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mia_jax import schedules
+from mia_jax import errors, schedules
 from mia_jax.denoiser import Denoiser, InputSpec
 
 FORMAT_VERSION = 1
 _METADATA = "model.json"
 _PARAMS = "params"
+_HASH = "params_sha256"
+# Errors of a write that cannot succeed by retrying the same command.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                errno.EPERM, errno.EFBIG)
+_MAX_LISTED = 3  # mismatched leaves named in a one-line error
+
+
+class CheckpointError(errors.UserError):
+  """A checkpoint directory that is missing, corrupt, tampered with or
+  inconsistent with its own model config, or one that cannot be written."""
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -70,14 +95,9 @@ def save_denoiser(directory: str, *, family: str, model_config: dict,
     The absolute directory path.
   """
   directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  check_writable(directory)
   params_dir = os.path.join(directory, _PARAMS)
-  if os.path.exists(params_dir):
-    raise FileExistsError(f"{params_dir} already exists; choose a new "
-                          "--output directory or delete the old checkpoint")
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(params_dir, jax.device_get(params))
-  checkpointer.wait_until_finished()
+  host_params = jax.device_get(params)
   metadata = {
       "format": FORMAT_VERSION,
       "family": family,
@@ -86,42 +106,241 @@ def save_denoiser(directory: str, *, family: str, model_config: dict,
       "spec": _jsonable(spec.to_config()),
       "provenance": _jsonable(provenance or {}),
       "data": _jsonable(data) if data is not None else None,
+      _HASH: params_fingerprint(host_params),
   }
-  # Metadata last: a directory with model.json is a complete checkpoint.
-  _atomic_write_text(os.path.join(directory, _METADATA),
-                     json.dumps(metadata, indent=2, sort_keys=True))
+  created = not os.path.isdir(directory)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(params_dir, host_params)
+    checkpointer.wait_until_finished()
+    # Metadata last: a directory with model.json is a complete checkpoint.
+    _atomic_write_text(os.path.join(directory, _METADATA),
+                       json.dumps(metadata, indent=2, sort_keys=True))
+  except Exception as e:  # orbax wraps OS errors of its writer threads.
+    cause = _disk_error(e)
+    if cause is None:
+      raise
+    # Leave nothing half-written behind: a re-run must not meet a params/
+    # without model.json ("already exists").
+    shutil.rmtree(directory if created else params_dir, ignore_errors=True)
+    raise CheckpointError(
+        f"cannot write the checkpoint: {cause.strerror or cause}",
+        directory, "free disk space or choose another --output / --workdir "
+        "on a writable disk, then run the same command again") from e
   return directory
 
 
+def check_writable(directory: str) -> None:
+  """Refuses, before any work, an output that cannot become a checkpoint.
+
+  Raises:
+    CheckpointError: ``directory`` is a file, or already holds parameters.
+  """
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise CheckpointError(
+        "the checkpoint output is an existing file, not a directory",
+        directory, "choose a new directory path for --output")
+  params_dir = os.path.join(directory, _PARAMS)
+  if os.path.exists(params_dir):
+    raise CheckpointError(
+        "the checkpoint output already holds parameters", directory,
+        "choose a new --output directory or delete the old checkpoint")
+
+
+def _disk_error(error: BaseException) -> Optional[OSError]:
+  """The OS error (full disk, read-only, permission) behind ``error``."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_ERRNOS:
+      return error
+    # tensorstore reports the writer's errno only in its message.
+    if not isinstance(error, OSError) and "No space left on device" in str(
+        error):
+      return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    error = error.__cause__ or error.__context__
+  return None
+
+
 def read_metadata(directory: str) -> dict:
-  """Reads and validates ``model.json`` of a checkpoint directory."""
+  """Reads and validates ``model.json`` of a checkpoint directory.
+
+  Raises:
+    CheckpointError: the directory or its ``model.json`` is missing, not
+      JSON, lacks fields or has another format version.
+  """
   path = os.path.join(directory, _METADATA)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"{directory!r} is not a mia-jax checkpoint: {_METADATA} is missing. "
-        "Train one with experiments/train.py or convert a PyTorch checkpoint "
-        "with experiments/convert.py.")
+    what = ("not a mia-jax checkpoint: the directory does not exist"
+            if not os.path.exists(directory) else
+            f"not a mia-jax checkpoint: {_METADATA} is missing")
+    raise CheckpointError(
+        what, directory, "pass a directory written by experiments/train.py "
+        "(WORKDIR/target) or experiments/convert.py (--output)")
   try:
     with open(path) as f:
       metadata = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}); the checkpoint is "
-                     "corrupt, re-create it") from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{_METADATA} is not valid JSON ({e})", path,
+                          "the checkpoint is corrupt; re-create it") from e
+  if not isinstance(metadata, dict):
+    raise CheckpointError(f"{_METADATA} is not a JSON object", path,
+                          "the checkpoint is corrupt; re-create it")
   missing = {"format", "family", "model_config", "schedule", "spec"} - set(metadata)
   if missing:
-    raise ValueError(f"{path} lacks the fields {sorted(missing)}")
+    raise CheckpointError(f"{_METADATA} lacks the fields {sorted(missing)}",
+                          path, "the checkpoint is corrupt; re-create it")
   if metadata["format"] != FORMAT_VERSION:
-    raise ValueError(f"{path} has format {metadata['format']}, this version "
-                     f"of mia-jax reads format {FORMAT_VERSION}")
+    raise CheckpointError(
+        f"checkpoint format {metadata['format']} is not the format "
+        f"{FORMAT_VERSION} this version of mia-jax reads", path,
+        "re-create the checkpoint with this version")
   return metadata
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return (text[0] if text else type(error).__name__)[:300]
+
+
+def _path_str(path: tuple) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  """``{"a/b/kernel": leaf}`` (the names a user sees in messages)."""
+  return {_path_str(path): leaf for path, leaf in
+          jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _drop_closed_loop_reports() -> None:
+  """Silences tensorstore's late callbacks after a failed orbax restore.
+
+  When a read fails, orbax's asyncio loop closes while tensorstore still
+  completes the other reads; each completion reports an unraisable
+  ``RuntimeError('Event loop is closed')`` with a traceback, after (and
+  burying) the one-line error. Those reports, and only those, are dropped.
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "mia_jax_filter", False):
+    return
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook.mia_jax_filter = True
+  sys.unraisablehook = hook
+
+
+class _NoOrbaxRecords(std_logging.Filter):
+  """Drops orbax's own log lines while `restore_params` reads: its failures
+  become one `CheckpointError`, its warnings would only precede it."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  logger, quiet = std_logging.getLogger("absl"), _NoOrbaxRecords()
+  logger.addFilter(quiet)
+  try:
+    yield
+  finally:
+    logger.removeFilter(quiet)
+
+
+def restore_params(directory: str, abstract: Any, metadata: dict) -> Any:
+  """Restores and verifies the ``params/`` tree of a checkpoint directory.
+
+  The saved tree must have exactly the paths and shapes of ``abstract`` (the
+  module's `jax.eval_shape` tree built from ``model.json``). It is restored at
+  its saved dtypes, its `params_fingerprint` compared with the recorded
+  ``params_sha256``, and only then cast to the dtypes of ``abstract``.
+
+  Args:
+    directory: the checkpoint directory.
+    abstract: the expected tree (leaves with ``.shape`` and ``.dtype``).
+    metadata: its `read_metadata`.
+  Returns:
+    The parameter tree (NumPy / host arrays).
+  Raises:
+    CheckpointError: unreadable, corrupt or tampered parameters, or shapes
+      that do not match the model config.
+  """
+  params_dir = os.path.join(os.path.abspath(directory), _PARAMS)
+  checkpointer = ocp.StandardCheckpointer()
+  corrupt = ("the checkpoint is truncated or corrupt; re-create it (train "
+             "or convert again) or restore it from a copy")
+  if not os.path.isdir(params_dir):
+    raise CheckpointError(f"the checkpoint has no {_PARAMS}/ directory",
+                          directory, corrupt)
+  try:
+    with _quiet_orbax():
+      saved = checkpointer.metadata(params_dir)
+    saved = getattr(saved, "item_metadata", saved)
+    saved = _flat(getattr(saved, "tree", saved))
+  except Exception as e:  # orbax raises several types for a broken layout.
+    raise CheckpointError(f"cannot read the parameter metadata: "
+                          f"{_first_line(e)}", params_dir, corrupt) from e
+  if not saved:  # orbax only warns when its _METADATA file is gone
+    raise CheckpointError("the parameter metadata is missing or empty",
+                          params_dir, corrupt)
+  want = _flat(abstract)
+  bad = [f"{p} saved {tuple(saved[p].shape)} vs config {tuple(want[p].shape)}"
+         for p in sorted(saved.keys() & want.keys())
+         if tuple(saved[p].shape) != tuple(want[p].shape)]
+  bad += [f"{p} missing" for p in sorted(want.keys() - saved.keys())]
+  bad += [f"{p} unexpected" for p in sorted(saved.keys() - want.keys())]
+  if bad:
+    more = (f"; and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED
+            else "")
+    raise CheckpointError(
+        f"the model config in {_METADATA} does not match the saved parameters "
+        f"({len(bad)} leaves differ: {'; '.join(bad[:_MAX_LISTED])}{more})",
+        directory, f"restore the model_config the parameters were saved with "
+        f"in {_METADATA}, or re-create the checkpoint")
+  # The saved dtypes, so the fingerprint sees the bytes that were hashed.
+  target = jax.tree_util.tree_map_with_path(
+      lambda p, _: jax.ShapeDtypeStruct(
+          tuple(saved[_path_str(p)].shape), saved[_path_str(p)].dtype),
+      abstract)
+  _drop_closed_loop_reports()
+  try:
+    with _quiet_orbax():
+      params = checkpointer.restore(params_dir, target)
+  except Exception as e:  # tensorstore / orbax: many types, long messages.
+    raise CheckpointError(f"cannot read the parameters: {_first_line(e)}",
+                          params_dir, corrupt) from e
+  recorded = metadata.get(_HASH)
+  if recorded is None:
+    logging.warning(
+        "%s records no %s (written by an older mia-jax): loading it without "
+        "an integrity check; re-save it to add one", directory, _HASH)
+  elif params_fingerprint(params) != recorded:
+    raise CheckpointError(
+        f"the parameters do not match the sha256 recorded in {_METADATA}",
+        params_dir, "the params files were modified or corrupted after "
+        "saving; re-create the checkpoint or restore it from a copy")
+  return jax.tree.map(
+      lambda x, a: x if x.dtype == a.dtype else np.asarray(x).astype(a.dtype),
+      params, abstract)
 
 
 def load_denoiser(directory: str) -> Denoiser:
   """Loads a checkpoint directory as a `Denoiser` (params on the host device).
 
-  The parameter tree is restored against the module's `jax.eval_shape`
+  The parameter tree is checked against the module's `jax.eval_shape`
   structure, so a checkpoint whose tree or shapes do not match its recorded
-  model config fails here rather than at the first forward pass.
+  model config fails here rather than at the first forward pass, and against
+  its recorded sha256 (see `restore_params`).
+
+  Raises:
+    CheckpointError: see `read_metadata` and `restore_params`.
   """
   from mia_jax import models  # models import flax modules; keep this lazy.
 
@@ -134,13 +353,7 @@ def load_denoiser(directory: str) -> Denoiser:
     return pipeline.load_sd_denoiser(directory, metadata)
   module = models.build_module(family, metadata["model_config"])
   abstract = models.abstract_params(family, module, spec)
-  params_dir = os.path.join(os.path.abspath(directory), _PARAMS)
-  try:
-    params = ocp.StandardCheckpointer().restore(params_dir, abstract)
-  except Exception as e:  # orbax raises several types for bad trees.
-    raise ValueError(
-        f"could not restore the parameters in {params_dir} against the "
-        f"{family} model described in {_METADATA}: {e}") from e
+  params = restore_params(directory, abstract, metadata)
   return Denoiser(
       eps_fn=models.make_eps_fn(family, module, sched), params=params,
       schedule=sched, spec=spec, family=family,

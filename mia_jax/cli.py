@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging as std_logging
 import os
+from typing import Optional
 
 from absl import logging
 
@@ -54,23 +55,154 @@ _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
                        errno.ENAMETOOLONG)
 
 
-def _config_file_error(error: BaseException):
-  """ml_collections' deferred "--config could not be loaded" as a UserError."""
+def _refuse(error: BaseException) -> None:
+  """Prints the one ``error:`` line of a refused input and exits with 2."""
+  import sys
+
   from mia_jax import errors
-  text = str(error)
-  if not (isinstance(error, OSError) and "Failed loading config file" in text):
+  sys.stderr.write(errors.one_line(error) + "\n")
+  sys.stderr.flush()
+  # os._exit: orbax / asyncio threads can otherwise print their own
+  # tracebacks at interpreter shutdown after a refused checkpoint.
+  os._exit(2)
+
+
+# Default paths of the config flags defined by `define_config_file` (the
+# flag itself only keeps the loaded config).
+_CONFIG_DEFAULTS: dict = {}
+
+
+def _config_overrides(name: str, argv) -> list[str]:
+  """``["train.lr", ...]`` from ``--NAME.train.lr=...`` in ``argv``."""
+  out = []
+  for arg in argv[1:]:
+    key = arg.lstrip("-").split("=", 1)[0]
+    if arg.startswith("-") and key.startswith(name + "."):
+      out.append(key[len(name) + 1:])
+  return out
+
+
+def _config_path(name: str, default: Optional[str], argv) -> Optional[str]:
+  """The value of ``--NAME`` in ``argv`` (last wins), else ``default``."""
+  path, args = default, list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg.lstrip("-").split("=", 1)[0] != name or not arg.startswith("-"):
+      continue
+    if "=" in arg:
+      path = arg.split("=", 1)[1]
+    elif i + 1 < len(args):
+      path = args[i + 1]
+  return path
+
+
+def _config_error(name: str, path: Optional[str], argv):
+  """The `UserError` behind a config flag that failed, or None.
+
+  Loads the config file alone (without overrides): a file that does not load
+  is named; otherwise the first override naming a field the config does not
+  have is, with the fields it does have.
+  """
+  from ml_collections.config_flags import config_flags as impl
+
+  from mia_jax import errors
+  if not path:
     return None
-  lines = [l.strip() for l in text.splitlines() if l.strip()]
-  return errors.UserError(f"cannot load the config file ({lines[-1]})",
-                          "--config", "check the path (and its :variant, if "
-                          "any) and that the file runs without errors")
+  try:
+    config = impl.ConfigFileFlagParser(name=name).parse(path)
+  except Exception as e:  # pylint: disable=broad-except
+    text = [l for l in str(e).strip().splitlines() if l.strip()]
+    return errors.UserError(
+        f"the --{name} file does not load ({text[-1].strip() if text else e})",
+        path, "pass a config file that loads, as PATH or PATH:VARIANT (see "
+        "the variants in its docstring)")
+  if type(config).__name__ == "_ErrorConfig":
+    cause = object.__getattribute__(config, "_error")
+    return errors.UserError(
+        "cannot load the config file" + (
+            " (no such file)" if "No such file" in str(cause) else ""),
+        path.split(":", 1)[0],
+        "pass an existing config file, as PATH or PATH:VARIANT")
+  for override in _config_overrides(name, argv):
+    node, walked = config, []
+    for part in override.split("."):
+      fields = (node.keys() if hasattr(node, "keys") else
+                [k for k in vars(node)] if hasattr(node, "__dict__") else [])
+      if part not in fields:
+        where = f"{name}." + ".".join(walked) if walked else name
+        return errors.UserError(
+            f"unknown config key {override!r}", f"--{name}.{override}",
+            f"{where} has the fields {', '.join(sorted(map(str, fields)))}"
+            if fields else f"{where} has no fields to override")
+      node = node[part] if hasattr(node, "keys") else getattr(node, part)
+      walked.append(part)
+  return None
+
+
+def define_config_file(name: str, default: Optional[str], help_string: str,
+                       **kwargs):
+  """`config_flags.DEFINE_config_file`, refusing a bad override in one line.
+
+  ml_collections resolves ``--NAME.a.b=...`` overrides against the default
+  config while the flag is being defined (at import of the binary), where an
+  unknown key is a raw AttributeError traceback. That, and a default config
+  file that does not load, print ``error: ...`` and exit 2 here; the same
+  mistakes with ``--NAME`` on the command line are caught by `run`.
+  """
+  import sys
+
+  from ml_collections import config_flags
+
+  from mia_jax import errors
+  _CONFIG_DEFAULTS[name] = default
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string,
+                                           **kwargs)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    _refuse(_config_error(name, _config_path(name, default, sys.argv),
+                          sys.argv)
+            or errors.UserError(f"invalid --{name} override ({e})",
+                                " ".join(_config_overrides(name, sys.argv)),
+                                "check the override keys and values"))
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a refused flag or config shown as one line."""
+  from absl import flags
+
+  from mia_jax import errors
+  config_flags_ = [f for f in flags.FLAGS._flags().values()  # pylint: disable=protected-access
+                   if type(f).__name__ == "_ConfigFlag"]
+  try:
+    rest = flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises AttributeError / KeyError for unknown override
+    # keys given after --config on the command line.
+    for flag in config_flags_:
+      found = _config_error(flag.name, _config_path(
+          flag.name, _CONFIG_DEFAULTS.get(flag.name), argv), argv)
+      if found is not None:
+        _refuse(found)
+    text = [l for l in str(e).strip().splitlines() if l.strip()]
+    _refuse(errors.UserError(
+        text[-1].strip() if "Traceback" in str(e) else " ".join(text),
+        f"--{e.flagname}" if getattr(e, "flagname", None) else None,
+        "see the flags with --helpshort"))
+  # ml_collections defers a config file that does not load to its first use.
+  for flag in config_flags_:
+    if type(flag.value).__name__ == "_ErrorConfig":
+      path = _config_path(flag.name, _CONFIG_DEFAULTS.get(flag.name), argv)
+      _refuse(_config_error(flag.name, path, argv)
+              or errors.UserError(f"cannot load the --{flag.name} file",
+                                  str(path), "check the path"))
+  return rest
 
 
 def run(main) -> None:
   """`absl.app.run(main)`, with a user's mistake shown as one line.
 
   A `mia_jax.errors.UserError` (and the project's other refusal types, all
-  subclasses of it) raised anywhere below `main` prints
+  subclasses of it) raised anywhere below `main`, and a flag or config
+  override that absl / ml_collections refuse while parsing, prints
   ``error: <what> (<input>): <what to do>`` on stderr and exits with status
   2; ``--traceback`` shows the full traceback instead. Anything else is a
   bug and keeps its traceback.
@@ -89,14 +221,10 @@ def run(main) -> None:
     try:
       return main(argv)
     except (errors.UserError, OSError) as e:
-      e = _config_file_error(e) or e
       if flags.FLAGS.traceback or not isinstance(
           e, errors.UserError) and e.errno not in _ENVIRONMENT_ERRNOS:
         raise
-      sys.stderr.write(errors.one_line(errors.from_os_error(e)) + "\n")
-      sys.stderr.flush()
-      # os._exit: orbax / asyncio threads can otherwise print their own
-      # tracebacks at interpreter shutdown after a refused checkpoint.
-      os._exit(2)
+      _refuse(errors.from_os_error(e))
 
-  app.run(guarded)
+  # A bad flag value, unknown flag or config override: one line too.
+  app.run(guarded, flags_parser=_parse_flags)

@@ -6,10 +6,23 @@ resume after a kill at the same step with the same state. Everything random is
 a function of (seed, step), so a resumed run reproduces an uninterrupted one.
 At the end the EMA weights are exported as a project checkpoint
 (`mia_jax.checkpoints`) that records the exact member and non-member ids.
+
+A workdir belongs to one training config. The first invocation records it in
+``WORKDIR/train_config.json``; a resume, or a re-run on a finished workdir,
+whose config differs in any setting that changes the trained weights (seed,
+data split, model, schedule, optimiser, batch size, ...) is refused, naming
+the settings that changed (see `config_differences`). Two settings may
+change: ``train.log_every`` and ``train.checkpoint_every`` (bookkeeping), and
+``train.num_steps`` may grow while the run is unfinished (the learning rate
+schedule is a warm-up then constant, so the first steps do not depend on the
+total). A finished workdir keeps its step count: its target is exported.
+A loss or weight that becomes NaN/Inf stops training with an error; nothing
+non-finite is checkpointed or exported.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, Optional
@@ -23,8 +36,152 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from mia_jax import checkpoints, data, diffusion, models, schedules
+from mia_jax import checkpoints, data, diffusion, errors, models, report
+from mia_jax import schedules
 from mia_jax.denoiser import InputSpec
+
+
+_RECORD = "train_config.json"
+# Settings that do not change the trained weights (see the module docstring).
+_BOOKKEEPING = ("train.log_every", "train.checkpoint_every")
+_STEPS = "train.num_steps"
+
+
+class TrainingDiverged(errors.UserError):
+  """The loss or the weights became NaN/Inf; nothing was exported."""
+
+
+def flatten_config(cfg: Any) -> dict[str, Any]:
+  """``{"train.lr": 0.001, ...}``, JSON-normalised (tuples become lists)."""
+  tree = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+  tree = json.loads(json.dumps(tree, sort_keys=True, default=str))
+  out = {}
+
+  def walk(node, prefix):
+    if isinstance(node, dict) and node:
+      for k, v in node.items():
+        walk(v, f"{prefix}{k}.")
+    else:
+      out[prefix[:-1]] = node
+
+  walk(tree, "")
+  return out
+
+
+def config_differences(recorded: dict[str, Any], current: dict[str, Any],
+                       *, allow_more_steps: bool) -> list[str]:
+  """The settings of ``current`` that may not differ from ``recorded``.
+
+  Args:
+    recorded, current: `flatten_config` dicts.
+    allow_more_steps: an unfinished run may raise ``train.num_steps``.
+  Returns:
+    ``["train.lr: 0.001 -> 0.002", ...]``, sorted; empty when compatible.
+  """
+  out = []
+  for key in sorted(recorded.keys() | current.keys()):
+    if key in _BOOKKEEPING:
+      continue
+    old, new = recorded.get(key, "<unset>"), current.get(key, "<unset>")
+    if old == new:
+      continue
+    if (key == _STEPS and allow_more_steps and isinstance(old, int)
+        and isinstance(new, int)):
+      continue  # checked against the steps already done by the caller
+    out.append(f"{key}: {old!r} -> {new!r}")
+  return out
+
+
+def _latest_step(state_dir: str) -> Optional[int]:
+  """The newest committed orbax step in ``state_dir`` (without creating it)."""
+  if not os.path.isdir(state_dir):
+    return None
+  steps = [int(n) for n in os.listdir(state_dir) if n.isdigit()]
+  return max(steps) if steps else None
+
+
+def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str,
+                   target_dir: str) -> bool:
+  """Refuses a workdir trained with another config (before any work).
+
+  Returns:
+    True when the workdir already holds the finished target.
+  Raises:
+    errors.UserError: naming the settings that differ from the record.
+  """
+  current = flatten_config(cfg)
+  record_path = os.path.join(workdir, _RECORD)
+  finished = os.path.exists(os.path.join(target_dir, "model.json"))
+  recorded = None
+  if os.path.isfile(record_path):
+    try:
+      with open(record_path) as f:
+        recorded = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise errors.UserError(
+          f"{_RECORD} is not valid JSON ({e})", record_path,
+          "restore it, or train in a new --workdir") from e
+  elif finished:
+    # Workdirs trained before the record existed: the export's provenance.
+    recorded = flatten_config((checkpoints.read_metadata(target_dir).get(
+        "provenance") or {}).get("config") or {}) or None
+  latest = _latest_step(os.path.join(workdir, "state"))
+  if recorded is not None:
+    diffs = config_differences(recorded, current,
+                               allow_more_steps=not finished)
+    if diffs:
+      raise errors.UserError(
+          "the training config differs from the one this workdir was "
+          f"trained with ({'; '.join(diffs)})", workdir,
+          "resume with the recorded settings (see "
+          f"{_RECORD}), or train the new config in a new --workdir")
+  elif latest is not None:
+    logging.warning("%s holds training state but no %s (an older mia-jax); "
+                    "resuming without checking that the config is the one it "
+                    "was trained with", workdir, _RECORD)
+  if finished:
+    return True
+  if latest is not None and latest > cfg.train.num_steps:
+    raise errors.UserError(
+        f"train.num_steps={cfg.train.num_steps} is below the {latest} steps "
+        "this workdir already trained", workdir,
+        f"set --config.train.num_steps to {latest} or more, or train in a "
+        "new --workdir")
+  for key in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
+    if int(cfg.train[key]) < 1:
+      raise errors.UserError(f"train.{key} must be at least 1",
+                             f"train.{key}={cfg.train[key]}",
+                             "pass a positive integer")
+  return False
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
+def _check_finite(losses: list, first_step: int, state: "TrainState",
+                  cfg: ml_collections.ConfigDict, workdir: str,
+                  saved_step: Optional[int]) -> None:
+  """Raises `TrainingDiverged` if a loss of the window or a weight is not
+  finite (one device sync per check, not per step)."""
+  bad_step = None
+  if losses:
+    finite = np.isfinite(np.asarray(jnp.stack(losses)))
+    if not finite.all():
+      bad_step = first_step + int(np.argmin(finite)) + 1
+  if bad_step is None and bool(_all_finite((state.params, state.ema_params))):
+    return
+  what = (f"the training loss became NaN/Inf at step {bad_step}"
+          if bad_step is not None else
+          f"the weights became NaN/Inf by step {int(state.step)}")
+  kept = (f"the last checkpoint (step {saved_step}) is finite; "
+          if saved_step else "")
+  raise TrainingDiverged(
+      what, workdir, f"{kept}nothing was exported; train in a new --workdir "
+      f"with a lower train.lr (now {cfg.train.lr}) or train.grad_clip (now "
+      f"{cfg.train.grad_clip}), and check the data for NaN")
 
 
 @flax.struct.dataclass
@@ -116,7 +273,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *,
   """
   workdir = os.path.abspath(workdir)
   target_dir = os.path.join(workdir, "target")
-  if os.path.exists(os.path.join(target_dir, "model.json")):
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError("--workdir is an existing file", workdir,
+                           "pass a directory path")
+  if _check_workdir(cfg, workdir, target_dir):
     logging.info("%s already holds the trained target; nothing to do",
                  target_dir)
     return target_dir
@@ -146,30 +306,21 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *,
     state = manager.restore(manager.latest_step(),
                             args=ocp.args.StandardRestore(state))
     logging.info("resumed from step %d", int(state.step))
+  # Recorded only now that the data and model resolved: a config that fails
+  # before training must not bind the workdir.
+  report.atomic_write_text(os.path.join(workdir, _RECORD), json.dumps(
+      flatten_config(cfg), indent=2, sort_keys=True))
 
   step_fn = make_train_step(module, cfg.family, sched, optimizer,
                             cfg.train.ema_decay, cfg.train.random_flip)
-  batch_size, num_steps = cfg.train.batch_size, cfg.train.num_steps
-  start, t0, losses = int(state.step), time.time(), []
-  stop = num_steps if max_steps_this_run is None else min(
-      num_steps, start + max_steps_this_run)
-  for step in range(start, stop):
-    idx = batch_indices(cfg.seed, step, batch_size, len(images))
-    state, loss = step_fn(state, jnp.asarray(images[idx]),
-                          jax.random.fold_in(root, 2 + step))
-    losses.append(loss)
-    done = step + 1
-    if done % cfg.train.log_every == 0 or done == num_steps:
-      rate = (done - start) / (time.time() - t0)
-      logging.info("step %d/%d  loss %.4f  %.1f steps/s  ETA %.0f s", done,
-                   num_steps, float(jnp.mean(jnp.stack(losses))), rate,
-                   (num_steps - done) / max(rate, 1e-9))
-      losses = []
-    if (done % cfg.train.checkpoint_every == 0 or done == num_steps or
-        done == stop):
-      manager.save(done, args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-  manager.close()
+  try:
+    state = _train_loop(cfg, workdir, state, step_fn, images, root, manager,
+                        max_steps_this_run)
+  finally:
+    # Also on a divergence: pending saves (all of finite states) complete.
+    manager.wait_until_finished()
+    manager.close()
+  num_steps = cfg.train.num_steps
   if int(state.step) < num_steps:
     logging.info("stopped at step %d of %d; run again to resume",
                  int(state.step), num_steps)
@@ -186,3 +337,40 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *,
             "public": ids[public].tolist()})
   logging.info("exported the EMA target to %s", target_dir)
   return target_dir
+
+
+def _train_loop(cfg: ml_collections.ConfigDict, workdir: str,
+                state: TrainState, step_fn, images: np.ndarray,
+                root: jax.Array, manager: ocp.CheckpointManager,
+                max_steps_this_run: Optional[int]) -> TrainState:
+  """Steps from ``state.step`` to the end (or this run's budget), logging,
+  checking finiteness and checkpointing; returns the last state."""
+  batch_size, num_steps = cfg.train.batch_size, cfg.train.num_steps
+  start, t0, losses = int(state.step), time.time(), []
+  window, window_start, saved_step = [], start, manager.latest_step()
+  stop = num_steps if max_steps_this_run is None else min(
+      num_steps, start + max_steps_this_run)
+  for step in range(start, stop):
+    idx = batch_indices(cfg.seed, step, batch_size, len(images))
+    state, loss = step_fn(state, jnp.asarray(images[idx]),
+                          jax.random.fold_in(root, 2 + step))
+    losses.append(loss)
+    window.append(loss)
+    done = step + 1
+    saving = (done % cfg.train.checkpoint_every == 0 or done == num_steps or
+              done == stop)
+    # Checked where the host looks anyway (log lines) and before every save,
+    # so a non-finite state is never checkpointed or exported.
+    if saving or done % cfg.train.log_every == 0:
+      _check_finite(window, window_start, state, cfg, workdir, saved_step)
+      window, window_start = [], done
+    if done % cfg.train.log_every == 0 or done == num_steps:
+      rate = (done - start) / (time.time() - t0)
+      logging.info("step %d/%d  loss %.4f  %.1f steps/s  ETA %.0f s", done,
+                   num_steps, float(jnp.mean(jnp.stack(losses))), rate,
+                   (num_steps - done) / max(rate, 1e-9))
+      losses = []
+    if saving:
+      manager.save(done, args=ocp.args.StandardSave(state))
+      saved_step = done
+  return state

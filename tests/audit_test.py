@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from mia_jax import audit
+from mia_jax import audit, errors
 from tests import toy_models
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_overlapping_member_and_nonmember_sets_fail(tiny_checkpoint, tmp_path):
 
 def test_missing_checkpoint_fails_clearly(tmp_path):
   cfg = audit.AuditConfig(checkpoint=str(tmp_path / "nope"), output=str(tmp_path / "r"))
-  with pytest.raises(FileNotFoundError, match="not a mia-jax checkpoint"):
+  with pytest.raises(errors.UserError, match="not a mia-jax checkpoint"):
     audit.run_audit(cfg, progress=False)
 
 

@@ -67,3 +67,109 @@ def test_digits_training_split_matches_the_data_specs():
   np.testing.assert_array_equal(data.parse_spec("digits:public").ids, p)
   with pytest.raises(ValueError):
     data.three_way_split(100, 0.6, 0.5, 0)
+
+
+def _state_steps(workdir):
+  return sorted(os.listdir(os.path.join(workdir, "state")))
+
+
+def test_changed_config_refused_on_resume_and_on_a_finished_workdir(tmp_path):
+  from mia_jax import errors
+  workdir = str(tmp_path / "w")
+  cfg = tiny_config()
+  assert train.train(cfg, workdir, max_steps_this_run=2) is None
+  record = open(os.path.join(workdir, "train_config.json")).read()
+  steps = _state_steps(workdir)
+  changed = tiny_config()
+  changed.train.lr = 2e-3
+  changed.data.split_seed = 1
+  with pytest.raises(errors.UserError) as e:
+    train.train(changed, workdir)
+  line = errors.one_line(e.value)
+  assert "data.split_seed: 0 -> 1" in line and "train.lr: 0.001 -> 0.002" in line
+  assert f"({workdir})" in line
+  # Nothing in the workdir changed.
+  assert _state_steps(workdir) == steps
+  assert open(os.path.join(workdir, "train_config.json")).read() == record
+  # Bookkeeping may change, and an unfinished run may train longer.
+  longer = tiny_config(num_steps=5)
+  longer.train.log_every = 1
+  target = train.train(longer, workdir)
+  meta = checkpoints.read_metadata(target)
+  assert meta["provenance"]["steps"] == 5
+  assert json.load(open(os.path.join(workdir, "train_config.json")))[
+      "train.num_steps"] == 5
+  # A finished workdir: the same config is a no-op; any change is refused,
+  # the step count included (its target is exported).
+  assert train.train(longer, workdir) == target
+  for field, value, shown in (("seed", 1, "seed: 0 -> 1"),
+                              ("num_steps", 6, "train.num_steps: 5 -> 6")):
+    other = tiny_config(num_steps=5)
+    if field == "seed":
+      other.seed = value
+    else:
+      other.train.num_steps = value
+    with pytest.raises(errors.UserError, match=shown):
+      train.train(other, workdir)
+
+
+def test_fewer_steps_than_done_and_bad_counts_refused(tmp_path):
+  from mia_jax import errors
+  workdir = str(tmp_path / "w")
+  assert train.train(tiny_config(), workdir, max_steps_this_run=3) is None
+  with pytest.raises(errors.UserError, match="below the 3 steps"):
+    train.train(tiny_config(num_steps=2), workdir)
+  with pytest.raises(errors.UserError, match="train.batch_size must be"):
+    cfg = tiny_config()
+    cfg.train.batch_size = 0
+    train.train(cfg, str(tmp_path / "fresh"))
+  assert not os.path.exists(tmp_path / "fresh")
+
+
+def test_config_differences_rule():
+  rec = train.flatten_config(tiny_config())
+  assert rec["model.ch_mult"] == [1] and rec["train.lr"] == 1e-3
+  cur = dict(rec, **{"train.log_every": 7, "train.checkpoint_every": 1,
+                     "train.num_steps": 9})
+  assert train.config_differences(rec, cur, allow_more_steps=True) == []
+  assert train.config_differences(rec, cur, allow_more_steps=False) == [
+      "train.num_steps: 4 -> 9"]
+  cur["model.extra"] = 1
+  assert train.config_differences(rec, cur, allow_more_steps=True) == [
+      "model.extra: '<unset>' -> 1"]
+
+
+def test_nan_loss_stops_training_and_exports_nothing(tmp_path):
+  workdir = tmp_path / "w"
+  cfg = tiny_config(num_steps=6)
+  # Adam steps of size lr: weights of 1e30 overflow float32 in the forward.
+  cfg.train.lr = 1e30
+  cfg.train.warmup_steps = 1
+  cfg.train.checkpoint_every = 2
+  with pytest.raises(train.TrainingDiverged) as e:
+    train.train(cfg, str(workdir))
+  assert "NaN/Inf" in str(e.value) and str(workdir) in str(e.value)
+  assert not (workdir / "target").exists()
+  # Whatever was checkpointed before the divergence is finite.
+  for step in _state_steps(str(workdir)):
+    assert step.isdigit() and int(step) < 6
+
+
+def test_finished_workdir_of_an_older_version_is_checked_by_provenance(
+    tmp_path):
+  """No train_config.json: the exported target's recorded config is used."""
+  from mia_jax import errors
+  from tests import toy_models
+  workdir = tmp_path / "w"
+  target = toy_models.save_tiny_checkpoint(str(workdir / "target"))
+  meta_path = os.path.join(target, "model.json")
+  meta = json.load(open(meta_path))
+  meta["provenance"] = {"config": tiny_config().to_dict()}
+  json.dump(meta, open(meta_path, "w"))
+  assert train.train(tiny_config(), str(workdir)) == target
+  changed = tiny_config()
+  changed.data.member_fraction = 0.5
+  with pytest.raises(errors.UserError,
+                     match=r"data.member_fraction: 0.4 -> 0.5"):
+    train.train(changed, str(workdir))
+  assert not (workdir / "train_config.json").exists()

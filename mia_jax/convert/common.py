@@ -59,7 +59,8 @@ class ConversionError(errors.UserError):
 
   def __init__(self, message: str = "", *, missing: Sequence[str] = (),
                unexpected: Sequence[str] = (), mismatched: Sequence[str] = (),
-               duplicated: Sequence[str] = ()):
+               duplicated: Sequence[str] = (), input: Optional[str] = None,  # pylint: disable=redefined-builtin
+               todo: Optional[str] = None):
     self.missing = list(missing)
     self.unexpected = list(unexpected)
     self.mismatched = list(mismatched)
@@ -74,7 +75,8 @@ class ConversionError(errors.UserError):
         more = (f"\n    ... and {len(keys) - _MAX_LISTED} more"
                 if len(keys) > _MAX_LISTED else "")
         parts.append(f"{len(keys)} {name} key(s):\n    {shown}{more}")
-    super().__init__("\n  ".join(parts) if parts else "conversion failed")
+    super().__init__("\n  ".join(parts) if parts else "conversion failed",
+                     input, todo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +311,34 @@ def apply_key_table(source: Mapping[str, np.ndarray], table: Iterable[Rule],
   return unflatten_tree(out)
 
 
+def check_finite(state: Mapping[str, Any], source: str) -> None:
+  """Refuses a state dict holding NaN or Inf values, naming the tensors.
+
+  A non-finite weight would give NaN scores (or silently poison every
+  metric) far from its cause, so it is stopped at the source.
+
+  Args:
+    state: ``{key: array}``; non-float arrays are skipped.
+    source: the file the tensors came from (named in the error).
+  Raises:
+    ConversionError: listing the tensors with their NaN / Inf counts.
+  """
+  bad = []
+  for key, value in state.items():
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.floating) or np.isfinite(arr).all():
+      continue
+    nan = int(np.isnan(arr).sum())
+    bad.append(f"{key} ({nan} NaN, {arr.size - nan - int(np.isfinite(arr).sum())} Inf)")
+  if bad:
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5
+                                  else "")
+    raise ConversionError(
+        f"{len(bad)} tensor(s) hold NaN/Inf values: {shown}", input=source,
+        todo="the checkpoint is corrupt or its training diverged; convert an "
+        "earlier checkpoint of the run")
+
+
 def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
   """Removes ``prefix`` from keys that start with it (e.g. ``"module."``).
 
@@ -343,7 +373,7 @@ def check_tree_matches(params: Mapping[str, Any],
                           mismatched=mismatched)
 
 
-__all__ = ["ConversionError", "Rule", "rule", "drop", "identity",
+__all__ = ["ConversionError", "check_finite", "Rule", "rule", "drop", "identity",
            "conv_oihw_to_hwio", "linear_to_dense", "conv1x1_to_dense",
            "linear_to_conv1x1", "split", "compose", "apply_key_table",
            "flatten_tree", "unflatten_tree", "strip_prefix",

@@ -295,6 +295,7 @@ def convert_pytorch_ddpm(
   obj = ckpt_io.read_torch_checkpoint(path)
   state, weights, full = _select_state_dict(obj, use_ema, path)
   state = common.strip_prefix(state, "module.")
+  common.check_finite(state, path)
 
   extras: dict[str, Any] = {}
   if model_config is not None:

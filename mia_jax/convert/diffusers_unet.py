@@ -16,10 +16,10 @@ diffusers does on load.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
+from mia_jax import errors
 from mia_jax.convert import common
 from mia_jax.convert import ddpm_unet as ddpm_convert
 from mia_jax.convert import io as ckpt_io
@@ -160,8 +160,7 @@ def diffusers_key_table(config: dict[str, Any]) -> list[common.Rule]:
 
 
 def _read_json(path: str) -> dict[str, Any]:
-  with open(path) as f:
-    return json.load(f)
+  return ckpt_io.read_json_config(path, os.path.basename(path))
 
 
 def _find_scheduler_config(directory: str, unet_dir: str) -> Optional[str]:
@@ -215,8 +214,18 @@ def convert_diffusers_unet(
   from mia_jax.models import ddpm_unet  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.fspath(directory))
   unet_dir = find_unet_dir(directory)
-  cfg = _read_json(os.path.join(unet_dir, "config.json"))
-  config = ddpm_unet.resolve_config(model_config_from_diffusers(cfg))
+  config_path = os.path.join(unet_dir, "config.json")
+  cfg = _read_json(config_path)
+  try:
+    config = ddpm_unet.resolve_config(model_config_from_diffusers(cfg))
+  except errors.UserError:
+    raise
+  except (KeyError, TypeError, ValueError) as e:
+    # A hand-edited or foreign config.json: name the file, not a traceback.
+    raise ckpt_io.CheckpointReadError(
+        f"config.json does not describe a supported UNet2DModel "
+        f"({type(e).__name__}: {e})", config_path,
+        "use the config.json saved with the weights (save_pretrained)") from e
 
   weights_path = next(os.path.join(unet_dir, w) for w in WEIGHTS_NAMES
                       if os.path.isfile(os.path.join(unet_dir, w)))
@@ -225,6 +234,7 @@ def convert_diffusers_unet(
   else:
     state = ckpt_io.tensor_dict(ckpt_io.read_torch_checkpoint(weights_path),
                                 os.path.basename(weights_path))
+  common.check_finite(state, weights_path)
   layers = ddpm_convert.unet_layers(config)
   attn_prefixes = sorted({l.diffusers.rsplit(".", 1)[0] for l in layers
                           if l.kind == "attn_proj"})

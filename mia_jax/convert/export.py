@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from mia_jax import checkpoints, schedules
+from mia_jax import checkpoints, errors, schedules
 from mia_jax.denoiser import InputSpec
 
 FORMATS = ("pytorch_ddpm", "diffusers", "uvit", "stable_diffusion")
@@ -47,9 +47,29 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
     The absolute output directory.
   """
   if fmt not in FORMATS:
-    raise ValueError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
+    raise errors.UserError("unknown --format", fmt,
+                           f"use one of {', '.join(FORMATS)}")
   if not os.path.exists(source):
-    raise FileNotFoundError(f"--source {source!r} does not exist")
+    raise errors.UserError("the --source does not exist", source,
+                           "pass the checkpoint file or diffusers folder")
+  # Before the (slow) conversion: an --output that cannot take a checkpoint.
+  checkpoints.check_writable(os.path.abspath(output))
+  try:
+    return _convert(fmt, source, output, use_ema=use_ema,
+                    model_config=model_config, resolution=resolution,
+                    guidance_scale=guidance_scale)
+  except FileNotFoundError as e:
+    # A file inside --source that the format needs (config.json, a weights
+    # file, nnet_ema.pth, ...): the message names it.
+    raise errors.UserError(f"a file the {fmt} conversion needs is missing: "
+                           f"{e}", source, "check the --source folder "
+                           "against the layout in experiments/convert.py") from e
+
+
+def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
+             model_config: Optional[Any], resolution: Optional[int],
+             guidance_scale: float) -> str:
+  """`convert_to_checkpoint` after its boundary checks."""
   if fmt == "stable_diffusion":
     from mia_jax.convert import sd  # heavy; only when asked for
     from mia_jax.models.sd import pipeline

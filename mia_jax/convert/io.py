@@ -15,6 +15,7 @@ this module never needs them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import zipfile
 from typing import Any
@@ -47,9 +48,37 @@ def _check_file(path: str | os.PathLike, what: str) -> str:
     raise FileNotFoundError(f"{what} {path!r} does not exist or is not a "
                             "file")
   if os.path.getsize(path) == 0:
-    raise CheckpointReadError(f"{what} {path!r} is empty (0 bytes); the "
-                              "download or save was probably interrupted")
+    raise CheckpointReadError(f"the {what} is empty (0 bytes)", path,
+                              _REDOWNLOAD)
   return path
+
+
+_REDOWNLOAD = ("the download or save was interrupted or the file is "
+               "corrupt; compare its size and sha256 with the source and "
+               "download or save it again")
+
+
+def read_json_config(path: str | os.PathLike, what: str) -> dict[str, Any]:
+  """A JSON object from ``path`` (a diffusers ``config.json``, ...).
+
+  Raises:
+    FileNotFoundError: no such file.
+    CheckpointReadError: not UTF-8 JSON, or not a JSON object; names the
+      file and the position of the first error.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointReadError(
+        f"the {what} is not valid JSON ({e})", path,
+        "fix the file or copy it again from the source model") from e
+  if not isinstance(value, dict):
+    raise CheckpointReadError(
+        f"the {what} is not a JSON object (got a {type(value).__name__})",
+        path, "fix the file or copy it again from the source model")
+  return value
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -87,9 +116,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if type(e).__name__ != "SafetensorError":
       raise
     raise CheckpointReadError(
-        f"cannot read safetensors file {path!r}: {e}. The file is truncated, "
-        "corrupt or not a safetensors file (compare its size and sha256 with "
-        "the source).") from e
+        f"cannot read the safetensors file ({e}); it is truncated, corrupt "
+        "or not a safetensors file", path, _REDOWNLOAD) from e
 
 
 def _read_bf16_tensor(path: str, key: str) -> np.ndarray:
@@ -139,31 +167,48 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
   # mmap avoids a second in-memory copy of multi-GB zip checkpoints; the
   # legacy (non-zip) format cannot be memory-mapped.
   mmap = zipfile.is_zipfile(path)
+  if not mmap:
+    with open(path, "rb") as f:
+      head = f.read(4)
+    if head == b"PK\x03\x04":  # a zip whose central directory is cut off
+      raise CheckpointReadError(
+          "the checkpoint's zip archive is truncated or corrupt", path,
+          _REDOWNLOAD)
+    # torch.save writes a zip archive, or (legacy) a pickle that opens with
+    # PROTO 2. Anything else is not a checkpoint, and must not be reported
+    # as an unsafe pickle.
+    if head[:1] != b"\x80" or head[1:2] not in b"\x02\x03\x04\x05":
+      raise CheckpointReadError(
+          "not a PyTorch checkpoint (neither a torch.save zip archive nor a "
+          "pickle)", path, _REDOWNLOAD)
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
   except pickle.UnpicklingError as e:
-    if "weights only load failed" in str(e).lower():
-      detail = [line for line in str(e).splitlines()
+    text = str(e)
+    # "Unsupported operand N": a byte that is no pickle opcode, i.e. a
+    # damaged stream; code-carrying pickles name a GLOBAL / class / reduce.
+    if ("weights only load failed" in text.lower()
+        and "unsupported operand" not in text.lower()):
+      detail = [line.strip() for line in text.splitlines()
                 if "GLOBAL" in line or "Unsupported" in line
                 or "unsupported" in line]
       raise UnsafeCheckpointError(
-          f"refusing to load {path!r}: the pickle needs code execution "
-          f"to load ({'; '.join(detail) or 'a non-allow-listed object'}). "
-          "mia-jax loads checkpoints only with torch.load(weights_only=True). "
-          "Re-save the state dict (tensors only) from a trusted environment, "
-          "e.g. torch.save(model.state_dict(), 'weights.pt') or as "
-          "safetensors.") from e
+          "refusing a pickle that needs code execution to load "
+          f"({'; '.join(detail[:2]) or 'a non-allow-listed object'})", path,
+          "mia-jax loads checkpoints only with torch.load(weights_only=True);"
+          " re-save the state dict (tensors only) from a trusted environment,"
+          " e.g. torch.save(model.state_dict(), 'weights.pt'), or as "
+          "safetensors") from e
     raise CheckpointReadError(
-        f"cannot unpickle checkpoint {path!r}: {e}. The file is truncated "
-        "or corrupt.") from e
+        "cannot unpickle the checkpoint: the pickle stream is truncated or "
+        "corrupt", path, _REDOWNLOAD) from e
   except (EOFError, RuntimeError, zipfile.BadZipFile, OSError) as e:
     if isinstance(e, FileNotFoundError):
       raise
+    first = str(e).splitlines()[0] if str(e) else "unexpected end of file"
     raise CheckpointReadError(
-        f"cannot read checkpoint {path!r} ({type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else 'unexpected end of file'}). "
-        "The file is truncated or corrupt (compare its size and sha256 with "
-        "the source).") from e
+        f"cannot read the checkpoint ({type(e).__name__}: {first[:200]}); it "
+        "is truncated or corrupt", path, _REDOWNLOAD) from e
   return _to_numpy(obj)
 
 
@@ -189,5 +234,6 @@ def tensor_dict(obj: Any, what: str = "state dict") -> dict[str, np.ndarray]:
 
 
 __all__ = ["CheckpointReadError", "UnsafeCheckpointError", "sha256_file",
+           "read_json_config",
            "read_safetensors", "read_torch_checkpoint", "read_torch_pickle",
            "tensor_dict"]

@@ -29,7 +29,6 @@ torch, safetensors and transformers are imported lazily.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Callable, Mapping
@@ -256,8 +255,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def _read_json(path: str, what: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise MissingComponentError(f"{what}: {path!r} does not exist")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return io.read_json_config(path, what)
 
 
 def _component_dir(folder: str, name: str) -> str:
@@ -297,6 +295,7 @@ def _read_weights(directory: str, name: str, variant: str | None = None
         part = io.read_safetensors(path)
       else:
         part = io.tensor_dict(io.read_torch_checkpoint(path), f"{name} {shard}")
+      common.check_finite(part, path)
       state.update(part)
       hashes[f"{name}/{shard}"] = io.sha256_file(path)
     return state, hashes

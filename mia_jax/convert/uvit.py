@@ -211,6 +211,7 @@ def convert_uvit(path: str | os.PathLike, *,
           f"U-ViT training directory (nnet.pth, nnet_ema.pth, ...), found "
           f"{present[:10]}")
   state, fmt = _read_state_dict(source_file)
+  common.check_finite(state, source_file)
   state, stripped = _strip_ddp_prefix(state)
   params = convert_uvit_state_dict(state, config)
   provenance = {

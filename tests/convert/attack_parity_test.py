@@ -141,7 +141,7 @@ def test_diffusers_unet2d_folder(tmp_path):
 def test_convert_rejects_unknown_format_and_missing_source(tmp_path):
   with pytest.raises(ValueError, match="unknown --format"):
     export.convert_to_checkpoint("onnx", str(tmp_path), str(tmp_path / "o"))
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(ValueError, match="does not exist"):  # a UserError
     export.convert_to_checkpoint("diffusers", str(tmp_path / "nope"), str(tmp_path / "o"))
 
 

@@ -458,7 +458,6 @@ def load_sd_denoiser(directory: str, metadata: Optional[Mapping[str, Any]]
   """Reads a checkpoint written by `save_sd_denoiser` (see
   `mia_jax.checkpoints.load_denoiser`); ``kwargs`` go to `make_sd_denoiser`
   (e.g. ``guidance_scale``, ``text_cache_path``)."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from mia_jax import checkpoints  # pylint: disable=g-import-not-at-top
   if metadata is None:
     metadata = checkpoints.read_metadata(directory)
@@ -471,8 +470,9 @@ def load_sd_denoiser(directory: str, metadata: Optional[Mapping[str, Any]]
           cfg["vae"])), key, abstract=True),
       "text_encoder": clip_lib.init_params(clip_lib.CLIPTextEncoder(
           **cfg["text_encoder"]), key, abstract=True)}
-  params = ocp.StandardCheckpointer().restore(
-      os.path.join(os.path.abspath(directory), "params"), abstract)
+  # Shapes, integrity (sha256) and corrupt files: one checked path for all
+  # families.
+  params = checkpoints.restore_params(directory, abstract, metadata)
   converted = dict(
       unet=(params["unet"], _tuples(cfg["unet"])),
       vae=(params["vae"], _tuples(cfg["vae"])),
