@@ -13,7 +13,6 @@ after a kill resumes from the finished shards.
 
 from absl import app, flags
 import jax
-from ml_collections import config_flags
 
 from mia_jax import attacks, audit, cli, errors, fixed_point, report
 

@@ -16,11 +16,10 @@ Both steps resume after a kill. Nothing is downloaded.
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from mia_jax import audit, cli, report, train
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs",
                            "train_digits.py"),
     "Training config of the target (append :quick for a smoke run).",

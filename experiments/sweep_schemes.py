@@ -11,12 +11,11 @@ sweep.md (the tables) to --config.output and prints the tables.
 """
 
 from absl import app
-from ml_collections import config_flags
 
 from mia_jax import cli
 from mia_jax.attacks import schemes
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = cli.define_config_file(
     "config", "experiments/configs/scheme_sweep.py", "Sweep config.",
     lock_config=True)
 
