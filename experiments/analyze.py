@@ -62,12 +62,14 @@ _OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  timesteps = cli.parse_numbers(_TIMESTEPS.value, int, "--timesteps")
+  pair_scales = cli.parse_numbers(_PAIR_SCALES.value, float, "--pair_scales")
   config = analysis.AnalysisConfig(
       num_iterations=_NUM_ITERATIONS.value, chain_length=_CHAIN_LENGTH.value,
       power_max_iterations=_POWER_ITERATIONS.value,
       power_tol=_POWER_TOL.value, num_probes=_NUM_PROBES.value,
       num_pairs=_NUM_PAIRS.value,
-      pair_scales=tuple(float(s) for s in _PAIR_SCALES.value))
+      pair_scales=tuple(pair_scales))
   dtype = "float32"
   if _FLOAT64.value and jax.default_backend() == "cpu":
     precision.enable_x64()
@@ -75,7 +77,7 @@ def main(argv):
   summary = analysis.run(
       _CHECKPOINT.value, _OUTPUT.value, members=_MEMBERS.value,
       nonmembers=_NONMEMBERS.value,
-      timesteps=[int(t) for t in _TIMESTEPS.value], config=config,
+      timesteps=timesteps, config=config,
       num_samples=_NUM_SAMPLES.value, batch_size=_BATCH_SIZE.value,
       seed=_SEED.value, dtype=dtype)
   print(analysis.format_summary(summary))

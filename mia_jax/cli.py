@@ -197,6 +197,24 @@ def _parse_flags(argv):
   return rest
 
 
+def parse_numbers(values, kind, flag: str) -> list:
+  """``["50", "100"]`` -> [50, 100] (``kind`` int or float), or one line.
+
+  An integer flag refuses "2.5" and "abc" alike, naming the flag.
+  """
+  from mia_jax import errors
+  out = []
+  for text in values:
+    try:
+      out.append(kind(str(text).strip()))
+    except ValueError:
+      raise errors.UserError(
+          f"{text!r} is not {'an integer' if kind is int else 'a number'}",
+          flag, f"give a comma-separated list of "
+          f"{'integers' if kind is int else 'numbers'}, e.g. 50,100") from None
+  return out
+
+
 def run(main) -> None:
   """`absl.app.run(main)`, with a user's mistake shown as one line.
 

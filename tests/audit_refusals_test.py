@@ -355,3 +355,23 @@ def test_every_caller_of_a_score_function_gets_the_timestep_check(name, timestep
   keys = jax.random.split(jax.random.key(0), 2)
   with pytest.raises(errors.UserError, match="timestep|step"):
     attack.score_fn({}, sched, x0, keys)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--timesteps=abc"], r"'abc' is not an integer \(--timesteps\)"),
+    (["--timesteps=50,-3"], r"timestep -3 is out of range \(--timesteps\)"),
+    (["--timesteps=2.5"], r"'2.5' is not an integer \(--timesteps\)"),
+    (["--num_samples=-1"], r"--num_samples must be an integer >= 1"),
+    (["--pair_scales=0.1,x"], r"'x' is not a number \(--pair_scales\)"),
+    (["--num_probes=1"], r"--num_probes must be an integer >= 2"),
+])
+def test_analyze_refuses_bad_flags_in_one_line(ckpt, tmp_path, args, match):
+  out = tmp_path / "analysis"
+  cli = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "analyze.py"),
+       f"--checkpoint={ckpt}", f"--output={out}", *args], cwd=ROOT,
+      capture_output=True, text=True, timeout=300)
+  assert cli.returncode == 2 and "Traceback" not in cli.stderr
+  import re
+  assert re.search(match, cli.stderr.strip().splitlines()[-1]), cli.stderr
+  assert not out.exists()

@@ -435,6 +435,42 @@ def write_outputs(output: str, result: AnalysisResult, summary: dict) -> dict:
   return plots.write_all(output, result, summary)
 
 
+def check_settings(metadata: dict, output: str, checkpoint: str, *,
+                   timesteps: Sequence[int], config: AnalysisConfig,
+                   num_samples: Optional[int], batch_size: int) -> None:
+  """Refuses settings that would give a meaningless analysis, before work."""
+  from mia_jax import errors, rundir, schedules
+  sched = schedules.from_config(metadata["schedule"])
+  if not len(timesteps):
+    raise errors.UserError("no timestep given", "--timesteps",
+                           "name one or more, e.g. --timesteps 50,100")
+  for t in timesteps:
+    schedules.validate_timestep(sched, t, "--timesteps")
+  def at_least(value, minimum, flag, allow_none=False):
+    if value is None and allow_none:
+      return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+        value < minimum):
+      raise errors.UserError(f"{flag} must be an integer >= {minimum}",
+                             f"{flag} {value!r}", f"pass an integer >= {minimum}")
+  at_least(num_samples, 1, "--num_samples", allow_none=True)
+  at_least(batch_size, 1, "--batch_size")
+  at_least(config.num_iterations, 1, "--num_iterations")
+  at_least(config.chain_length, config.num_iterations, "--chain_length")
+  at_least(config.power_max_iterations, 1, "--power_iterations")
+  at_least(config.num_probes, 2, "--num_probes")
+  at_least(config.num_pairs, 1, "--num_pairs")
+  if not (np.isfinite(config.power_tol) and 0 < config.power_tol < 1):
+    raise errors.UserError("the spectral tolerance must lie in (0, 1)",
+                           f"--power_tol {config.power_tol}", "e.g. 1e-5")
+  if not config.pair_scales or not all(
+      np.isfinite(v) and v > 0 for v in config.pair_scales):
+    raise errors.UserError("pair scales must be positive numbers",
+                           f"--pair_scales {list(config.pair_scales)}",
+                           "e.g. 0.1,1.0")
+  rundir.check_output_path(output, (checkpoint,))
+
+
 def run(checkpoint: str, output: str, *, members: Optional[str] = None,
         nonmembers: Optional[str] = None,
         timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
@@ -462,6 +498,9 @@ def run(checkpoint: str, output: str, *, members: Optional[str] = None,
   """
   from mia_jax import audit, checkpoints  # data layer, loaded on use.
   metadata = checkpoints.read_metadata(checkpoint)
+  check_settings(metadata, output, checkpoint, timesteps=timesteps,
+                 config=config, num_samples=num_samples,
+                 batch_size=batch_size)
   denoiser = denoiser or checkpoints.load_denoiser(checkpoint)
   dtype, denoiser = precision.resolve(dtype, denoiser)
   sets = audit.resolve_sets(
