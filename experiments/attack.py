@@ -29,7 +29,10 @@ _OMS_STEPS = flags.DEFINE_integer("oms_steps", 1, "Score OMS depths 0..N.")
 _TIMESTEP = flags.DEFINE_integer("timestep", None,
                                  "Overrides every attack's preset timestep.")
 _SEED = flags.DEFINE_integer("seed", 0, "Run seed.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Samples per call.")
+_BATCH_SIZE = flags.DEFINE_string(
+    "batch_size", "auto", "Samples per call, or auto (the largest that fits "
+    "the accelerator's free memory; 64 on CPU).")
+cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_dir
 _MAX_SAMPLES = flags.DEFINE_integer("max_samples", None,
                                     "Use at most N members and N non-members.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples.")
@@ -71,6 +74,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.maybe_initialize_distributed(_MULTIHOST.value)
+  cli.apply_compute_flags()
   preset = _CONFIG.value
   cfg = audit.AuditConfig(
       checkpoint=_CHECKPOINT.value, output=_OUTPUT.value,
@@ -78,7 +82,7 @@ def main(argv):
       attacks=tuple(_value(_ATTACKS, "attacks")),
       oms_steps=_value(_OMS_STEPS, "oms_steps"),
       timestep=_TIMESTEP.value, seed=_SEED.value,
-      batch_size=_value(_BATCH_SIZE, "batch_size"),
+      batch_size=cli.parse_batch_size(str(_value(_BATCH_SIZE, "batch_size"))),
       max_samples=_MAX_SAMPLES.value,
       bootstrap=_BOOTSTRAP.value, reference=_REFERENCE.value,
       shadow_checkpoints=tuple(_SHADOWS.value), captions=_CAPTIONS.value,

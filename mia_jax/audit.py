@@ -18,7 +18,8 @@ from absl import logging
 import numpy as np
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import checkpoints, data, metrics, parallel, report, runner
+from mia_jax import autobatch, checkpoints, compute, data, metrics, parallel
+from mia_jax import report, runner
 from mia_jax.attacks import fitted
 from mia_jax.denoiser import Denoiser
 
@@ -36,7 +37,9 @@ class AuditConfig:
     oms_steps: N; every depth 0..N is scored.
     timestep: overrides each attack's preset timestep when set.
     seed: randomness of the run (Naive noise, bootstrap, ASR splits).
-    batch_size: samples per compiled call.
+    batch_size: samples per compiled call, or "auto" (`mia_jax.autobatch`:
+      the largest that fits the device; 64 on CPU), resolved before any
+      scoring and recorded resolved.
     max_samples: keep at most this many members and non-members (the first
       ones in order), for quick runs; None keeps all.
     bootstrap: bootstrap resamples for the intervals (0 disables).
@@ -59,7 +62,7 @@ class AuditConfig:
   oms_steps: int = 1
   timestep: Optional[int] = None
   seed: int = 0
-  batch_size: int = 64
+  batch_size: int | str = 64
   max_samples: Optional[int] = None
   bootstrap: int = 200
   attack_overrides: dict = dataclasses.field(default_factory=dict)
@@ -246,6 +249,10 @@ def run_audit(cfg: AuditConfig, *, progress: bool = True,
   _check_resolution(denoiser, sets)
   built = build_attacks(cfg, denoiser)
   import jax
+  if cfg.batch_size == "auto":
+    needed = -(-sum(len(s.indices) for s in sets) // jax.process_count())
+    cfg = dataclasses.replace(cfg, batch_size=autobatch.for_run(
+        cfg.output, denoiser, built, needed=needed))
   lead = jax.process_index() == 0
   fitted_names = [a for a in cfg.attacks if fitted.is_fitted(a)]
   if jax.process_count() > 1 and fitted_names:
@@ -255,7 +262,9 @@ def run_audit(cfg: AuditConfig, *, progress: bool = True,
   manifest = _manifest(cfg, denoiser, sets)
   resolved = {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
               "attack_configs": {a.name: a.config for a in built},
-              "schedule": denoiser.schedule.to_config(), "family": denoiser.family}
+              "schedule": denoiser.schedule.to_config(), "family": denoiser.family,
+              # dtype and matmul precision change scores: part of the run.
+              "compute": compute.settings()}
   if lead:
     report.atomic_write_text(os.path.join(cfg.output, "config.json"),
                              json.dumps(resolved, indent=2, default=str))
@@ -272,6 +281,11 @@ def run_audit(cfg: AuditConfig, *, progress: bool = True,
   if lead:
     fitted_variants = run_fitted_attacks(cfg, denoiser, sets,
                                          resolve_reference(cfg, metadata))
+    manifest["compute"] = {**compute.settings(), **compute.compile_stats()}
+    logging.info("compilation: %.1f s in %d programs, %d loaded from the "
+                 "persistent cache", manifest["compute"]["compile_s"],
+                 manifest["compute"]["compiles"],
+                 manifest["compute"]["cache_hits"])
     write_outputs(cfg.output, table, built, resolved, manifest,
                   bootstrap=cfg.bootstrap, seed=cfg.seed,
                   fitted_variants=fitted_variants)
