@@ -11,11 +11,11 @@ report.html to --output and prints the table. Re-running the same command
 after a kill resumes from the finished shards.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
 
-from mia_jax import attacks, audit, cli, fixed_point, report
+from mia_jax import attacks, audit, cli, compute, fixed_point, report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional preset (e.g. experiments/configs/attack_sd.py); "
@@ -98,6 +98,9 @@ def main(argv):
     for name in cfg.attacks:  # preset aliases (naive_oms_paper, ...) too
       if attacks.takes_scheme(name):
         cfg.attack_overrides.setdefault(name, {})["scheme"] = scheme
+  if compute.current().dtype == "bfloat16":
+    for line in compute.bfloat16_warnings(cfg.attacks):
+      logging.warning("--dtype bfloat16: %s", line)
   rows = audit.run_audit(cfg)
   if jax.process_index() == 0:
     print(report.format_table(rows))

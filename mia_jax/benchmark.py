@@ -124,12 +124,14 @@ def torch_attack(name: str, attack: base.Attack, tmodel, sched):
   scores -sum |eps^{n+1} - eps^0|^p.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  abar = torch.from_numpy(np.array(sched.alphas_cumprod, np.float32))
+  dev = next(tmodel.parameters()).device
+  abar = torch.from_numpy(np.array(sched.alphas_cumprod, np.float32)).to(dev)
   cfg = attack.config
   depth = attack.oms_steps
 
   def eps(x, t):
-    return tmodel(x, torch.full((x.shape[0],), int(t), dtype=torch.long))
+    return tmodel(x, torch.full((x.shape[0],), int(t), dtype=torch.long,
+                                device=dev))
 
   def chain(x0, t, e0):
     a = abar[t]
@@ -285,6 +287,10 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                   "load_start": _load()}}
   tmodel, module, params, sched, model_config = build_models(cfg)
+  # PyTorch on JAX's device (CUDA when JAX runs on a GPU); CPU: unchanged.
+  from mia_jax import benchmark_accel  # pylint: disable=g-import-not-at-top
+  dev = benchmark_accel.torch_device()
+  result["machine"]["torch_device"] = str(dev)
   res = MODELS[cfg.model]["resolution"]
   b = cfg.batch_size
   result["model"] = {"name": cfg.model, "config": model_config,
@@ -312,10 +318,13 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
       jnp.arange(b, dtype=jnp.uint32))
   x0_j = jnp.asarray(x0)
   x0_t = torch.from_numpy(np.ascontiguousarray(x0.transpose(0, 3, 1, 2)))
+  if dev.type != "cpu":
+    tmodel, x0_t = tmodel.to(dev), x0_t.to(dev)
+  sync = lambda: benchmark_accel._sync(dev)  # pylint: disable=protected-access,unnecessary-lambda-assignment
 
   # Forward pass alone, interleaved (the quantity the ceiling bounds).
   t_j = jnp.full((b,), 100, jnp.int32)
-  t_t = torch.full((b,), 100, dtype=torch.long)
+  t_t = torch.full((b,), 100, dtype=torch.long, device=dev)
   fj, ft = [], []
   def jax_forward():
     fwd_compiled(params, x0_j, t_j).block_until_ready()
@@ -323,6 +332,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
   def torch_forward():
     with torch.inference_mode():
       tmodel(x0_t, t_t)
+    sync()
 
   for rep in range(cfg.reps + 1):
     dj, dt = _timed_pair(jax_forward, torch_forward, rep)
@@ -344,7 +354,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
       info = _cost(compiled)
       eps0 = base.per_sample_normal(keys, x0_j.shape)
       e0_t = torch.from_numpy(np.ascontiguousarray(
-          np.asarray(eps0).transpose(0, 3, 1, 2)))
+          np.asarray(eps0).transpose(0, 3, 1, 2))).to(dev)
       tfn = torch_attack(name, attack, tmodel, sched)
       tj, tt, load = [], [], []
       out = {}
@@ -353,7 +363,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         out["jax"] = np.asarray(compiled(params, sched, x0_j, keys, None))
 
       def torch_scores():
-        out["torch"] = tfn(x0_t, e0_t).numpy()
+        out["torch"] = tfn(x0_t, e0_t).cpu().numpy()
 
       for rep in range(cfg.reps + 1):  # rep 0: warm-up and agreement check
         dj, dt = _timed_pair(jax_scores, torch_scores, rep)

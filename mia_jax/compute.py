@@ -44,6 +44,43 @@ DEFAULT_CACHE_DIR = os.environ.get(
         os.path.expanduser("~"), ".cache")), "mia_jax", "xla"))
 
 
+# What bfloat16 must keep of an attack's float32 scores to run without a
+# warning: rank correlation and the AUC change on a leaking target.
+BF16_TOLERANCE = {"rank_correlation": 0.999, "abs_delta_auc": 0.005}
+# Each attack's measured bfloat16 agreement with float32 (the lowest rank
+# correlation over OMS depths 0..2), CIFAR-10 UNet of pytorch-ddpm on one
+# H200 (issue 17's measurement; JAX and PyTorch autocast alike).
+# `experiments/benchmark.py --accelerator` measures it on any device.
+BF16_MEASURED = {
+    "pia": {"rank_correlation": 0.998},
+    "secmi": {"rank_correlation": 0.967},
+}
+
+
+def bfloat16_warnings(attack_names) -> list[str]:
+  """One line per attack whose bfloat16 scores may not keep float32's."""
+  out = []
+  for name in attack_names:
+    known = BF16_MEASURED.get(name)
+    if known is None:
+      out.append(
+          f"{name}: bfloat16 agreement with float32 not measured; check it "
+          "with experiments/benchmark.py --accelerator (rank correlation "
+          f">= {BF16_TOLERANCE['rank_correlation']}, |dAUC| <= "
+          f"{BF16_TOLERANCE['abs_delta_auc']}) or use --dtype float32")
+    elif known["rank_correlation"] < BF16_TOLERANCE["rank_correlation"]:
+      why = ("its score is a small difference of large DDIM-inverted terms "
+             "(the t-error), which bfloat16's 8-bit mantissa reorders"
+             if name.startswith("secmi") else
+             "bfloat16's 8-bit mantissa reorders samples with close scores")
+      out.append(
+          f"{name}: in bfloat16, rank correlation with float32 was "
+          f"{known['rank_correlation']} (below "
+          f"{BF16_TOLERANCE['rank_correlation']}): {why}; use --dtype "
+          "float32 for results to report")
+  return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ComputeConfig:
   """See the module docstring."""
@@ -178,6 +215,7 @@ def compile_stats() -> dict[str, Any]:
   return out
 
 
-__all__ = ["ComputeConfig", "DTYPES", "PRECISIONS", "DEFAULT_CACHE_DIR",
+__all__ = ["BF16_TOLERANCE", "BF16_MEASURED", "bfloat16_warnings",
+           "ComputeConfig", "DTYPES", "PRECISIONS", "DEFAULT_CACHE_DIR",
            "configure", "current", "compute_dtype", "apply_dtype", "settings",
            "compile_stats"]

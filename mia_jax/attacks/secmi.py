@@ -79,9 +79,9 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
     t = base.full_t(x0, t_cmp)
     if len(walk) > 1:
       # The walk's first query is eps_theta(x0, 0) (walk[0] = 0): take it as
-      # given, step to walk[1], and invert the rest of the way.
+      # given, step to walk[1] = k, and invert the rest of the way.
       x_t = diffusion.ddim_step(sched, x0, base.full_t(x0, 0),
-                                base.full_t(x0, int(walk[1])), eps_clean)
+                                base.full_t(x0, interval), eps_clean)
       x_t = diffusion.ddim_invert(eps_fn, params, sched, x_t, walk[1:], cond)
       eps_a = eps_fn(params, x_t, t, cond)
     else:  # t_cmp = 0: no walk, and eps(x_t, t) is the clean query itself.
