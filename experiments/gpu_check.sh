@@ -27,8 +27,8 @@ if [ "$TINY" = 1 ]; then
   WARM_SAMPLES=16
 else
   TESTS=${TESTS:-tests}; WORKERS=${WORKERS:-12}
-  T_TESTS=${T_TESTS:-170}; T_BENCH=${T_BENCH:-110}; T_E2E=${T_E2E:-125}
-  BENCH="--model=cifar10 --batch_size=256 --big_batch=1024 --reps=5 --time_budget_s=85"
+  T_TESTS=${T_TESTS:-130}; T_BENCH=${T_BENCH:-140}; T_E2E=${T_E2E:-130}
+  BENCH="--model=cifar10 --batch_size=256 --big_batch=1024 --reps=5 --time_budget_s=115"
   MODEL=cifar10; SAMPLES=${SAMPLES:-50000}; WARM_SAMPLES=2048
 fi
 log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$OUT/gpu_check.log"; }
@@ -98,7 +98,7 @@ audit() {  # NAME TIMEOUT EXTRA_FLAGS...
   timeout -s INT -k 10 "$limit" "$PY" experiments/attack.py \
     --checkpoint="$WORK/target" --members="$WORK/members.npz" \
     --nonmembers="$WORK/nonmembers.npz" --attacks=naive,secmi,pia,pian \
-    --oms_steps=2 --dtype=bfloat16 --batch_size=auto \
+    --oms_steps=2 --dtype=bfloat16 --batch_size=auto --bootstrap=0 \
     --compilation_cache_dir="$WORK/xla_cache" --output="$WORK/$name" "$@" \
     > "$OUT/$name.log" 2>&1
   local rc=$?

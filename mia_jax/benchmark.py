@@ -322,6 +322,11 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
   x0_t = torch.from_numpy(np.ascontiguousarray(x0.transpose(0, 3, 1, 2)))
   if dev.type != "cpu":
     tmodel, x0_t = tmodel.to(dev), x0_t.to(dev)
+    # torch's CUDA convolutions default to TF32: match JAX's precision, so
+    # the score agreement compares like with like.
+    exact = jax.config.jax_default_matmul_precision in ("highest", "float32")
+    torch.backends.cudnn.allow_tf32 = not exact
+    torch.backends.cuda.matmul.allow_tf32 = not exact
   sync = lambda: benchmark_accel._sync(dev)  # pylint: disable=protected-access,unnecessary-lambda-assignment
 
   # Forward pass alone, interleaved (the quantity the ceiling bounds).

@@ -65,7 +65,7 @@ def test_agreement_measures_rank_correlation_and_auc_change():
   ref = rng.standard_normal((2, 4000))
   labels = benchmark_accel.synthetic_leak_labels(ref[0], 0)
   assert labels.sum() == 2000
-  assert 0.7 < metrics.auc(ref[0], labels) < 0.82  # a leaking target's AUC
+  assert 0.8 < metrics.auc(ref[0], labels) < 0.88  # a leaking target's AUC
   test = ref + 0.1 * rng.standard_normal(ref.shape)
   rows = benchmark_accel.agreement(ref, test)
   for n, row in enumerate(rows):
@@ -83,8 +83,8 @@ def test_agreement_measures_rank_correlation_and_auc_change():
 def test_accelerator_suite_on_cpu(tmp_path):
   from mia_jax import benchmark_accel
   cfg = benchmark_accel.AccelConfig(model="tiny", batch_size=4, big_batch=8,
-                                    reps=1, attacks=("pia", "secmi"),
-                                    oms_steps=1, matmul_size=64)
+                                    reps=1, attacks=("pia",), oms_steps=1,
+                                    matmul_size=64, time_budget_s=1e9)
   written = []
   r = benchmark_accel.run_suite(cfg, lambda res: written.append(json.dumps(res)),
                                 log=lambda *_: None)
@@ -96,7 +96,7 @@ def test_accelerator_suite_on_cpu(tmp_path):
                                "jax_bf16_big_batch", "torch_eager_f32"}
   assert r["skipped"] == ["torch_compile_bf16 (CUDA only)"]
   assert r["machine"]["torch_device"] == "cpu"
-  for name in ("pia", "secmi"):
+  for name in ("pia",):
     row = r["attacks"][name]
     assert row["bf16"]["passes_per_sample"] == row["f32_highest"]["passes_per_sample"]
     # CPU float32 is exact whatever the precision: identical scores.
