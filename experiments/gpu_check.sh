@@ -22,15 +22,18 @@ WORK=${GPU_CHECK_WORK:-/tmp/mia_jax_gpu_check}
 mkdir -p "$WORK"
 if [ "$TINY" = 1 ]; then
   TESTS=${TESTS:-tests/compute_test.py}; WORKERS=${WORKERS:-0}
-  T_TESTS=${T_TESTS:-300}; T_BENCH=${T_BENCH:-300}; T_E2E=${T_E2E:-300}
+  T_TESTS=${T_TESTS:-300}; T_BENCH=${T_BENCH:-300}; T_E2E=${T_E2E:-900}
+  T_WARM=${T_WARM:-600}
   BENCH="--quick --time_budget_s=240"; MODEL=tiny; SAMPLES=${SAMPLES:-64}
   WARM_SAMPLES=16
 else
   TESTS=${TESTS:-tests}; WORKERS=${WORKERS:-12}
   T_TESTS=${T_TESTS:-130}; T_BENCH=${T_BENCH:-140}; T_E2E=${T_E2E:-130}
+  T_WARM=${T_WARM:-45}
   BENCH="--model=cifar10 --batch_size=256 --big_batch=1024 --reps=5 --time_budget_s=115"
   MODEL=cifar10; SAMPLES=${SAMPLES:-50000}; WARM_SAMPLES=2048
 fi
+PARTS=${PARTS:-tests,bench,e2e}  # a subset reruns only those parts
 log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$OUT/gpu_check.log"; }
 START=$SECONDS
 
@@ -69,24 +72,29 @@ log "environment: $(tr -d '\n' < "$OUT/environment.json" | head -c 400)"
 
 # (a) The test suite on the device. SIGINT first so pytest writes the
 # junit XML and the failure list of what ran; -v streams results to the log.
+if [[ $PARTS == *tests* ]]; then
 log "tests: $TESTS, $WORKERS workers, at most ${T_TESTS}s"
 XDIST=""; [ "$WORKERS" != 0 ] && XDIST="-n $WORKERS"
 timeout -s INT -k 20 "$T_TESTS" "$PY" -m pytest -v -rfE --tb=short $XDIST \
   -p no:cacheprovider --timeout 60 --junitxml="$OUT/junit.xml" $TESTS \
   > "$OUT/pytest.log" 2>&1
 log "tests exit $?: $(grep -E '^(=+ .*(passed|failed|error).* =+)$' "$OUT/pytest.log" | tail -1)"
+fi
 
 # (b) The accelerator benchmark (its JSON is rewritten after every section).
+if [[ $PARTS == *bench* ]]; then
 log "benchmark, at most ${T_BENCH}s"
 timeout -s INT -k 10 "$T_BENCH" "$PY" experiments/benchmark.py --accelerator \
   $BENCH --attacks=naive,secmi,pia,pian --oms_depths=0,1,2 \
   --compilation_cache_dir= --output="$OUT/benchmark_accel.json" \
   > "$OUT/benchmark.log" 2>&1
 log "benchmark exit $?"
+fi
 
 # (c) End to end: Table 1's size (25k + 25k 32x32x3) on random weights,
 # Naive/SecMI/PIA/PIAN with OMS 0..2 in bfloat16, cold cache, then a rerun
 # on a warm cache (fewer samples: it measures compilation).
+if [[ $PARTS == *e2e* ]]; then
 log "e2e: making a random-weight $MODEL target and $SAMPLES samples"
 E2E_START=$SECONDS
 "$PY" experiments/gpu_check.py make_target --output="$WORK" --model="$MODEL" \
@@ -129,6 +137,7 @@ REMAIN=$((T_E2E - (SECONDS - E2E_START)))
 log "audit_cold: $(audit audit_cold $((REMAIN > 30 ? REMAIN : 30)))"
 # Same batch size as the cold run, so the programs are the cached ones.
 BATCH=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1])).get('batch_size') or 'auto')" "$OUT/audit_cold.json" 2>/dev/null || echo auto)
-log "audit_warm: $(audit audit_warm 45 --max_samples=$((WARM_SAMPLES / 2)) --batch_size=$BATCH)"
+log "audit_warm: $(audit audit_warm "$T_WARM" --max_samples=$((WARM_SAMPLES / 2)) --batch_size=$BATCH)"
+fi
 "$PY" experiments/gpu_check.py summarize --output="$OUT" > /dev/null 2>&1
 log "done in $((SECONDS - START)) s; results in $OUT (summary.json)"
