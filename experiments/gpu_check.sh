@@ -97,6 +97,7 @@ fi
 if [[ $PARTS == *e2e* ]]; then
 log "e2e: making a random-weight $MODEL target and $SAMPLES samples"
 E2E_START=$SECONDS
+rm -rf "$WORK/target" "$WORK/members.npz" "$WORK/nonmembers.npz"
 "$PY" experiments/gpu_check.py make_target --output="$WORK" --model="$MODEL" \
   --samples="$SAMPLES" > "$OUT/make_target.log" 2>&1 || log "make_target failed"
 rm -rf "$WORK/xla_cache" "$WORK/audit_cold" "$WORK/audit_warm"
