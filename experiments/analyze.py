@@ -58,10 +58,13 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Samples per call.")
 _SEED = flags.DEFINE_integer("seed", 0, "Run seed.")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
 
+cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_dir
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.apply_compute_flags()
   timesteps = cli.parse_numbers(_TIMESTEPS.value, int, "--timesteps")
   pair_scales = cli.parse_numbers(_PAIR_SCALES.value, float, "--pair_scales")
   config = analysis.AnalysisConfig(

@@ -11,10 +11,10 @@ report.html to --output and prints the table. Re-running the same command
 after a kill resumes from the finished shards.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 
-from mia_jax import attacks, audit, cli, errors, fixed_point, report
+from mia_jax import attacks, audit, cli, compute, errors, fixed_point, report
 
 _CONFIG = cli.define_config_file(
     "config", None, "Optional preset (e.g. experiments/configs/attack_sd.py); "
@@ -36,7 +36,10 @@ _OMS_STEPS = flags.DEFINE_integer("oms_steps", 1, "Score OMS depths 0..N.")
 _TIMESTEP = flags.DEFINE_integer("timestep", None,
                                  "Overrides every attack's preset timestep.")
 _SEED = flags.DEFINE_integer("seed", 0, "Run seed.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Samples per call.")
+_BATCH_SIZE = flags.DEFINE_string(
+    "batch_size", "auto", "Samples per call, or auto (the largest that fits "
+    "the accelerator's free memory; 64 on CPU).")
+cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_dir
 _MAX_SAMPLES = flags.DEFINE_integer("max_samples", None,
                                     "Use at most N members and N non-members.")
 _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples.")
@@ -98,6 +101,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
   cli.maybe_initialize_distributed(_MULTIHOST.value)
+  cli.apply_compute_flags()
   _check_preset_keys()
   preset = _CONFIG.value
   cfg = audit.AuditConfig(
@@ -105,7 +109,7 @@ def main(argv):
       members=_value(_MEMBERS), nonmembers=_value(_NONMEMBERS),
       attacks=tuple(_value(_ATTACKS)), oms_steps=_value(_OMS_STEPS),
       timestep=_value(_TIMESTEP), seed=_value(_SEED),
-      batch_size=_value(_BATCH_SIZE), max_samples=_value(_MAX_SAMPLES),
+      batch_size=cli.parse_batch_size(str(_value(_BATCH_SIZE))), max_samples=_value(_MAX_SAMPLES),
       bootstrap=_value(_BOOTSTRAP), reference=_value(_REFERENCE),
       shadow_checkpoints=tuple(_value(_SHADOWS)), captions=_value(_CAPTIONS),
       latent_sample=_value(_LATENT_SAMPLE),
@@ -130,6 +134,9 @@ def main(argv):
     for name in cfg.attacks:  # preset aliases (naive_oms_paper, ...) too
       if attacks.takes_scheme(name):
         cfg.attack_overrides.setdefault(name, {})["scheme"] = scheme
+  if compute.current().dtype == "bfloat16":
+    for line in compute.bfloat16_warnings(cfg.attacks):
+      logging.warning("--dtype bfloat16: %s", line)
   rows = audit.run_audit(cfg)
   if jax.process_index() == 0:
     print(report.format_table(rows))

@@ -19,11 +19,14 @@ _CONFIG = cli.define_config_file(
     "config", None, "Recipe config, PATH:VARIANT.", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 
+cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_dir
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  cli.apply_compute_flags()
   try:
     result = recipes.run_recipe(_CONFIG.value, _WORKDIR.value)
   except recipes.RecipeUnavailable as e:

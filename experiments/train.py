@@ -18,11 +18,14 @@ _CONFIG = cli.define_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where state/ and target/ go.")
 
+cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_dir
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.setup_logging()
+  cli.apply_compute_flags()
   logging.info("devices: %s", jax.devices())
   target = train.train(_CONFIG.value, _WORKDIR.value)
   print(f"trained target: {target}")

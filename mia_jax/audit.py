@@ -18,8 +18,8 @@ from absl import logging
 import numpy as np
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import checkpoints, data, errors, metrics, parallel, report
-from mia_jax import rundir, runner, schedules
+from mia_jax import autobatch, checkpoints, compute, data, errors, metrics
+from mia_jax import parallel, report, rundir, runner, schedules
 from mia_jax.attacks import fitted
 from mia_jax.data import integrity
 from mia_jax.denoiser import Denoiser
@@ -38,7 +38,9 @@ class AuditConfig:
     oms_steps: N; every depth 0..N is scored.
     timestep: overrides each attack's preset timestep when set.
     seed: randomness of the run (Naive noise, bootstrap, ASR splits).
-    batch_size: samples per compiled call.
+    batch_size: samples per compiled call, or "auto" (`mia_jax.autobatch`:
+      the largest that fits the device; 64 on CPU), resolved before any
+      scoring and recorded resolved.
     max_samples: keep at most this many members and non-members (the first
       ones in order), for quick runs; None keeps all.
     bootstrap: bootstrap resamples for the intervals (0 disables).
@@ -63,7 +65,7 @@ class AuditConfig:
   oms_steps: int = 1
   timestep: Optional[int] = None
   seed: int = 0
-  batch_size: int = 64
+  batch_size: int | str = 64
   max_samples: Optional[int] = None
   bootstrap: int = 200
   attack_overrides: dict = dataclasses.field(default_factory=dict)
@@ -116,7 +118,8 @@ def check_config(cfg: AuditConfig, metadata: dict) -> None:
           f"unknown attack {name!r}", "--attacks",
           f"expected some of {sorted(attacks_lib.PRESETS) + sorted(fitted.FITTED)}")
   _positive_int(cfg.oms_steps, "--oms_steps", minimum=0)
-  _positive_int(cfg.batch_size, "--batch_size")
+  if cfg.batch_size != "auto":
+    _positive_int(cfg.batch_size, "--batch_size")
   _positive_int(cfg.max_samples, "--max_samples", allow_none=True)
   _positive_int(cfg.bootstrap, "--bootstrap", minimum=0)
   if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)):
@@ -419,6 +422,10 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
   _check_resolution(denoiser, sets)
   built = build_attacks(cfg, denoiser)
   import jax
+  if cfg.batch_size == "auto":
+    needed = -(-sum(len(s.indices) for s in sets) // jax.process_count())
+    cfg = dataclasses.replace(cfg, batch_size=autobatch.for_run(
+        cfg.output, denoiser, built, needed=needed))
   fitted_names = [a for a in cfg.attacks if fitted.is_fitted(a)]
   if jax.process_count() > 1 and fitted_names:
     raise errors.UserError(f"fitted attacks {fitted_names} do not run "
@@ -428,7 +435,9 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
   manifest = _manifest(cfg, denoiser, sets)
   resolved = {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
               "attack_configs": {a.name: a.config for a in built},
-              "schedule": denoiser.schedule.to_config(), "family": denoiser.family}
+              "schedule": denoiser.schedule.to_config(), "family": denoiser.family,
+              # dtype and matmul precision change scores: part of the run.
+              "compute": compute.settings()}
   shard_dir = os.path.join(cfg.output, "shards")
   run_fingerprint = {"config": _scoring_config(resolved),
                      "params": manifest["checkpoint_params_sha256"],
@@ -449,6 +458,11 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
       shard_dir=shard_dir, run_fingerprint=run_fingerprint, progress=progress)
   if lead:
     fitted_variants = run_fitted_attacks(cfg, denoiser, sets, reference)
+    manifest["compute"] = {**compute.settings(), **compute.compile_stats()}
+    logging.info("compilation: %.1f s in %d programs, %d loaded from the "
+                 "persistent cache", manifest["compute"]["compile_s"],
+                 manifest["compute"]["compiles"],
+                 manifest["compute"]["cache_hits"])
     write_outputs(cfg.output, table, built, resolved, manifest,
                   bootstrap=cfg.bootstrap, seed=cfg.seed,
                   fitted_variants=fitted_variants)

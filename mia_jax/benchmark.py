@@ -124,12 +124,14 @@ def torch_attack(name: str, attack: base.Attack, tmodel, sched):
   scores -sum |eps^{n+1} - eps^0|^p.
   """
   import torch  # pylint: disable=g-import-not-at-top
-  abar = torch.from_numpy(np.array(sched.alphas_cumprod, np.float32))
+  dev = next(tmodel.parameters()).device
+  abar = torch.from_numpy(np.array(sched.alphas_cumprod, np.float32)).to(dev)
   cfg = attack.config
   depth = attack.oms_steps
 
   def eps(x, t):
-    return tmodel(x, torch.full((x.shape[0],), int(t), dtype=torch.long))
+    return tmodel(x, torch.full((x.shape[0],), int(t), dtype=torch.long,
+                                device=dev))
 
   def chain(x0, t, e0):
     a = abar[t]
@@ -252,20 +254,22 @@ def cost_model(names: Sequence[str], eps_fn, max_depth: int) -> dict:
 
   A depth-N run scores depths 0..N from one chain, so it costs what depth N
   costs alone; scoring each depth separately would cost the sum. Across
-  attacks, PIA's start eps_theta(x0, 0) is also SecMI's first inversion
-  query (both at index 0 on the clean image), the only pass two attacks
-  could share.
+  attacks, PIA's and PIAN's start eps_theta(x0, 0) is also SecMI's first
+  inversion query (all at index 0 on the clean image), the only pass
+  attacks can share; the runner computes it once per batch
+  (`Attack.from_clean_fn`), so a run makes the fewest possible.
   """
-  per_variant, run, separately = {}, 0, 0
+  per_variant, alone, separately, sharing = {}, 0, 0, 0
   for name in names:
     for d in range(max_depth + 1):
       per_variant[f"{name}_oms{d}"] = attacks_lib.build(
           name, eps_fn, oms_steps=d).queries_per_sample
       separately += per_variant[f"{name}_oms{d}"]
-    run += per_variant[f"{name}_oms{max_depth}"]
-  shared = 1 if ("pia" in names and "secmi" in names) else 0
+    alone += per_variant[f"{name}_oms{max_depth}"]
+    sharing += attacks_lib.build(name, eps_fn).from_clean_fn is not None
+  run = alone - max(sharing - 1, 0)
   return {"per_variant": per_variant, "run_passes": run,
-          "fewest_possible": run - shared,
+          "fewest_possible": run, "without_the_shared_pass": alone,
           "if_each_depth_scored_separately": separately}
 
 
@@ -285,6 +289,10 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                   "xla_flags": os.environ.get("XLA_FLAGS", ""),
                   "load_start": _load()}}
   tmodel, module, params, sched, model_config = build_models(cfg)
+  # PyTorch on JAX's device (CUDA when JAX runs on a GPU); CPU: unchanged.
+  from mia_jax import benchmark_accel  # pylint: disable=g-import-not-at-top
+  dev = benchmark_accel.torch_device()
+  result["machine"]["torch_device"] = str(dev)
   res = MODELS[cfg.model]["resolution"]
   b = cfg.batch_size
   result["model"] = {"name": cfg.model, "config": model_config,
@@ -312,10 +320,18 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
       jnp.arange(b, dtype=jnp.uint32))
   x0_j = jnp.asarray(x0)
   x0_t = torch.from_numpy(np.ascontiguousarray(x0.transpose(0, 3, 1, 2)))
+  if dev.type != "cpu":
+    tmodel, x0_t = tmodel.to(dev), x0_t.to(dev)
+    # torch's CUDA convolutions default to TF32: match JAX's precision, so
+    # the score agreement compares like with like.
+    exact = jax.config.jax_default_matmul_precision in ("highest", "float32")
+    torch.backends.cudnn.allow_tf32 = not exact
+    torch.backends.cuda.matmul.allow_tf32 = not exact
+  sync = lambda: benchmark_accel._sync(dev)  # pylint: disable=protected-access,unnecessary-lambda-assignment
 
   # Forward pass alone, interleaved (the quantity the ceiling bounds).
   t_j = jnp.full((b,), 100, jnp.int32)
-  t_t = torch.full((b,), 100, dtype=torch.long)
+  t_t = torch.full((b,), 100, dtype=torch.long, device=dev)
   fj, ft = [], []
   def jax_forward():
     fwd_compiled(params, x0_j, t_j).block_until_ready()
@@ -323,6 +339,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
   def torch_forward():
     with torch.inference_mode():
       tmodel(x0_t, t_t)
+    sync()
 
   for rep in range(cfg.reps + 1):
     dj, dt = _timed_pair(jax_forward, torch_forward, rep)
@@ -344,7 +361,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
       info = _cost(compiled)
       eps0 = base.per_sample_normal(keys, x0_j.shape)
       e0_t = torch.from_numpy(np.ascontiguousarray(
-          np.asarray(eps0).transpose(0, 3, 1, 2)))
+          np.asarray(eps0).transpose(0, 3, 1, 2))).to(dev)
       tfn = torch_attack(name, attack, tmodel, sched)
       tj, tt, load = [], [], []
       out = {}
@@ -353,7 +370,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
         out["jax"] = np.asarray(compiled(params, sched, x0_j, keys, None))
 
       def torch_scores():
-        out["torch"] = tfn(x0_t, e0_t).numpy()
+        out["torch"] = tfn(x0_t, e0_t).cpu().numpy()
 
       for rep in range(cfg.reps + 1):  # rep 0: warm-up and agreement check
         dj, dt = _timed_pair(jax_scores, torch_scores, rep)
@@ -447,7 +464,8 @@ def format_table(result: dict) -> str:
   lines += ["", f"cost model: a run of {result['config']['attacks']} with OMS "
             f"0..{max(result['config']['oms_depths'])} makes "
             f"{cm['run_passes']} UNet passes per sample (fewest possible "
-            f"{cm['fewest_possible']}; scoring each depth separately would "
+            f"{cm['fewest_possible']}; {cm['without_the_shared_pass']} without "
+            "the shared eps(x0, 0) pass; scoring each depth separately would "
             f"take {cm['if_each_depth_scored_separately']})",
             "GFLOP/s executed = XLA cost analysis of one compiled UNet "
             "forward x passes / time (XLA's cost analysis counts a scan body "

@@ -246,3 +246,60 @@ def run(main) -> None:
 
   # A bad flag value, unknown flag or config override: one line too.
   app.run(guarded, flags_parser=_parse_flags)
+
+
+def define_compute_flags(batch_size_default: str | None = None):
+  """Defines ``--dtype``, ``--matmul_precision`` and ``--compilation_cache_dir``
+  (and ``--batch_size`` when ``batch_size_default`` is given, accepting
+  ``auto``); call at a binary's module level, then `apply_compute_flags` in
+  its main. Returns nothing: the values live in ``absl.flags.FLAGS``."""
+  from absl import flags
+
+  from mia_jax import compute
+  flags.DEFINE_enum(
+      "dtype", "float32", list(compute.DTYPES),
+      "Network compute dtype. bfloat16: the network runs in bfloat16 with "
+      "float32 parameters; chains, distances, GroupNorm statistics and "
+      "SecMI's inversion stay float32. About 1.5-2x faster on GPUs/TPUs; "
+      "changes score rankings (see experiments/benchmark.py --dtype "
+      "bfloat16 for each attack's agreement with float32).")
+  flags.DEFINE_enum(
+      "matmul_precision", "default", list(compute.PRECISIONS),
+      "float32 matmul/conv precision. default: the backend's (TF32 on "
+      "NVIDIA GPUs, ~1e-3 relative error); highest: exact float32 (3-6x "
+      "slower on GPUs). CPU is exact float32 either way.")
+  flags.DEFINE_string(
+      "compilation_cache_dir", compute.DEFAULT_CACHE_DIR,
+      "JAX's persistent compilation cache: reruns and resumed runs load "
+      "compiled programs instead of compiling ('' turns it off).")
+  if batch_size_default is not None:
+    flags.DEFINE_string(
+        "batch_size", batch_size_default,
+        "Samples per compiled call, or 'auto': the largest power of two "
+        "that fits the device's free memory (from the compiled program's "
+        "memory analysis); on CPU 'auto' means 64.")
+
+
+def apply_compute_flags():
+  """Configures `mia_jax.compute` from the flags of `define_compute_flags`."""
+  from absl import flags
+
+  from mia_jax import compute
+  f = flags.FLAGS
+  return compute.configure(f.dtype, f.matmul_precision,
+                           f.compilation_cache_dir)
+
+
+def parse_batch_size(value: str):
+  """``--batch_size``: a positive int, or "auto" (`mia_jax.autobatch`)."""
+  from mia_jax import errors
+  if value == "auto":
+    return value
+  try:
+    n = int(value)
+  except ValueError:
+    n = 0
+  if n <= 0:
+    raise errors.UserError("bad batch size", f"--batch_size={value}",
+                           "pass a positive integer or 'auto'")
+  return n

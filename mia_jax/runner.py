@@ -50,7 +50,7 @@ import numpy as np
 from mia_jax import data
 from mia_jax import errors
 from mia_jax import parallel
-from mia_jax.attacks.base import Attack
+from mia_jax.attacks.base import Attack, clean_eps
 from mia_jax.denoiser import Denoiser
 
 
@@ -453,9 +453,16 @@ def _score_batch(denoiser, attacks, base_keys, encode_key, params, sched, mesh,
       cond = parallel.shard_batch(denoiser.cond_fn(captions), mesh)
   shard = {"positions": positions, "mask": np.ones(n_valid, bool),
            "ids": ids[:n_valid], "labels": labels[:n_valid]}
+  # PIA, PIAN and SecMI all begin with eps_theta(x0, 0): one pass per batch.
+  eps_clean = None
+  if any(a.from_clean_fn is not None for a in attacks):
+    eps_clean = clean_eps(denoiser.eps_fn)(params, x0, cond)
   for attack, base_key in zip(attacks, base_keys):
     keys = parallel.shard_batch(sample_keys(base_key, padded), mesh)
-    scores = attack.score_fn(params, sched, x0, keys, cond)
+    if attack.from_clean_fn is not None:
+      scores = attack.from_clean_fn(params, sched, x0, keys, eps_clean, cond)
+    else:
+      scores = attack.score_fn(params, sched, x0, keys, cond)
     scores = np.asarray(jax.device_get(scores), np.float64)[:, :n_valid]
     if not np.all(np.isfinite(scores)):
       raise errors.UserError(

@@ -36,8 +36,8 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from mia_jax import checkpoints, data, diffusion, errors, models, report
-from mia_jax import schedules
+from mia_jax import checkpoints, compute, data, diffusion, errors, models
+from mia_jax import report, schedules
 from mia_jax.denoiser import InputSpec
 
 
@@ -331,7 +331,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *,
       target_dir, family=cfg.family, model_config=model_config,
       schedule=sched, spec=spec, params=state.ema_params,
       provenance={"trained_by": "mia_jax.train", "steps": int(state.step),
-                  "config": cfg.to_dict()},
+                  "config": cfg.to_dict(), "compute": compute.settings()},
       data={"source": cfg.data.source, "members": ids[members].tolist(),
             "nonmembers": ids[nonmembers].tolist(),
             "public": ids[public].tolist()})

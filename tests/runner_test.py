@@ -65,16 +65,24 @@ def setup(seed=0):
 
 def _counted(attacks_, log_path, sleep):
   """Attacks whose score_fn appends a line to ``log_path`` per call."""
-  def wrap(a):
-    def score_fn(*args, **kwargs):
-      out = a.score_fn(*args, **kwargs)
+  def counted(a, fn):
+    def wrapped(*args, **kwargs):
+      out = fn(*args, **kwargs)
       out.block_until_ready()
       with open(log_path, "a") as f:
         f.write(a.name + "\n")
       if sleep:
         time.sleep(sleep)
       return out
-    return dataclasses.replace(a, score_fn=score_fn)
+    return wrapped
+
+  def wrap(a):
+    # The runner calls from_clean_fn (PIA's shared first pass) when there
+    # is one, score_fn otherwise.
+    return dataclasses.replace(
+        a, score_fn=counted(a, a.score_fn),
+        from_clean_fn=(counted(a, a.from_clean_fn)
+                       if a.from_clean_fn is not None else None))
   return [wrap(a) for a in attacks_]
 
 

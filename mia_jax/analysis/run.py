@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mia_jax import compute
 from mia_jax import data
 from mia_jax import fixed_point
 from mia_jax import report
@@ -518,6 +519,7 @@ def run(checkpoint: str, output: str, *, members: Optional[str] = None,
                      "nonmembers": nonmembers or "recorded in checkpoint"}
   summary["seed"] = seed
   summary["batch_size"] = batch_size
+  summary["compute"] = {**compute.settings(), **compute.compile_stats()}
   summary["plots"] = write_outputs(output, result, summary)
   report.atomic_write_text(os.path.join(output, "summary.json"),
                            json.dumps(summary, indent=2, default=str))

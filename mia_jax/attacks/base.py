@@ -14,7 +14,8 @@ attack). Higher = more likely member.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,14 @@ class Attack:
     config: the resolved hyperparameters (JSON-able).
     variants: output names of the score rows when they are not OMS depths
       (e.g. the noise probe's distances); empty means ``<name>_oms<n>``.
+    from_clean_fn: for attacks whose first query is eps_theta(x0, 0) on the
+      clean image (PIA, PIAN, SecMI): jitted ``(params, sched, x0, keys,
+      eps_clean, cond=None) -> [N+1, B]``, the rest of the attack given that
+      query (``eps_clean = clean_eps(eps_fn)(params, x0, cond)``). The runner
+      computes eps_clean once per batch for all such attacks of a run, and
+      always through this path, so an attack's scores are bit-for-bit the
+      same alone or beside others. ``score_fn`` is the same attack as one
+      program (equal to rounding).
   """
 
   name: str
@@ -44,6 +53,7 @@ class Attack:
   queries_per_sample: int
   config: dict[str, Any]
   variants: tuple[str, ...] = ()
+  from_clean_fn: Optional[ScoreFn] = None
 
   def variant_names(self) -> list[str]:
     if self.variants:
@@ -70,3 +80,16 @@ def check_oms_steps(oms_steps: int) -> int:
   if int(oms_steps) != oms_steps or oms_steps < 0:
     raise ValueError(f"oms_steps must be a non-negative integer, got {oms_steps!r}")
   return int(oms_steps)
+
+
+@functools.lru_cache(maxsize=None)
+def clean_eps(eps_fn: Callable) -> Callable:
+  """Jitted ``(params, x0, cond=None) -> eps_theta(x0, 0)`` (one per eps_fn).
+
+  The query PIA, PIAN and SecMI all begin with (index 0 on the clean image);
+  one compiled program per ``eps_fn`` so every attack that shares it sees the
+  same bits.
+  """
+  def fn(params, x0, cond=None):
+    return eps_fn(params, x0, full_t(x0, 0), cond)
+  return jax.jit(fn)

@@ -58,11 +58,11 @@ def make_pia(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
     raise ValueError(f"unknown PIAN normalisation {normalize!r}; expected None "
                      f"or one of {sorted(PIAN_SCALES)}")
 
-  def score_fn(params, sched, x0, keys, cond=None):
+  def from_clean(params, sched, x0, keys, eps_clean, cond=None):
     # The schedule's length is static: checked once, at trace time.
     schedules.validate_timestep(sched, timestep, "pia timestep")
     del keys  # PIA is deterministic.
-    eps0 = eps_fn(params, x0, base.full_t(x0, 0), cond)
+    eps0 = eps_clean  # eps_theta(x0, 0)
     if normalize is not None:
       eps0 = normalize_eps(eps0, normalize)
     chain = fixed_point.run_chain(eps_fn, params, sched, x0,
@@ -70,9 +70,14 @@ def make_pia(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
                                   oms_steps + 1, cond, scheme=scheme)
     return -fixed_point.distances_to_start(chain, p)
 
+  def score_fn(params, sched, x0, keys, cond=None):
+    return from_clean(params, sched, x0, keys,
+                      eps_fn(params, x0, base.full_t(x0, 0), cond), cond)
+
   return base.Attack(
       name=name or ("pia" if normalize is None else "pian"),
-      score_fn=jax.jit(score_fn), oms_steps=oms_steps, timestep=timestep,
+      score_fn=jax.jit(score_fn), from_clean_fn=jax.jit(from_clean),
+      oms_steps=oms_steps, timestep=timestep,
       queries_per_sample=1 + (oms_steps + 1) * scheme.queries_per_step,
       config=dict(timestep=timestep, oms_steps=oms_steps, p=p,
                   normalize=normalize, scheme=scheme.label))

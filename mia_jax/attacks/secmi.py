@@ -82,13 +82,20 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
   t_cmp, t_probe = secmi_steps(timestep, interval, convention)
   walk = jnp.arange(0, t_cmp + 1, interval, dtype=jnp.int32)
 
-  def score_fn(params, sched, x0, keys, cond=None):
+  def from_clean(params, sched, x0, keys, eps_clean, cond=None):
     # The schedule's length is static: checked once, at trace time.
     schedules.validate_timestep(sched, t_probe, "secmi probe step")
     del keys  # SecMI is deterministic.
-    x_t = diffusion.ddim_invert(eps_fn, params, sched, x0, walk, cond)
     t = base.full_t(x0, t_cmp)
-    eps_a = eps_fn(params, x_t, t, cond)
+    if len(walk) > 1:
+      # The walk's first query is eps_theta(x0, 0) (walk[0] = 0): take it as
+      # given, step to walk[1] = k, and invert the rest of the way.
+      x_t = diffusion.ddim_step(sched, x0, base.full_t(x0, 0),
+                                base.full_t(x0, interval), eps_clean)
+      x_t = diffusion.ddim_invert(eps_fn, params, sched, x_t, walk[1:], cond)
+      eps_a = eps_fn(params, x_t, t, cond)
+    else:  # t_cmp = 0: no walk, and eps(x_t, t) is the clean query itself.
+      x_t, eps_a = x0, eps_clean
     x0_hat = diffusion.predict_x0(sched, x_t, t, eps_a)
     chain = fixed_point.run_chain(eps_fn, params, sched, x0_hat,
                                   base.full_t(x0, t_probe), eps_a,
@@ -96,8 +103,13 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
     scale = jnp.abs(t_error_scale(sched, t_cmp, t_probe))**p
     return -scale * fixed_point.distances_to_start(chain, p)
 
+  def score_fn(params, sched, x0, keys, cond=None):
+    return from_clean(params, sched, x0, keys,
+                      eps_fn(params, x0, base.full_t(x0, 0), cond), cond)
+
   return base.Attack(
-      name="secmi", score_fn=jax.jit(score_fn), oms_steps=oms_steps,
+      name="secmi", score_fn=jax.jit(score_fn), from_clean_fn=jax.jit(from_clean),
+      oms_steps=oms_steps,
       timestep=timestep,
       # The DDIM walk (one call per step between its len(walk) points),
       # eps(x_t, t), then the chain.

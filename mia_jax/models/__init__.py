@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mia_jax import schedules
+from mia_jax import compute, schedules
 from mia_jax.denoiser import EpsFn, InputSpec
 
 # family name -> module path (imported on first use).
@@ -50,9 +50,15 @@ def family_module(family: str):
   return importlib.import_module(FAMILIES[family])
 
 
-def build_module(family: str, model_config: dict[str, Any]) -> nn.Module:
-  """The family's Flax module for ``model_config`` (kwargs or a preset)."""
-  return family_module(family).build_module(model_config)
+def build_module(family: str, model_config: dict[str, Any],
+                 dtype: Any = None) -> nn.Module:
+  """The family's Flax module for ``model_config`` (kwargs or a preset).
+
+  ``dtype`` is the compute dtype (parameters stay float32); None takes the
+  process-wide one (`mia_jax.compute`, the binaries' ``--dtype``).
+  """
+  return compute.apply_dtype(family_module(family).build_module(model_config),
+                             dtype)
 
 
 def make_eps_fn(family: str, module: nn.Module,

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import errors, schedules
+from mia_jax import compute, errors, schedules
 from mia_jax.denoiser import Denoiser, InputSpec
 from mia_jax.models.sd import clip as clip_lib
 from mia_jax.models.sd import unet as unet_lib
@@ -264,7 +264,9 @@ def make_sd_denoiser(converted: Mapping[str, Any], *,
   cfg = _dict_config(converted, guidance_scale, image_resolution,
                      text_skip_last_layers, attention_query_chunk)
   sched = schedules.from_config(converted["schedule"])
-  unet = unet_lib.UNet2DCondition(**cfg["unet"])
+  # --dtype applies to the UNet (the per-query cost); the VAE and the text
+  # encoder run once per image / caption and stay float32.
+  unet = compute.apply_dtype(unet_lib.UNet2DCondition(**cfg["unet"]))
   vae = vae_lib.AutoencoderKL(**cfg["vae"])
   text = clip_lib.CLIPTextEncoder(**cfg["text_encoder"])
   params = {"unet": converted["unet"][0], "vae": converted["vae"][0],
