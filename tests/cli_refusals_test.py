@@ -50,7 +50,8 @@ def _run(args, *, timeout=300, prelude=None):
     cmd = [sys.executable, "-c",
            f"{prelude}\nimport runpy, sys\nsys.argv = {[script, *args[1:]]!r}\n"
            f"runpy.run_path({script!r}, run_name='__main__')"]
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -139,7 +140,8 @@ def test_train_sigkill_then_resume_with_a_changed_config(tmp_path,
                                                          tiny_train_config):
   workdir = tmp_path / "w"
   args = ["train.py", f"--workdir={workdir}", f"--config={tiny_train_config}"]
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
+      p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
   proc = subprocess.Popen(
       [sys.executable, os.path.join(REPO, "experiments", "train.py"),
        *args[1:], "--config.train.num_steps=100000"], cwd=REPO, env=env,

@@ -63,5 +63,5 @@ def test_config_round_trip_and_errors():
     schedules.from_config({"kind": "sigmoid"})
   with pytest.raises(ValueError, match="outside"):
     schedules.linear(10, 0.5, 1.5)
-  with pytest.raises(ValueError, match="outside the schedule's range"):
+  with pytest.raises(ValueError, match="out of range"):
     schedules.validate_timestep(schedules.linear(10), 10)

@@ -52,6 +52,7 @@ import numpy as np
 
 from mia_jax import compute
 from mia_jax import data
+from mia_jax import errors
 from mia_jax import fixed_point
 from mia_jax import report
 from mia_jax import runner
@@ -109,34 +110,34 @@ class AnalysisConfig:
 
   def __post_init__(self):
     if self.num_iterations < 1:
-      raise ValueError(
+      raise errors.UserError(
           f"num_iterations must be >= 1, got {self.num_iterations}")
     if self.chain_length < max(2, self.num_iterations):
-      raise ValueError(
+      raise errors.UserError(
           f"chain_length (L = {self.chain_length}) must be >= 2 and >= "
           f"num_iterations (K = {self.num_iterations}): eps^* = eps^L must "
           "come after every analysed iterate")
     if self.probe not in jacobian.PROBES:
-      raise ValueError(f"probe {self.probe!r} is unknown; expected one of "
+      raise errors.UserError(f"probe {self.probe!r} is unknown; expected one of "
                        f"{jacobian.PROBES}")
     if self.num_probes < 2:
-      raise ValueError(f"num_probes must be >= 2, got {self.num_probes}")
+      raise errors.UserError(f"num_probes must be >= 2, got {self.num_probes}")
     if not 0 < self.confidence < 1:
-      raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+      raise errors.UserError(f"confidence must be in (0, 1), got {self.confidence}")
     if self.radius_steps < 1 or self.tail_window < 1:
-      raise ValueError("radius_steps and tail_window must be >= 1, got "
+      raise errors.UserError("radius_steps and tail_window must be >= 1, got "
                        f"{self.radius_steps}, {self.tail_window}")
     if not self.floor_factor > 0 or not self.power_tol > 0:
-      raise ValueError("floor_factor and power_tol must be > 0, got "
+      raise errors.UserError("floor_factor and power_tol must be > 0, got "
                        f"{self.floor_factor}, {self.power_tol}")
     if self.power_max_iterations < 1:
-      raise ValueError("power_max_iterations must be >= 1, got "
+      raise errors.UserError("power_max_iterations must be >= 1, got "
                        f"{self.power_max_iterations}")
     if self.num_pairs < 1 or not self.pair_scales:
-      raise ValueError("need num_pairs >= 1 and at least one pair scale, got "
+      raise errors.UserError("need num_pairs >= 1 and at least one pair scale, got "
                        f"{self.num_pairs} and {self.pair_scales}")
     if self.timestep_chunk is not None and self.timestep_chunk < 1:
-      raise ValueError(f"timestep_chunk must be >= 1 or None, got "
+      raise errors.UserError(f"timestep_chunk must be >= 1 or None, got "
                        f"{self.timestep_chunk}")
 
 

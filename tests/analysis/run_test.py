@@ -234,7 +234,7 @@ def test_driver_summary_and_outputs(linear_setup, tmp_path):
   assert res2.dim == D
   np.testing.assert_allclose(res2.arrays["frobenius_per_dim"],
                              res2.arrays["frobenius"] / np.sqrt(D))
-  with pytest.raises(ValueError, match="outside the schedule"):
+  with pytest.raises(ValueError, match="out of range"):
     run.analyze_sets(den, sets, timesteps=[100], config=config, batch_size=2,
                      seed=0)
 
@@ -338,4 +338,6 @@ def test_float32_rounding_floor_against_float64(linear_setup):
       chain = _numpy_chain(w, b, sched, x0[i], t, eps0[i, si],
                            config.chain_length)
       res = np.linalg.norm(np.diff(chain, axis=0), axis=1)
-      np.testing.assert_allclose(r64["residuals"][i, si], res, rtol=1e-9)
+      # 1e-7, not 1e-9: float64 reductions on GPUs order their sums
+      # differently (8e-9 seen on an H200); float32 would be off by ~1e-3.
+      np.testing.assert_allclose(r64["residuals"][i, si], res, rtol=1e-7)

@@ -159,5 +159,5 @@ def test_bad_configurations_raise(sched):
   with pytest.raises(ValueError, match="sample_steps must be a positive"):
     attacks.build("probe", fn, sample_steps=0)
   attack = attacks.build("probe", fn, timestep=5000)
-  with pytest.raises(ValueError, match="outside the schedule"):
+  with pytest.raises(ValueError, match="out of range"):
     attack.score_fn(None, sched, jnp.zeros((1, 2, 2, 1)), _keys(1))
