@@ -22,7 +22,7 @@ from mia_jax import audit, cli, report, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs",
-                           "train_digits.py"),
+                           "train_digits.py:demo"),
     "Training config of the target (append :quick for a smoke run).",
     lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
