@@ -179,3 +179,51 @@ def test_pool_images_bounds_the_features():
   assert f.shape == (2, 25 * 16 * 3)
   assert f.max() == 1.0 and f.min() == 0.0
   assert verdict.pool_images(np.zeros((1, 8, 8, 1), np.uint8)).shape == (1, 64)
+
+
+def test_audit_outputs_hold_the_verdict_and_pvalues(tmp_path):
+  # audit.write_outputs on fixed scores (fitted-variant path: no model).
+  import json
+  import os
+  from mia_jax import audit, runner
+  from mia_jax.attacks import fitted
+  members = runner.SampleSet(sources.digits_source(), np.arange(40), 1)
+  nonmembers = runner.SampleSet(sources.digits_source(), np.arange(40, 140), 0)
+  public = runner.SampleSet(sources.digits_source(), np.arange(140, 200), 0)
+  labels = np.r_[np.ones(40), np.zeros(100)].astype(int)
+  rng = np.random.default_rng(0)
+  strong = rng.normal(size=140) + 3.0 * labels
+  table = runner.ScoreTable(ids=np.arange(140), labels=labels, scores={})
+  variants = [fitted.FittedVariant("x_oms0", rng.normal(size=140)),
+              fitted.FittedVariant("x_oms1", strong, oms_steps=1)]
+  run = str(tmp_path / "run")
+  os.makedirs(run)
+  rows = audit.write_outputs(run, table, [], {}, {}, bootstrap=50, seed=0,
+                             fitted_variants=variants,
+                             sets=[members, nonmembers], reference=public)
+  v = json.load(open(os.path.join(run, "verdict.json")))
+  assert v["strongest"]["variant"] == "x_oms1"
+  assert v["leakage"] in ("moderate", "strong")
+  assert v["blind_baseline"]["num_members"] == 40
+  assert set(v["blind_baseline"]["classifiers"]) == {"logistic_pixels",
+                                                     "nearest_public"}
+  with np.load(os.path.join(run, "scores.npz")) as z:
+    assert z["pvalue_variants"].tolist() == ["x_oms0", "x_oms1"]
+    np.testing.assert_allclose(z["pvalues"][1], verdict.pvalues(strong,
+                                                                labels))
+  md = open(os.path.join(run, "report.md")).read()
+  # The verdict comes first, before the metrics table.
+  assert md.index("## Verdict") < md.index("## Metrics")
+  assert "Leakage: " in md and "Rule: " in md and "Blind baseline" in md
+  assert [r["variant"] for r in rows] == ["x_oms0", "x_oms1"]
+
+
+def test_report_collapses_low_count_notes():
+  from mia_jax import report
+  rows = [{"variant": f"a_oms{k}", "low_count_0.1pct": True,
+           "low_count_1pct": k == 0, "num_nonmembers": 700}
+          for k in range(4)]
+  notes = report._notes(rows)  # pylint: disable=protected-access
+  assert len(notes) == 2
+  assert "for all 4 variants" in notes[0] and "700 non-members" in notes[0]
+  assert notes[1].startswith("TPR@1%FPR") and "a_oms0;" in notes[1]
