@@ -402,11 +402,12 @@ def headline(v: Mapping[str, Any]) -> list[str]:
   def pct(x):
     return "-" if x is None else f"{100 * float(x):.1f}%"
 
-  def ci(x, scale=100.0, unit="%"):
+  def ci(x, percent=True):
     if not x:
       return ""
-    return (f" [{scale * float(x[0]):.1f}{unit}, "
-            f"{scale * float(x[1]):.1f}{unit}]")
+    if percent:
+      return f" [{100 * float(x[0]):.1f}%, {100 * float(x[1]):.1f}%]"
+    return f" [{float(x[0]):.4f}, {float(x[1]):.4f}]"
 
   lines = [
       f"Leakage: {v['leakage'].upper()} (TPR@1%FPR lower bound "
@@ -415,7 +416,7 @@ def headline(v: Mapping[str, Any]) -> list[str]:
       f"Strongest variant: {s['variant']}: TPR@1%FPR {pct(s['tpr_at_1pct_fpr'])}"
       f"{ci(s.get('tpr_at_1pct_fpr_ci'))}, TPR@0.1%FPR "
       f"{pct(s['tpr_at_0.1pct_fpr'])}{ci(s.get('tpr_at_0.1pct_fpr_ci'))}, "
-      f"AUC {float(s['auc']):.4f}{ci(s.get('auc_ci'), 1.0, '')}.",
+      f"AUC {float(s['auc']):.4f}{ci(s.get('auc_ci'), False)}.",
   ]
   b = v["blind_baseline"]
   if b.get("auc") is None:
@@ -423,7 +424,7 @@ def headline(v: Mapping[str, Any]) -> list[str]:
   else:
     lines.append(
         f"Blind baseline (model-free, {b['method']}): AUC "
-        f"{float(b['auc']):.4f}{ci(b.get('auc_ci'), 1.0, '')}" +
+        f"{float(b['auc']):.4f}{ci(b.get('auc_ci'), False)}" +
         (f". WARNING: above {BLIND_WARN_AUC}: the member and non-member "
          "images differ without the model, so attack AUCs may measure that "
          "data shift, not memorization." if b.get("warn") else

@@ -227,3 +227,14 @@ def test_report_collapses_low_count_notes():
   assert len(notes) == 2
   assert "for all 4 variants" in notes[0] and "700 non-members" in notes[0]
   assert notes[1].startswith("TPR@1%FPR") and "a_oms0;" in notes[1]
+
+
+def test_headline_prints_intervals_at_their_precision():
+  v = _run(2.5)
+  lines = verdict.headline(v)
+  s = v["strongest"]
+  assert lines[0].startswith("Leakage: STRONG")
+  assert (f"AUC {s['auc']:.4f} [{s['auc_ci'][0]:.4f}, {s['auc_ci'][1]:.4f}]"
+          in lines[1])
+  assert f"TPR@1%FPR {100 * s['tpr_at_1pct_fpr']:.1f}% [" in lines[1]
+  assert lines[2].startswith("Blind baseline (model-free): not computed")
