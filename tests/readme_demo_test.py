@@ -48,7 +48,7 @@ def test_readme_shows_the_demo_command_table_and_verdict():
                                 for d in range(DEPTHS))
   assert level in ("none", "weak", "moderate", "strong")
   # The "done": the presets find the members.
-  assert rows["pia_oms0"][0] > 0.9 and rows["naive_oms0"][0] > 0.8
+  assert rows["pia_oms0"][0] > 0.9 and rows["naive_oms0"][0] > 0.75
 
 
 @pytest.mark.slow
