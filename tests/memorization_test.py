@@ -134,3 +134,23 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
   assert os.path.getsize(tmp_path / "memorization.png") > 1000
   assert "| 16 | 2 | pia |" in open(tmp_path / "memorization.md").read()
   assert "| 8 | 1 | pia |" in recipes.format_result(res)
+
+
+def test_max_members_keeps_a_subset_and_the_public_split():
+  from experiments.configs import train_digits
+  from mia_jax import train
+  from mia_jax.data import splits
+  cfg = train_digits.get_config("demo")
+  assert cfg.train.num_steps * cfg.train.batch_size / 256 == 1000  # epochs
+  source, members, nonmembers, public = train._member_data(cfg)  # pylint: disable=protected-access
+  parts = splits.digits_parts(0)
+  assert len(members) == 256 and len(nonmembers) == 1182
+  # The public part is the default split's (GSA shadows train on it).
+  np.testing.assert_array_equal(public, parts["public"])
+  assert set(members) <= set(parts["members"])
+  assert sorted(np.r_[members, nonmembers, public]) == list(range(len(source)))
+  # More members than the split has: the split as it is.
+  cfg.data.max_members = 5000
+  _, m2, n2, _ = train._member_data(cfg)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(m2, parts["members"])
+  np.testing.assert_array_equal(n2, parts["nonmembers"])
