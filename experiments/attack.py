@@ -15,7 +15,7 @@ from absl import app, flags
 import jax
 from ml_collections import config_flags
 
-from mia_jax import attacks, audit, cli, fixed_point, report
+from mia_jax import attacks, audit, cli, fixed_point, report, verdict
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Optional preset (e.g. experiments/configs/attack_sd.py); "
@@ -97,6 +97,7 @@ def main(argv):
   rows = audit.run_audit(cfg)
   if jax.process_index() == 0:
     print(report.format_table(rows))
+    print("\n" + verdict.summary(cfg.output))
     print(f"\nrun directory: {cfg.output}")
 
 

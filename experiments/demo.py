@@ -17,7 +17,6 @@
 Both steps resume after a kill. Nothing is downloaded.
 """
 
-import json
 import os
 
 from absl import app, flags
@@ -54,10 +53,7 @@ def main(argv):
   print("\nMembership inference on the digits DDPM "
         "(higher AUC = more leakage; oms<n> = n extra fixed-point steps)\n")
   print(report.format_table(rows))
-  with open(f"{cfg.output}/verdict.json") as f:
-    result = json.load(f)
-  print("\nVerdict\n" + "\n".join(f"- {line}"
-                                   for line in verdict.headline(result)))
+  print("\n" + verdict.summary(cfg.output))
   print(f"\nmetrics: {cfg.output}/metrics.json  verdict: "
         f"{cfg.output}/verdict.json  plots: {cfg.output}/roc.png, "
         f"{cfg.output}/roc_log.png  report: {cfg.output}/report.html")

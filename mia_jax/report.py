@@ -3,8 +3,11 @@
 `write_report` turns a run directory's metric rows (metrics.json), scores
 (scores.npz or arrays), config and manifest into
 
-- `roc.png`, `roc_log.png`, `score_hist.png` (via `mia_jax.plots`),
-- `report.md` (links the PNGs next to it),
+- `roc.png`, `roc_log.png` (one panel per attack), `score_hist.png` (via
+  `mia_jax.plots`),
+- `report.md` (links the PNGs next to it), opening with the verdict
+  (`mia_jax.verdict`: the one passed in, else one computed from the rows and
+  scores without the image-based blind baseline),
 - `report.html` (the same content with the PNGs embedded as base64, so the
   single file can be mailed or attached).
 

@@ -439,3 +439,12 @@ def headline(v: Mapping[str, Any]) -> list[str]:
                  "scored as LESS likely; a broken or mis-signed attack on this "
                  "target): " + ", ".join(v["below_chance"]) + ".")
   return lines
+
+
+def summary(run_dir: str) -> str:
+  """``Verdict`` and its headline as a bullet list, from DIR/verdict.json."""
+  import json
+  import os
+  with open(os.path.join(run_dir, "verdict.json")) as f:
+    v = json.load(f)
+  return "Verdict\n" + "\n".join(f"- {line}" for line in headline(v))
