@@ -15,6 +15,7 @@ from absl import app, flags, logging
 import jax
 
 from mia_jax import attacks, audit, cli, compute, errors, fixed_point, report
+from mia_jax import verdict
 
 _CONFIG = cli.define_config_file(
     "config", None, "Optional preset (e.g. experiments/configs/attack_sd.py); "
@@ -140,6 +141,7 @@ def main(argv):
   rows = audit.run_audit(cfg)
   if jax.process_index() == 0:
     print(report.format_table(rows))
+    print("\n" + verdict.summary(cfg.output))
     print(f"\nrun directory: {cfg.output}")
 
 

@@ -1,14 +1,18 @@
-"""The offline demo: train a small DDPM on real images, then audit it.
+"""The offline demo: train a small DDPM on real images, audit it, give the verdict.
 
     python experiments/demo.py --workdir runs/demo
 
-1. trains the digits target (scikit-learn's 1,797 real 8x8 handwritten
-   digits: 719 members, 719 non-members, 359 public reference images,
-   fixed seed) -> runs/demo/train/target;
-2. runs every attack with OMS depths 0..N on all members and non-members
-   -> runs/demo/audit (scores.npz, metrics.json, roc.png, roc_log.png,
+1. trains the digits target in the memorization regime of the published
+   DDPM targets (`experiments/configs/train_digits.py:demo`: 256 of
+   scikit-learn's 1,797 real 8x8 handwritten digits as members, each seen
+   1,000 times; 1,182 non-members; 359 public reference images; fixed seed)
+   -> runs/demo/train/target;
+2. runs Naive, SecMI, PIA and PIAN with OMS depths 0..N on all members and
+   non-members -> runs/demo/audit (scores.npz with per-sample p-values,
+   metrics.json, verdict.json, roc.png, roc_log.png, score_hist.png,
    report.md, report.html);
-3. prints the results table.
+3. prints the results table and the verdict (leakage level, strongest
+   variant, model-free blind baseline, dataset-level test).
 
 Both steps resume after a kill. Nothing is downloaded.
 """
@@ -17,12 +21,13 @@ import os
 
 from absl import app, flags
 
-from mia_jax import audit, cli, report, train
+from mia_jax import audit, cli, report, train, verdict
 
 _CONFIG = cli.define_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs",
-                           "train_digits.py"),
-    "Training config of the target (append :quick for a smoke run).",
+                           "train_digits.py:demo"),
+    "Training config of the target (train_digits.py:demo_quick for a "
+    "smoke run).",
     lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Output directory.")
 _ATTACKS = flags.DEFINE_list("attacks", ["naive", "secmi", "pia", "pian"],
@@ -47,7 +52,9 @@ def main(argv):
   print("\nMembership inference on the digits DDPM "
         "(higher AUC = more leakage; oms<n> = n extra fixed-point steps)\n")
   print(report.format_table(rows))
-  print(f"\nmetrics: {cfg.output}/metrics.json  plots: {cfg.output}/roc.png, "
+  print("\n" + verdict.summary(cfg.output))
+  print(f"\nmetrics: {cfg.output}/metrics.json  verdict: "
+        f"{cfg.output}/verdict.json  plots: {cfg.output}/roc.png, "
         f"{cfg.output}/roc_log.png  report: {cfg.output}/report.html")
 
 

@@ -5,7 +5,7 @@
 
 Each recipe's docstring gives its exact commands (``:reduced`` on a CPU,
 ``:full`` at paper scale). Any config field can be overridden, e.g.
-``--config.target.checkpoint=runs/demo/train/target``. Re-running the same
+``--config.target.checkpoint=runs/table1/train/target``. Re-running the same
 command resumes: finished training and scoring are reused. The run
 directories (report.md, report.html, metrics.json, scores.npz, plots) are
 printed at the end; see `mia_jax.recipes`.

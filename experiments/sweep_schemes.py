@@ -2,8 +2,8 @@
 
     python experiments/sweep_schemes.py \
         --config experiments/configs/scheme_sweep.py \
-        --config.checkpoint=runs/demo/train/target \
-        --config.output=runs/demo/scheme_sweep
+        --config.checkpoint=runs/table1/train/target \
+        --config.output=runs/table1/scheme_sweep
 
 See experiments/configs/scheme_sweep.py and `mia_jax.attacks.schemes`.
 Writes sweep.json (every row, with intervals and fitted weights) and

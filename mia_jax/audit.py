@@ -2,8 +2,10 @@
 
 This is the library behind `experiments/attack.py` (and the notebook): it
 resolves the data, builds the attacks, scores resumably (`runner`), and
-writes ``config.json``, ``scores.npz``, ``metrics.json``, ``roc.png`` and
-``roc_log.png``, ``report.md``/``report.html``, then returns the metric rows.
+writes ``config.json``, ``scores.npz`` (with per-sample p-values),
+``metrics.json``, ``verdict.json`` (`mia_jax.verdict`), ``roc.png`` and
+``roc_log.png``, ``report.md``/``report.html`` (opening with the verdict),
+then returns the metric rows.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 
 from mia_jax import attacks as attacks_lib
 from mia_jax import autobatch, checkpoints, compute, data, errors, metrics
-from mia_jax import parallel, report, rundir, runner, schedules
+from mia_jax import parallel, report, rundir, runner, schedules, verdict
 from mia_jax.attacks import fitted
 from mia_jax.data import integrity
 from mia_jax.denoiser import Denoiser
@@ -430,7 +432,8 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
   if jax.process_count() > 1 and fitted_names:
     raise errors.UserError(f"fitted attacks {fitted_names} do not run "
                            "multi-host yet", "--multihost", "run them on one host")
-  reference = resolve_reference(cfg, metadata) if fitted_names else None
+  # The public reference set serves the fitted attacks and the blind baseline.
+  reference = resolve_reference(cfg, metadata)
   sets, reference = check_data(cfg, sets, reference)
   manifest = _manifest(cfg, denoiser, sets)
   resolved = {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
@@ -465,7 +468,8 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
                  manifest["compute"]["cache_hits"])
     write_outputs(cfg.output, table, built, resolved, manifest,
                   bootstrap=cfg.bootstrap, seed=cfg.seed,
-                  fitted_variants=fitted_variants)
+                  fitted_variants=fitted_variants, sets=sets,
+                  reference=reference)
   parallel.sync("mia_jax.audit.outputs")
   with open(os.path.join(cfg.output, "metrics.json")) as f:
     return json.load(f)
@@ -504,20 +508,39 @@ def fitted_rows(variants, labels, *, bootstrap: int, seed: int) -> list[dict]:
 
 def write_outputs(run_dir: str, table: runner.ScoreTable, built, resolved: dict,
                   manifest: dict, *, bootstrap: int, seed: int,
-                  fitted_variants=()) -> list[dict]:
-  """scores.npz, metrics.json, ROC plots and the report of a scored run."""
+                  fitted_variants=(), sets=None, reference=None) -> list[dict]:
+  """scores.npz, metrics.json, verdict.json, plots and the report of a run.
+
+  Args:
+    sets: the [members, non-members] sample sets; with them the verdict gets
+      its model-free blind baseline (`mia_jax.verdict.blind_from_sets`).
+    reference: the public reference sample set (the blind baseline's
+      nearest-neighbour control), or None.
+  """
   for v in fitted_variants:
     table.scores[v.name] = v.scores
+  names = list(table.scores)
+  pvalues = np.stack([verdict.pvalues(table.scores[n], table.labels)
+                      for n in names]) if names else np.zeros((0, 0))
   scores_path = os.path.join(run_dir, "scores.npz")
-  tmp = os.path.join(run_dir, f".scores.tmp-{os.getpid()}.npz")
-  np.savez(tmp, ids=table.ids, labels=table.labels, **table.scores)
-  os.replace(tmp, scores_path)
+  runner.atomic_savez(scores_path, ids=table.ids, labels=table.labels,
+                      pvalues=pvalues, pvalue_variants=np.asarray(names, str),
+                      **table.scores)
   rows = metrics.jsonable(
       metric_rows(table, built, bootstrap=bootstrap, seed=seed) +
       fitted_rows(fitted_variants, table.labels, bootstrap=bootstrap,
                   seed=seed))
   report.atomic_write_text(os.path.join(run_dir, "metrics.json"),
                            json.dumps(rows, indent=2))
+  blind = None
+  if sets is not None:
+    blind = verdict.blind_from_sets(sets, reference, bootstrap=bootstrap,
+                                    seed=seed)
+  result = verdict.build_verdict(rows, table.scores, table.labels,
+                                 blind=blind, bootstrap=bootstrap, seed=seed)
+  report.atomic_write_text(os.path.join(run_dir, "verdict.json"),
+                           json.dumps(result, indent=2))
   report.write_report(run_dir, rows, scores_path, resolved,
-                      report.environment_manifest(manifest))
+                      report.environment_manifest(manifest),
+                      bootstrap=bootstrap, seed=seed, verdict=result)
   return rows

@@ -6,7 +6,9 @@ atomically: rendered to a temporary file in the target directory, then moved
 into place with `os.replace`, so a reader never sees a half-written PNG.
 
 Variant names of the form "<attack>_oms<n>" share one colour per attack: depth
-0 (the original attack) is dotted, depths >= 1 (with OMS) are solid.
+0 (the original attack) is dotted, depths >= 1 (with OMS) are solid. ROC
+figures draw one panel per attack (`group_variants`), its OMS depths as
+curves.
 """
 
 from __future__ import annotations
@@ -98,59 +100,95 @@ def variant_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:
   return styles
 
 
+def attack_group(name: str) -> str:
+  """The panel a variant is drawn in: its attack ("pia_oms2" -> "pia").
+
+  Names without an OMS suffix group by the text before their last "_"
+  ("naive_dist3" -> "naive"), so a chain's distances share a panel.
+  """
+  base, depth = parse_variant(name)
+  if depth is not None:
+    return base
+  return name.rsplit("_", 1)[0] if "_" in name else name
+
+
+def group_variants(names: Sequence[str]) -> dict[str, list[str]]:
+  """Variant names grouped by `attack_group`, in order of first appearance."""
+  groups: dict[str, list[str]] = {}
+  for name in names:
+    groups.setdefault(attack_group(name), []).append(name)
+  return groups
+
+
+def _grid(count: int, max_cols: int = 3) -> tuple[int, int]:
+  cols = min(max_cols, count)
+  return -(-count // cols), cols
+
+
 def plot_roc(curves: Mapping[str, tuple[Any, Any]], path: str,
              log_scale: bool = False, title: Optional[str] = None,
              dpi: int = 120) -> str:
-  """One exact ROC per variant, with the chance diagonal and AUC in the legend.
+  """Writes `roc_figure` as a PNG to ``path`` and returns ``path``."""
+  return _save(roc_figure(curves, log_scale, title), path, dpi)
+
+
+def roc_figure(curves: Mapping[str, tuple[Any, Any]], log_scale: bool = False,
+               title: Optional[str] = None) -> Figure:
+  """Exact ROCs, one panel per attack with its OMS depths as curves.
+
+  One panel per `attack_group` (16 curves under one legend are unreadable),
+  each with the chance diagonal and every variant's AUC in its legend.
 
   Args:
     curves: variant name -> (scores [N], labels [N]) (higher = member).
-    path: output PNG.
     log_scale: log-log axes from min(1e-3, 1 / max num_nonmembers) to 1 (the
       regime of TPR at low FPR). FPR / TPR values below the lower limit (the
       vertex at FPR = 0) are drawn on the axis edge.
-    title: optional title.
-    dpi: resolution.
+    title: optional figure title.
 
   Returns:
-    `path`.
+    The Figure (one Axes per attack).
   """
   if not curves:
     raise ValueError("plot_roc needs at least one curve, got an empty mapping")
   styles = variant_styles(list(curves))
-  fig = Figure(figsize=(5.2, 5.0))
-  ax = fig.add_subplot(1, 1, 1)
-  max_neg = 1
-  for name, (scores, labels) in curves.items():
-    roc = metrics.roc_curve(scores, labels)
-    max_neg = max(max_neg, int((np.asarray(labels) == 0).sum()))
-    area = metrics.auc(scores, labels)
-    fpr, tpr = roc["fpr"], roc["tpr"]
-    ax.plot(fpr, tpr, label=f"{name} (AUC={area:.4f})", drawstyle="default",
-            **styles[name])
-  if log_scale:
-    lo = min(1e-3, 1.0 / max_neg)
-    for line in ax.get_lines():
-      # Clip zeros onto the edge so the start of each curve stays visible.
-      line.set_xdata(np.clip(line.get_xdata(), lo, 1.0))
-      line.set_ydata(np.clip(line.get_ydata(), lo, 1.0))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(lo, 1.0)
-    ax.set_ylim(lo, 1.0)
-    ax.plot([lo, 1.0], [lo, 1.0], color="gray", linestyle="--", linewidth=1,
-            label="chance")
-  else:
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(0.0, 1.0)
-    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1,
-            label="chance")
-  ax.set_xlabel("False positive rate")
-  ax.set_ylabel("True positive rate")
-  ax.grid(True, which="both", alpha=0.3)
-  ax.legend(loc="lower right", fontsize=7)
-  ax.set_title(title or ("ROC (log-log)" if log_scale else "ROC"))
-  return _save(fig, path, dpi)
+  groups = group_variants(list(curves))
+  rows, cols = _grid(len(groups))
+  fig = Figure(figsize=(4.2 * cols, 4.0 * rows))
+  max_neg = max(int((np.asarray(labels) == 0).sum())
+                for _, labels in curves.values())
+  lo = min(1e-3, 1.0 / max(max_neg, 1))
+  for i, (group, names) in enumerate(groups.items()):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    for name in names:
+      scores, labels = curves[name]
+      roc = metrics.roc_curve(scores, labels)
+      area = metrics.auc(scores, labels)
+      fpr, tpr = roc["fpr"], roc["tpr"]
+      if log_scale:
+        # Clip zeros onto the edge so the start of each curve stays visible.
+        fpr, tpr = np.clip(fpr, lo, 1.0), np.clip(tpr, lo, 1.0)
+      ax.plot(fpr, tpr, label=f"{name} (AUC={area:.3f})", **styles[name])
+    if log_scale:
+      ax.set_xscale("log")
+      ax.set_yscale("log")
+      ax.set_xlim(lo, 1.0)
+      ax.set_ylim(lo, 1.0)
+      ax.plot([lo, 1.0], [lo, 1.0], color="gray", linestyle="--",
+              linewidth=1, label="chance")
+    else:
+      ax.set_xlim(0.0, 1.0)
+      ax.set_ylim(0.0, 1.0)
+      ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1,
+              label="chance")
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(group, fontsize=10)
+  fig.suptitle(title or ("ROC (log-log)" if log_scale else "ROC"))
+  fig.tight_layout()
+  return fig
 
 
 def plot_score_histograms(scores_by_variant: Mapping[str, Any], labels: Any,
@@ -191,7 +229,8 @@ def plot_score_histograms(scores_by_variant: Mapping[str, Any], labels: Any,
             color=NONMEMBER_COLOR,
             label=f"non-members ({int((y == 0).sum())})")
     ax.set_title(name, fontsize=9)
-    ax.set_xlabel("score (higher = member)", fontsize=8)
+    ax.set_xlabel("attack score (higher = more likely member)", fontsize=8)
+    ax.set_ylabel("density", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.legend(fontsize=7)
   if title:

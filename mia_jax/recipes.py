@@ -20,6 +20,8 @@ by `run_recipe` (and `experiments/recipe.py`). Every recipe
      ``||eps^n - eps^{n-1}||`` from one chain (`make_chain_attack`; Figure 3);
    * ``"analysis"``: the noise-search analysis (`mia_jax.analysis.run`;
      Figure 1, Appendix B);
+   * ``"memorization"``: attacks over member counts x epochs, one training
+     run per member count (`mia_jax.memorization`);
 
 3. writes a run directory with ``scores.npz``, ``metrics.json``, plots,
    ``report.md`` and a self-contained ``report.html`` (`mia_jax.report`),
@@ -46,7 +48,7 @@ from mia_jax import attacks as attacks_lib
 from mia_jax import audit, checkpoints, errors, fixed_point, metrics, report, runner
 from mia_jax.attacks import base, naive, pia, schemes
 
-KINDS = ("audit", "timesteps", "epochs", "chain", "analysis")
+KINDS = ("audit", "timesteps", "epochs", "chain", "analysis", "memorization")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -706,6 +708,10 @@ def run_recipe(cfg: ml_collections.ConfigDict, workdir: str, *,
                            report.to_json(_plain(cfg)))
   title = f"{cfg.get('name', 'recipe')}: {cfg.get('description', '')}".strip()
 
+  if kind == "memorization":  # members x epochs (mia_jax/memorization.py)
+    from mia_jax import memorization
+    return memorization.run(cfg, workdir, progress=progress)
+
   if kind == "audit":
     seeds = list(cfg.target.get("seeds") or ())
     shadows = _train_shadows(cfg, workdir)
@@ -828,6 +834,9 @@ def format_result(result: RecipeResult) -> str:
   if result.kind == "analysis":
     from mia_jax.analysis import run as analysis
     lines.append(analysis.format_summary(result.extra["summary"]))
+  elif result.kind == "memorization":
+    from mia_jax import memorization
+    lines.append(memorization.format_summary(result.extra["summary"]))
   elif result.kind == "epochs":
     for epoch, rows in result.extra["per_snapshot"]:
       lines += [f"\nepoch {epoch:g}", report.format_table(rows)]

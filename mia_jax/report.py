@@ -3,8 +3,11 @@
 `write_report` turns a run directory's metric rows (metrics.json), scores
 (scores.npz or arrays), config and manifest into
 
-- `roc.png`, `roc_log.png`, `score_hist.png` (via `mia_jax.plots`),
-- `report.md` (links the PNGs next to it),
+- `roc.png`, `roc_log.png` (one panel per attack), `score_hist.png` (via
+  `mia_jax.plots`),
+- `report.md` (links the PNGs next to it), opening with the verdict
+  (`mia_jax.verdict`: the one passed in, else one computed from the rows and
+  scores without the image-based blind baseline),
 - `report.html` (the same content with the PNGs embedded as base64, so the
   single file can be mailed or attached).
 
@@ -32,6 +35,7 @@ import numpy as np
 
 from mia_jax import metrics
 from mia_jax import plots
+from mia_jax import verdict as verdict_lib
 
 HEADLINE = ("auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
 _HEADLINE_NAMES = {"auc": "AUC", "asr": "ASR", "tpr_at_1pct_fpr": "TPR@1%FPR",
@@ -40,7 +44,9 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
              "scikit-learn", "matplotlib", "diffusers", "safetensors",
              "ml-collections", "absl-py", "tensorflow-datasets", "torch",
              "transformers")
-_RESERVED_SCORE_KEYS = ("ids", "labels")
+# scores.npz keys that are not a variant's scores: per-sample p-values
+# ([V, N], rows named by pvalue_variants; `mia_jax.verdict.pvalues`).
+_RESERVED_SCORE_KEYS = ("ids", "labels", "pvalues", "pvalue_variants")
 
 ScoresArg = Union[str, os.PathLike, Mapping[str, Any], None]
 
@@ -340,16 +346,28 @@ def _comparison_table(comparison):
 
 
 def _notes(rows):
+  """Warnings on the rows, one line per kind (not one per variant)."""
   notes = []
-  for r in rows:
-    for key, label in (("0.1pct", "0.1%"), ("1pct", "1%")):
-      if r.get(f"low_count_{key}"):
-        notes.append(
-            f"{variant_name(r)}: TPR@{label}FPR allows fewer than "
-            f"{metrics.LOW_COUNT_FALSE_POSITIVES} false positives "
-            f"({r.get('num_nonmembers')} non-members); read it with its "
-            f"interval.")
+  for key, label in (("0.1pct", "0.1%"), ("1pct", "1%")):
+    low = [variant_name(r) for r in rows if r.get(f"low_count_{key}")]
+    if not low:
+      continue
+    counts = sorted({str(r.get("num_nonmembers")) for r in rows
+                     if r.get(f"low_count_{key}")})
+    which = (f"all {len(low)} variants" if len(low) == len(rows)
+             else ", ".join(low))
+    notes.append(
+        f"TPR@{label}FPR allows fewer than "
+        f"{metrics.LOW_COUNT_FALSE_POSITIVES} false positives "
+        f"({'/'.join(counts)} non-members) for {which}; read it with its "
+        f"interval.")
   return notes
+
+
+def _verdict_blocks(v):
+  """The verdict section: headline sentences, then the rule."""
+  return [("h2", "Verdict"), ("list", verdict_lib.headline(v)),
+          ("p", "Rule: " + v["rule"])]
 
 
 _CONVENTIONS = (
@@ -379,10 +397,14 @@ def _html_table(header, body) -> str:
   return f"<table><thead><tr>{h}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def _sections(rows, comparison, config, manifest, images, title):
+def _sections(rows, comparison, config, manifest, images, title,
+              verdict=None):
   """The report as a list of (kind, payload) blocks, shared by both renderers."""
-  blocks = [("h1", title), ("p", _CONVENTIONS), ("h2", "Metrics"),
-            ("table", _metrics_table(rows))]
+  blocks = [("h1", title)]
+  if verdict is not None:
+    blocks += _verdict_blocks(verdict)
+  blocks += [("h2", "Metrics"), ("p", _CONVENTIONS),
+             ("table", _metrics_table(rows))]
   notes = _notes(rows)
   if notes:
     blocks.append(("list", notes))
@@ -469,8 +491,14 @@ def write_report(run_dir: str, rows: Optional[Sequence[Mapping[str, Any]]],
                  config: Optional[Mapping[str, Any]] = None,
                  manifest: Optional[Mapping[str, Any]] = None, *,
                  title: Optional[str] = None, bootstrap: int = 200,
-                 seed: int = 0, plots_enabled: bool = True) -> dict[str, str]:
+                 seed: int = 0, plots_enabled: bool = True,
+                 verdict: Optional[Mapping[str, Any]] = None
+                 ) -> dict[str, str]:
   """Writes the plots, report.md and report.html of a run directory.
+
+  The report opens with the verdict (`mia_jax.verdict`): ``verdict`` when
+  given (the audit's, with its blind baseline), else one computed here from
+  the rows and scores without the blind baseline (no images at hand).
 
   Args:
     run_dir: the run directory (created if missing).
@@ -486,6 +514,7 @@ def write_report(run_dir: str, rows: Optional[Sequence[Mapping[str, Any]]],
       rows when they are computed here); 0 disables.
     seed: bootstrap seed.
     plots_enabled: write and include roc.png, roc_log.png, score_hist.png.
+    verdict: the run's `verdict.build_verdict` result, or None.
 
   Returns:
     dict name -> path of every file written.
@@ -514,13 +543,24 @@ def write_report(run_dir: str, rows: Optional[Sequence[Mapping[str, Any]]],
         curves, os.path.join(run_dir, "roc_log.png"), log_scale=True)
     written["score_hist"] = plots.plot_score_histograms(
         variants, labels, os.path.join(run_dir, "score_hist.png"))
-    images = [("ROC", "roc.png"), ("ROC (log-log)", "roc_log.png"),
+    images = [("ROC, one panel per attack (dotted: the attack, solid: its OMS "
+               "depths)", "roc.png"),
+              ("ROC (log-log)", "roc_log.png"),
               ("Score histograms (blue members, red non-members)",
                "score_hist.png")]
   comparison = oms_comparison(rows, variants if variants else None, labels,
                               bootstrap, seed)
+  if verdict is None and labels is not None and variants:
+    try:
+      verdict = verdict_lib.build_verdict(rows, variants, labels,
+                                          bootstrap=bootstrap, seed=seed)
+    except ValueError:
+      # Rows without TPR@1%FPR or not matching the scores (a custom table):
+      # the report still renders, without a verdict.
+      verdict = None
   blocks = _sections(rows, comparison, config, manifest, images,
-                     title or f"mia-jax report: {os.path.basename(os.path.abspath(run_dir))}")
+                     title or f"mia-jax report: {os.path.basename(os.path.abspath(run_dir))}",
+                     verdict)
   written["report_md"] = atomic_write_text(
       os.path.join(run_dir, "report.md"), render_markdown(blocks))
   written["report_html"] = atomic_write_text(

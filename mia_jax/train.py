@@ -250,12 +250,27 @@ def batch_indices(seed: int, step: int, batch_size: int, num: int) -> np.ndarray
 
 
 def _member_data(cfg: ml_collections.ConfigDict):
-  """(source, members, non-members, public) positions of the training split."""
+  """(source, members, non-members, public) positions of the training split.
+
+  ``data.max_members`` (optional) keeps a seeded subset of that many members
+  and moves the others to the non-members (never trained on): the public part
+  stays exactly the three-way split's, so shadow models trained on it (GSA)
+  stay disjoint from the target's members.
+  """
   source = data.parse_spec(cfg.data.source)
-  parts = data.three_way_split(len(source), cfg.data.member_fraction,
-                               cfg.data.get("public_fraction", 0.0),
-                               cfg.data.split_seed)
-  return (source, *parts)
+  members, nonmembers, public = data.three_way_split(
+      len(source), cfg.data.member_fraction,
+      cfg.data.get("public_fraction", 0.0), cfg.data.split_seed)
+  keep = cfg.data.get("max_members")
+  if keep is not None and int(keep) < len(members):
+    if int(keep) < 1:
+      raise ValueError(f"data.max_members must be >= 1, got {keep}")
+    perm = np.random.default_rng([cfg.data.split_seed, 2]).permutation(
+        len(members))
+    dropped = members[np.sort(perm[int(keep):])]
+    members = members[np.sort(perm[:int(keep)])]
+    nonmembers = np.sort(np.concatenate([nonmembers, dropped]))
+  return source, members, nonmembers, public
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *,

@@ -86,3 +86,38 @@ def test_empty_inputs_raise(tmp_path):
     plots.plot_roc({}, str(tmp_path / "x.png"))
   with pytest.raises(ValueError, match="at least one"):
     plots.plot_score_histograms({}, [0, 1], str(tmp_path / "x.png"))
+
+
+def test_roc_has_one_panel_per_attack_with_its_depths_as_curves():
+  curves = _curves()
+  fig = plots.roc_figure(curves)
+  axes = fig.get_axes()
+  assert [ax.get_title() for ax in axes] == ["naive", "pia"]
+  for ax, attack in zip(axes, ("naive", "pia")):
+    labels = [l.get_label() for l in ax.get_lines()]
+    # Three OMS depths + the chance line, each AUC in its legend label.
+    assert [l.split(" ")[0] for l in labels] == [
+        f"{attack}_oms0", f"{attack}_oms1", f"{attack}_oms2", "chance"]
+    assert ax.get_xlabel() == "False positive rate"
+  assert plots.group_variants(["naive_dist1", "naive_res2", "qr_oms0",
+                               "custom"]) == {
+      "naive": ["naive_dist1", "naive_res2"], "qr": ["qr_oms0"],
+      "custom": ["custom"]}
+
+
+def test_histograms_have_axis_labels(tmp_path, monkeypatch):
+  seen = {}
+  real = plots._save
+
+  def capture(fig, path, dpi=120):
+    seen["axes"] = fig.get_axes()
+    return real(fig, path, dpi)
+
+  monkeypatch.setattr(plots, "_save", capture)
+  curves = _curves()
+  y = next(iter(curves.values()))[1]
+  plots.plot_score_histograms({k: v[0] for k, v in curves.items()}, y,
+                              str(tmp_path / "h.png"))
+  assert len(seen["axes"]) == 6
+  for ax in seen["axes"]:
+    assert "score" in ax.get_xlabel() and ax.get_ylabel() == "density"

@@ -9,7 +9,7 @@ figure1.png, frobenius.png, errors.png, contraction.png.
 Reduced scale (CPU, digits, 64 members and 64 non-members):
 
     python experiments/recipe.py --config experiments/configs/oms_fig1_analysis.py:reduced \
-        --workdir runs/fig1 --config.target.checkpoint=runs/demo/train/target
+        --workdir runs/fig1 --config.target.checkpoint=runs/table1/train/target
 
 Paper scale (DDPM CIFAR-10):
 

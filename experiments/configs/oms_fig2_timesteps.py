@@ -10,7 +10,7 @@ gain in AUC and TPR@1%FPR over t).
 Reduced scale (CPU, digits):
 
     python experiments/recipe.py --config experiments/configs/oms_fig2_timesteps.py:reduced \
-        --workdir runs/fig2_timesteps --config.target.checkpoint=runs/demo/train/target
+        --workdir runs/fig2_timesteps --config.target.checkpoint=runs/table1/train/target
 
 Paper scale (DDPM CIFAR-10):
 

@@ -9,7 +9,7 @@ rows and figure3_<attack>.png the bars.
 Reduced scale (CPU, digits):
 
     python experiments/recipe.py --config experiments/configs/oms_fig3.py:reduced \
-        --workdir runs/fig3 --config.target.checkpoint=runs/demo/train/target
+        --workdir runs/fig3 --config.target.checkpoint=runs/table1/train/target
 
 Paper scale (DDPM CIFAR-10):
 

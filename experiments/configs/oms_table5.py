@@ -8,7 +8,7 @@ Reduced scale (CPU, digits; the public images are the 359 recorded by
 training):
 
     python experiments/recipe.py --config experiments/configs/oms_table5.py:reduced \
-        --workdir runs/table5 --config.target.checkpoint=runs/demo/train/target
+        --workdir runs/table5 --config.target.checkpoint=runs/table1/train/target
 
 Paper scale (DDPM CIFAR-10; public images: the CIFAR-10 test split):
 

@@ -8,7 +8,7 @@ public images (experiments/configs/train_digits_shadow.py) into
 WORKDIR/shadow<k>, then audits the target on a few samples with 3 timesteps:
 
     python experiments/recipe.py --config experiments/configs/oms_table6.py:reduced \
-        --workdir runs/table6 --config.target.checkpoint=runs/demo/train/target
+        --workdir runs/table6 --config.target.checkpoint=runs/table1/train/target
 
 Paper scale: the paper's Table 6 is on Stable Diffusion 1.5 / 2.1. Give the
 converted target, its member / non-member data and shadow checkpoints

@@ -2,8 +2,8 @@
 
     python experiments/sweep_schemes.py \
         --config experiments/configs/scheme_sweep.py \
-        --config.checkpoint=runs/demo/train/target \
-        --config.output=runs/demo/scheme_sweep
+        --config.checkpoint=runs/table1/train/target \
+        --config.output=runs/table1/scheme_sweep
 
 For each base attack (Naive, SecMI, PIA, PIAN), each iteration scheme
 (plain OMS, Krasnoselskii-Mann under- and over-relaxed, Ishikawa, Anderson
@@ -26,8 +26,8 @@ import ml_collections
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.checkpoint = "runs/demo/train/target"
-  config.output = "runs/demo/scheme_sweep"
+  config.checkpoint = "runs/table1/train/target"
+  config.output = "runs/table1/scheme_sweep"
   config.attacks = ("naive", "secmi", "pia", "pian")
   # fixed_point.parse_scheme specs: KM with a = 0.5 (KM theory) and a = 1.5
   # (over-relaxation), Ishikawa with a = b = 0.5, Anderson with memory 2.
