@@ -363,7 +363,7 @@ def test_every_caller_of_a_score_function_gets_the_timestep_check(name, timestep
     (["--timesteps=2.5"], r"'2.5' is not an integer \(--timesteps\)"),
     (["--num_samples=-1"], r"--num_samples must be an integer >= 1"),
     (["--pair_scales=0.1,x"], r"'x' is not a number \(--pair_scales\)"),
-    (["--num_probes=1"], r"--num_probes must be an integer >= 2"),
+    (["--num_probes=1"], r"num_probes must be >= 2"),
 ])
 def test_analyze_refuses_bad_flags_in_one_line(ckpt, tmp_path, args, match):
   out = tmp_path / "analysis"

@@ -72,7 +72,9 @@ def test_edited_value_fails_the_hash(saved, tmp_path):
   leaf = jax.tree.leaves(params)[0]
   leaf.flat[0] += 1.0
   shutil.rmtree(os.path.join(ckpt, "params"))
-  ocp.StandardCheckpointer().save(os.path.join(ckpt, "params"), params)
+  writer = ocp.StandardCheckpointer()
+  writer.save(os.path.join(ckpt, "params"), params)
+  writer.wait_until_finished()  # orbax saves asynchronously
   with pytest.raises(checkpoints.CheckpointError,
                      match="do not match the sha256 recorded"):
     checkpoints.load_denoiser(ckpt)
