@@ -84,7 +84,8 @@ class AnalysisConfig:
     num_probes: Hutchinson probes per Jacobian (>= 2).
     confidence: level of the Hutchinson t intervals.
     radius_steps: Arnoldi steps on J(eps^L) for the spectral radius.
-    tail_window: chain ratios averaged into the long-run rate.
+    tail_window: chain ratios averaged into the long-run rate (taken at
+      n >= max(K, L // 2), the second half of the chain).
     floor_factor: the rounding floor in machine epsilons times ||eps^L||
       (`convergence.rounding_floor`).
     probe: "rademacher" or "gaussian".

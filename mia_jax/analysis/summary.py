@@ -49,7 +49,8 @@ NORMALISATION = {
     "early_chain_ratio": "median of chain_ratios n = 1..K-1: the transient "
                          "rate of the first steps",
     "tail_rate": "long-run rate: geometric mean of the last tail_window "
-                 "chain ratios above the floor, n >= K",
+                 "chain ratios above the floor, n >= max(K, L // 2); NaN "
+                 "when fewer than two residuals there are above the floor",
     "fixed_point_radius": "spectral radius of J at eps^L (largest |Ritz "
                           "value| of radius_steps Arnoldi steps), the "
                           "asymptotic rate of the chain",
@@ -86,8 +87,13 @@ def derive(raw: dict[str, np.ndarray], config, dtype: str,
     out[name] = convergence.mask_below(raw[name], floor)
   out["chain_ratios"] = np.asarray(
       contraction.chain_ratios(out["residuals"], axis=2))
+  # Only the second half of the chain counts as "long run": a float32 chain
+  # that hits its floor earlier has no measurable long-run rate (NaN), not
+  # a transient one under that name.
   out["tail_rate"] = contraction.tail_rate(
-      out["residuals"], first=config.num_iterations, window=config.tail_window)
+      out["residuals"],
+      first=max(config.num_iterations, config.chain_length // 2),
+      window=config.tail_window)
   radius, residual = krylov.ritz_radius(out.pop("radius_hessenberg"))
   out["fixed_point_radius"] = radius
   out["fixed_point_radius_residual"] = residual
@@ -274,7 +280,8 @@ def summarize(result, config) -> dict:
           "early_chain_ratio": "median over samples and n = 1..K-1 of "
                                "||delta^{n+1}|| / ||delta^n|| (transient)",
           "tail_rate": "median over samples of the long-run rate (last "
-                       "tail_window ratios above the floor, n >= K)",
+                       "tail_window ratios above the floor, n >= max(K, "
+                       "L // 2))",
           "fixed_point_radius": "median over samples of the spectral "
                                 "radius of J at eps^L",
           "below_floor_fraction": "share of values reported as NaN because "
