@@ -55,6 +55,7 @@ from mia_jax import data
 from mia_jax import errors
 from mia_jax import fixed_point
 from mia_jax import report
+from mia_jax import schedules
 from mia_jax import runner
 from mia_jax.analysis import (contraction, convergence, jacobian, krylov,
                               precision)
@@ -339,15 +340,12 @@ def analyze_sets(denoiser, sets: Sequence[Any], *,
     An `AnalysisResult`.
   """
   sched = denoiser.schedule
-  ts = [int(t) for t in timesteps]
-  if not ts:
-    raise ValueError("timesteps is empty; give at least one attack index")
-  for t in ts:
-    if not 0 <= t < sched.num_timesteps:
-      raise ValueError(f"timestep {t} is outside the schedule's range "
-                       f"0..{sched.num_timesteps - 1}")
+  if not len(timesteps):
+    raise errors.UserError("no timestep given", "timesteps",
+                           "give at least one attack index")
+  ts = [schedules.validate_timestep(sched, t, "timesteps") for t in timesteps]
   if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    raise errors.UserError(f"batch_size must be >= 1, got {batch_size}")
   total = int(sum(len(s.indices) for s in sets))
   if total == 0:
     raise ValueError("nothing to analyse: the member and non-member sets "
