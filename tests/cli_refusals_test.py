@@ -21,22 +21,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The tiny training config of tests/train_test.py, as a config file.
 TINY_TRAIN_CONFIG = '''
-import ml_collections
+from tests.train_test import tiny_config
 
 def get_config():
-  cfg = ml_collections.ConfigDict()
-  cfg.seed = 0
-  cfg.family = "ddpm_unet"
-  cfg.model = dict(ch=8, ch_mult=(1,), attn_levels=(), num_res_blocks=1,
-                   dropout=0.1, in_channels=1, out_channels=1,
-                   num_timesteps=1000, norm_groups=4)
-  cfg.schedule = dict(kind="linear", num_timesteps=1000, beta_start=1e-4,
-                      beta_end=0.02)
-  cfg.data = ml_collections.ConfigDict(dict(
-      source="digits", member_fraction=0.4, public_fraction=0.2, split_seed=0))
-  cfg.train = ml_collections.ConfigDict(dict(
-      batch_size=8, num_steps=4, lr=1e-3, warmup_steps=2, grad_clip=1.0,
-      ema_decay=0.9, random_flip=False, log_every=1, checkpoint_every=1))
+  cfg = tiny_config(num_steps=4)
+  cfg.train.random_flip = False
+  cfg.train.log_every = 1
+  cfg.train.checkpoint_every = 1
   return cfg
 '''
 
