@@ -20,6 +20,9 @@ by `run_recipe` (and `experiments/recipe.py`). Every recipe
      ``||eps^n - eps^{n-1}||`` from one chain (`make_chain_attack`; Figure 3);
    * ``"analysis"``: the noise-search analysis (`mia_jax.analysis.run`;
      Figure 1, Appendix B);
+   * ``"finetune_t2i"``: a text-to-image model pretrained on public data and
+     fine-tuned on members, exported as diffusers folders, converted and
+     audited with the binaries (`mia_jax.t2i_recipe`);
 
 3. writes a run directory with ``scores.npz``, ``metrics.json``, plots,
    ``report.md`` and a self-contained ``report.html`` (`mia_jax.report`),
@@ -46,7 +49,7 @@ from mia_jax import attacks as attacks_lib
 from mia_jax import audit, checkpoints, errors, fixed_point, metrics, report, runner
 from mia_jax.attacks import base, naive, pia, schemes
 
-KINDS = ("audit", "timesteps", "epochs", "chain", "analysis")
+KINDS = ("audit", "timesteps", "epochs", "chain", "analysis", "finetune_t2i")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -705,6 +708,10 @@ def run_recipe(cfg: ml_collections.ConfigDict, workdir: str, *,
   report.atomic_write_text(os.path.join(workdir, "recipe.json"),
                            report.to_json(_plain(cfg)))
   title = f"{cfg.get('name', 'recipe')}: {cfg.get('description', '')}".strip()
+
+  if kind == "finetune_t2i":  # its own module: train, export, convert, audit
+    from mia_jax import t2i_recipe  # pylint: disable=g-import-not-at-top
+    return t2i_recipe.run(cfg, workdir, progress=progress)
 
   if kind == "audit":
     seeds = list(cfg.target.get("seeds") or ())

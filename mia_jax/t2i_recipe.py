@@ -264,22 +264,27 @@ def _run_binary(args: list[str], log_path: str) -> None:
     raise RuntimeError(f"{' '.join(args[:1])} exited {rc}; see {log_path}")
 
 
-def audit_model(cfg: ml_collections.ConfigDict, model_dir: str,
-                data_dir: str) -> list[dict]:
-  """convert.py + attack.py on ``model_dir/diffusers``; the metric rows."""
+def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
+                model_dir: str, data: dict[str, str]) -> list[dict]:
+  """convert.py + attack.py on a diffusers folder; the metric rows.
+
+  Args:
+    diffusers_dir: the Stable Diffusion folder.
+    model_dir: gets ``checkpoint/`` (converted), ``audit/`` (the run
+      directory) and ``commands.log`` (the exact commands and their output).
+    data: ``members``, ``nonmembers``, ``captions`` paths.
+  """
   ckpt = os.path.join(model_dir, "checkpoint")
   log = os.path.join(model_dir, "commands.log")
+  os.makedirs(model_dir, exist_ok=True)
   if not os.path.isfile(os.path.join(ckpt, "model.json")):
     _run_binary(["experiments/convert.py", "--format", "stable_diffusion",
-                 "--source", os.path.join(model_dir, "diffusers"),
-                 "--output", ckpt], log)
+                 "--source", diffusers_dir, "--output", ckpt], log)
   out = os.path.join(model_dir, "audit")
   a = cfg.audit
   args = ["experiments/attack.py", "--config", "experiments/configs/attack_sd.py",
-          "--checkpoint", ckpt,
-          "--members", os.path.join(data_dir, "members.npz"),
-          "--nonmembers", os.path.join(data_dir, "nonmembers.npz"),
-          "--captions", os.path.join(data_dir, "captions.jsonl"),
+          "--checkpoint", ckpt, "--members", data["members"],
+          "--nonmembers", data["nonmembers"], "--captions", data["captions"],
           "--attacks", ",".join(a.attacks), "--oms_steps", str(a.oms_steps),
           "--batch_size", str(a.batch_size), "--seed", str(a.seed),
           "--bootstrap", str(a.bootstrap), "--output", out]
@@ -366,17 +371,35 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   del progress  # the binaries print their own progress into commands.log
   t0 = time.time()
   workdir = os.path.abspath(workdir)
-  data_dir = os.path.join(workdir, "data")
-  data = prepare_data(cfg, data_dir)
-  models = train_models(cfg, workdir, data)
-  tables = {}
-  for model in models:
-    tables[model] = audit_model(cfg, os.path.join(workdir, model), data_dir)
-  path = write_report(workdir, tables, time.time() - t0)
+  os.makedirs(workdir, exist_ok=True)
+  given = {m: cfg.models.get(m) for m in ("pretrained", "finetuned")}
+  if any(given.values()):  # a user's own folders: nothing is trained
+    missing = [f"audit.{k}" for k in ("members", "nonmembers", "captions")
+               if not cfg.audit.get(k)]
+    if missing or not all(given.values()):
+      raise errors.UserError(
+          "user models need both folders and the data",
+          ", ".join(missing + [f"models.{m}" for m, v in given.items()
+                               if not v]),
+          "set models.pretrained, models.finetuned, audit.members, "
+          "audit.nonmembers and audit.captions")
+    models = given
+    data = {k: cfg.audit[k] for k in ("members", "nonmembers", "captions")}
+  else:
+    data_dir = os.path.join(workdir, "data")
+    arrays = prepare_data(cfg, data_dir)
+    models = train_models(cfg, workdir, arrays)
+    data = {"members": os.path.join(data_dir, "members.npz"),
+            "nonmembers": os.path.join(data_dir, "nonmembers.npz"),
+            "captions": os.path.join(data_dir, "captions.jsonl")}
+  tables = {m: audit_model(cfg, folder, os.path.join(workdir, m), data)
+            for m, folder in models.items()}
+  seconds = time.time() - t0
+  path = write_report(workdir, tables, seconds)
   dirs = [os.path.join(workdir, m, "audit") for m in models]
   return recipes.RecipeResult("finetune_t2i", tables["finetuned"], dirs,
                               {"tables": tables, "report": path,
-                               "seconds": time.time() - t0})
+                               "seconds": seconds})
 
 
 __all__ = ["FASHION_CLASSES", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",

@@ -56,16 +56,18 @@ def _images(n=4, res=16, seed=0):
 
 
 def _run(loss_fn, params, frozen, batch, steps=30, lr=3e-3):
-  tcfg = _tcfg(lr=lr)
-  opt = train_lib_optimizer(tcfg)
+  """Trains on one batch with ONE key, so every step sees the same noise and
+  the losses (each of the params before its update) are comparable; one
+  compile per call (XLA:CPU compiles dominate these tests)."""
+  opt = train_lib_optimizer(_tcfg(lr=lr))
   state = train_sd.init_state(params, opt)
   step = train_sd.make_step(loss_fn, opt, 0.0)
   key = jax.random.key(1)
-  before = float(loss_fn(params, frozen, batch, key))
-  for i in range(steps):
-    state, _ = step(state, frozen, batch, jax.random.fold_in(key, i))
-  after = float(loss_fn(state.params, frozen, batch, key))
-  return before, after, state.params
+  losses = []
+  for _ in range(steps):
+    state, loss = step(state, frozen, batch, key)
+    losses.append(float(loss))
+  return losses[0], losses[-1], state.params
 
 
 def train_lib_optimizer(tcfg):
@@ -74,7 +76,8 @@ def train_lib_optimizer(tcfg):
 
 
 def test_vae_steps_reduce_loss():
-  _, vae, _ = sd_tiny.modules()
+  # No mid-block attention: halves the compile time, same losses otherwise.
+  _, vae, _ = sd_tiny.modules(vae={"mid_block_add_attention": False})
   params = vae_lib.init_params(vae, jax.random.key(0), resolution=16)
   batch = {"images": jnp.asarray(_images())}
   before, after, _ = _run(train_sd.vae_loss(vae, 1e-4), params, {}, batch)
@@ -106,26 +109,27 @@ def test_unet_and_text_encoder_steps_reduce_loss(tokenizer_dir):
   assert max(jax.tree.leaves(delta)) > 1e-4
 
 
-def test_frozen_text_encoder_and_caption_dropout(tokenizer_dir):
+def test_caption_dropout(tokenizer_dir):
   loss, params, frozen, batch = _unet_setup(tokenizer_dir, 1.0)
   frozen = {**frozen, "text_encoder": params.pop("text_encoder")}
   key = jax.random.key(3)
   # p_uncond = 1: every caption is the empty one.
   empty = {**batch, "input_ids": jnp.broadcast_to(
       frozen["uncond_ids"], batch["input_ids"].shape)}
-  keep = train_sd.unet_loss(*sd_tiny.modules()[::2],
-                            schedules.scaled_linear(1000, 0.00085, 0.012), 0.0)
-  np.testing.assert_allclose(float(loss(params, frozen, batch, key)),
-                             float(keep(params, frozen, empty, key)),
+  keep = jax.jit(train_sd.unet_loss(
+      *sd_tiny.modules()[::2], schedules.scaled_linear(1000, 0.00085, 0.012),
+      0.0))
+  drop_all = float(jax.jit(loss)(params, frozen, batch, key))
+  np.testing.assert_allclose(drop_all, float(keep(params, frozen, empty, key)),
                              rtol=1e-6)
-  assert float(keep(params, frozen, batch, key)) != float(
-      keep(params, frozen, empty, key))
-  before, after, new = _run(loss, params, frozen, batch, steps=20)
-  assert set(new) == {"unet"} and after < before
+  assert abs(float(keep(params, frozen, batch, key)) - drop_all) > 1e-6
 
 
 def test_fit_resumes_to_the_same_weights(tmp_path):
-  _, vae, _ = sd_tiny.modules()
+  # One level, no attention: the loop is under test, not the VAE.
+  _, vae, _ = sd_tiny.modules(vae={"block_out_channels": (4,),
+                                   "norm_num_groups": 2,
+                                   "mid_block_add_attention": False})
   params = vae_lib.init_params(vae, jax.random.key(0), resolution=16)
   data = {"images": _images(n=6)}
   loss = train_sd.vae_loss(vae)

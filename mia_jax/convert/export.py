@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from mia_jax import checkpoints, schedules
+from mia_jax import checkpoints, errors, schedules
 from mia_jax.denoiser import InputSpec
 
 FORMATS = ("pytorch_ddpm", "diffusers", "uvit", "stable_diffusion")
@@ -28,7 +28,8 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
                           use_ema: bool = True,
                           model_config: Optional[Any] = None,
                           resolution: Optional[int] = None,
-                          guidance_scale: float = 1.0) -> str:
+                          guidance_scale: float = 1.0,
+                          lora: Optional[str] = None) -> str:
   """Converts ``source`` of format ``fmt`` and writes ``output``.
 
   Args:
@@ -43,6 +44,8 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
       pixel size of candidate images, default the model's native size).
     guidance_scale: Stable Diffusion's classifier-free guidance scale used by
       the attacks (1 = plain conditional eps, as SecMI-LDM).
+    lora: Stable Diffusion only: a diffusers / peft LoRA file fused into the
+      converted weights (`mia_jax.convert.lora`).
   Returns:
     The absolute output directory.
   """
@@ -50,10 +53,17 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
     raise ValueError(f"unknown --format {fmt!r}; expected one of {FORMATS}")
   if not os.path.exists(source):
     raise FileNotFoundError(f"--source {source!r} does not exist")
+  if lora is not None and fmt != "stable_diffusion":
+    raise errors.UserError("--lora applies to Stable Diffusion only",
+                           f"--format {fmt}", "drop --lora or use --format "
+                           "stable_diffusion")
+  if lora is not None and not os.path.isfile(lora):
+    raise errors.UserError("the LoRA file does not exist", lora,
+                           "give pytorch_lora_weights.safetensors")
   if fmt == "stable_diffusion":
     from mia_jax.convert import sd  # heavy; only when asked for
     from mia_jax.models.sd import pipeline
-    converted = sd.convert_stable_diffusion(source)
+    converted = sd.convert_stable_diffusion(source, lora=lora)
     return pipeline.save_sd_denoiser(output, converted,
                                      guidance_scale=guidance_scale,
                                      image_resolution=resolution)
