@@ -241,6 +241,23 @@ def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
   out["finetuned"] = _export(os.path.join(fine, "diffusers"), unet, vae, text,
                              {**params, "unet": ft_unet}, scaling, tok_dir,
                              sched)
+  rank = int(ft.get("lora_rank") or 0)
+  if rank > 0:  # LoRA fine-tune of the same UNet: a LoRA file on the base
+    alpha = float(ft.get("lora_alpha") or rank)
+    lora_dir = os.path.join(workdir, "finetuned_lora")
+    lora_file = os.path.join(lora_dir, "pytorch_lora_weights.safetensors")
+    if not os.path.isfile(lora_file):
+      factors = train_sd.fit(
+          os.path.join(lora_dir, "train_lora"), "finetune-lora",
+          train_sd.lora_loss(loss, alpha / rank),
+          {"lora": train_sd.lora_init(pre_params["unet"], rank,
+                                      jax.random.fold_in(key, 4))},
+          {"uncond_ids": uncond, "text_encoder": pre_params["text_encoder"],
+           "unet_base": pre_params["unet"]},
+          {"latents": latents["members"], "input_ids": ids["members"]},
+          ft.get("lora_train") or ft.train, seed=cfg.seed + 3)
+      sd_export.export_lora(lora_file, factors["lora"], rank, alpha)
+    out["finetuned_lora"] = (out["pretrained"], lora_file)
   logging.info("exported %s", out)
   return out
 
@@ -269,7 +286,8 @@ def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
   """convert.py + attack.py on a diffusers folder; the metric rows.
 
   Args:
-    diffusers_dir: the Stable Diffusion folder.
+    diffusers_dir: the Stable Diffusion folder, or ``(folder, LoRA file)``
+      (converted with ``--lora``).
     model_dir: gets ``checkpoint/`` (converted), ``audit/`` (the run
       directory) and ``commands.log`` (the exact commands and their output).
     data: ``members``, ``nonmembers``, ``captions`` paths.
@@ -277,9 +295,13 @@ def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
   ckpt = os.path.join(model_dir, "checkpoint")
   log = os.path.join(model_dir, "commands.log")
   os.makedirs(model_dir, exist_ok=True)
+  lora = None
+  if isinstance(diffusers_dir, (tuple, list)):  # (base folder, LoRA file)
+    diffusers_dir, lora = diffusers_dir
   if not os.path.isfile(os.path.join(ckpt, "model.json")):
     _run_binary(["experiments/convert.py", "--format", "stable_diffusion",
-                 "--source", diffusers_dir, "--output", ckpt], log)
+                 "--source", diffusers_dir, "--output", ckpt]
+                + (["--lora", lora] if lora else []), log)
   out = os.path.join(model_dir, "audit")
   a = cfg.audit
   args = ["experiments/attack.py", "--config", "experiments/configs/attack_sd.py",

@@ -168,6 +168,57 @@ def unet_loss(unet: unet_lib.UNet2DCondition, text: clip_lib.CLIPTextEncoder,
   return loss
 
 
+# ------------------------------------------------------------ LoRA
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out_0")  # diffusers' SD LoRA
+
+
+def lora_init(unet_params: Any, rank: int, rng: jax.Array,
+              targets: Sequence[str] = LORA_TARGETS) -> dict[str, Any]:
+  """Rank-``rank`` LoRA factors for the attention projections of a UNet.
+
+  Returns ``{name: {"A": [r, in], "B": [out, r]}}`` in the torch layout
+  (``W_torch + s B A``; the Flax kernel is ``W_torch.T``), keyed by the Flax
+  kernel path with ``/`` -> ``__``. A is Gaussian with variance 1/in and B is
+  zero, as peft initialises, so training starts from the base model.
+  """
+  from mia_jax.convert import common  # pylint: disable=g-import-not-at-top
+  out = {}
+  for path, kernel in common.flatten_tree(unet_params).items():
+    parts = path.split("/")
+    if len(parts) < 2 or parts[-1] != "kernel" or parts[-2] not in targets:
+      continue
+    fan_in, fan_out = kernel.shape
+    key = jax.random.fold_in(rng, len(out))
+    out[path.replace("/", "__")] = {
+        "A": jax.random.normal(key, (rank, fan_in)) / np.sqrt(fan_in),
+        "B": jnp.zeros((fan_out, rank), jnp.float32)}
+  if not out:
+    raise ValueError(f"no LoRA targets {tuple(targets)} in the UNet params")
+  return out
+
+
+def lora_merge(unet_params: Any, lora: Mapping[str, Any], scale: float
+               ) -> Any:
+  """``unet_params`` with every targeted kernel ``+= scale (B A)^T``."""
+  from mia_jax.convert import common  # pylint: disable=g-import-not-at-top
+  flat = dict(common.flatten_tree(unet_params))
+  for name, f in lora.items():
+    path = name.replace("__", "/")
+    flat[path] = flat[path] + scale * (f["A"].T @ f["B"].T)
+  return common.unflatten_tree(flat)
+
+
+def lora_loss(base_loss: Callable, scale: float):
+  """Trains ``params["lora"]`` on top of ``frozen["unet_base"]``."""
+
+  def loss(params, frozen, batch, rng):
+    unet = lora_merge(frozen["unet_base"], params["lora"], scale)
+    return base_loss({"unet": unet}, frozen, batch, rng)
+
+  return loss
+
+
 # ------------------------------------------------------------ the loop
 
 
@@ -273,5 +324,6 @@ def latent_scaling_factor(latents: np.ndarray) -> float:
 
 
 __all__ = ["BOS", "EOS", "CLIP_PATTERN", "build_tokenizer", "vae_loss",
-           "unet_loss", "make_step", "init_state", "fit", "encode_latents",
+           "unet_loss", "LORA_TARGETS", "lora_init", "lora_merge", "lora_loss",
+           "make_step", "init_state", "fit", "encode_latents",
            "latent_scaling_factor"]

@@ -102,11 +102,15 @@ def test_recipe_end_to_end_tiny(tmp_path):
     for part in ("model_index.json", "unet", "vae", "text_encoder",
                  "tokenizer", "scheduler"):
       assert os.path.exists(os.path.join(folder, part))
+  for model in ("pretrained", "finetuned", "finetuned_lora"):
     with open(os.path.join(work, model, "audit", "metrics.json")) as f:
       variants = {r["variant"] for r in json.load(f)}
     assert {"naive_oms0", "naive_oms2", "pian_oms2", "probe",
             "probe_forward"} <= variants
     log = open(os.path.join(work, model, "commands.log")).read()
     assert "experiments/convert.py --format stable_diffusion" in log
-  assert set(result.extra["tables"]) == {"pretrained", "finetuned"}
+  assert "--lora" in open(os.path.join(work, "finetuned_lora",
+                                       "commands.log")).read()
+  assert set(result.extra["tables"]) == {"pretrained", "finetuned",
+                                         "finetuned_lora"}
   assert "initial-noise probe" in open(os.path.join(work, "report.md")).read()

@@ -100,6 +100,11 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   # Fine-tuning: many epochs over the members (3000 x 32 / 200 = 480).
   c.finetune = ml_collections.ConfigDict()
   c.finetune.train = _train(2e-4, 32, 3000)
+  # LoRA fine-tune (rank > 0): also trained, exported as a diffusers LoRA
+  # file on the pretrained folder, converted with --lora and audited.
+  c.finetune.lora_rank = 8
+  c.finetune.lora_alpha = 8.0
+  c.finetune.lora_train = _train(1e-3, 32, 3000)
 
   c.audit = ml_collections.ConfigDict()
   c.audit.attacks = ("naive", "secmi", "pia", "pian", "probe",
@@ -132,6 +137,9 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
     c.vae.train = _train(2e-3, 16, 4)
     c.unet.train = _train(1e-3, 16, 4)
     c.finetune.train = _train(1e-3, 16, 4)
+    c.finetune.lora_rank = 2
+    c.finetune.lora_alpha = 4.0
+    c.finetune.lora_train = _train(1e-3, 16, 4)
     c.audit.batch_size = 16
     c.audit.bootstrap = 10
     c.audit.attack_options = ("probe.inversion_steps=2",

@@ -216,6 +216,31 @@ def export_stable_diffusion(folder: str, *, unet: tuple[Any, Mapping],
   return folder
 
 
+def export_lora(path: str, lora: Mapping[str, Mapping[str, np.ndarray]],
+                rank: int, alpha: float) -> str:
+  """Writes `mia_jax.train_sd.lora_init`-style factors as a diffusers LoRA
+  file (``unet.<layer>.lora_A.weight`` / ``lora_B.weight`` and peft's
+  ``lora_adapter_metadata``), the format `mia_jax.convert.lora` merges."""
+  tensors = {}
+  for name, f in lora.items():
+    layer = sd.torch_key(name.replace("__", "/"))[:-len(".weight")]
+    a, b = np.asarray(f["A"], np.float32), np.asarray(f["B"], np.float32)
+    if a.shape[0] != rank or b.shape[1] != rank:
+      raise ValueError(f"{name}: factors {a.shape}, {b.shape} are not rank "
+                       f"{rank}")
+    tensors[f"unet.{layer}.lora_A.weight"] = np.ascontiguousarray(a)
+    tensors[f"unet.{layer}.lora_B.weight"] = np.ascontiguousarray(b)
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  meta = json.dumps({"unet.r": int(rank), "unet.lora_alpha": float(alpha),
+                     # Full layer names: peft matches them exactly.
+                     "unet.target_modules": sorted(
+                         {k[len("unet."):-len(".lora_A.weight")]
+                          for k in tensors if k.endswith("lora_A.weight")})})
+  plots.atomic_write_bytes(path, save(tensors, metadata={
+      "format": "pt", "lora_adapter_metadata": meta}))
+  return path
+
+
 __all__ = ["DIFFUSERS_VERSION", "state_dict", "unet_config", "vae_config",
            "text_config", "scheduler_config", "MODEL_INDEX",
-           "export_stable_diffusion"]
+           "export_stable_diffusion", "export_lora"]

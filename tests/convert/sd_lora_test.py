@@ -152,3 +152,31 @@ def test_rank_mismatch_with_metadata_is_refused(tmp_path):
                 {"lora_adapter_metadata": '{"unet.r": 4}'})
   with pytest.raises(lora_lib.LoraError, match="rank 4"):
     lora_lib.merge_lora(_state(), path)
+
+
+def test_trained_lora_exports_to_the_same_merge(tmp_path):
+  """train_sd.lora_merge (what LoRA training optimises) == the converter's
+  merge of the exported diffusers LoRA file."""
+  import jax
+  from mia_jax import train_sd
+  from mia_jax.convert import sd_export
+  rng = np.random.RandomState(0)
+  block = {"attn1": {"to_q": {"kernel": rng.normal(size=(6, 6))},
+                     "to_out_0": {"kernel": rng.normal(size=(6, 6)),
+                                  "bias": rng.normal(size=(6,))}},
+           "ff": {"kernel": rng.normal(size=(6, 4))}}
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32),
+                        {"down_blocks_0_attentions_0": {
+                            "transformer_blocks_0": block}})
+  lora = train_sd.lora_init(params, 2, jax.random.key(0))
+  assert len(lora) == 2  # to_q and to_out_0; ff is not a target
+  lora = {k: {"A": np.asarray(v["A"]), "B": rng.normal(size=v["B"].shape)
+              .astype(np.float32)} for k, v in lora.items()}
+  merged = train_sd.lora_merge(params, lora, 3.0 / 2)
+  path = sd_export.export_lora(str(tmp_path / "l.safetensors"), lora, 2, 3.0)
+  state = {"unet": sd_export.state_dict(params), "text_encoder": {}}
+  rec = lora_lib.merge_lora(state, path)
+  assert rec["components"]["unet"] == {"layers": 2, "rank": 2, "scale": 1.5}
+  want = sd_export.state_dict(merged)
+  for k, v in want.items():
+    np.testing.assert_allclose(state["unet"][k], v, rtol=1e-5, atol=1e-6)
