@@ -239,6 +239,10 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation,
 
 def init_state(params: Any, optimizer: optax.GradientTransformation
                ) -> train_lib.TrainState:
+  """A fresh state on COPIES of ``params``: the step donates its state, and
+  the caller's arrays (e.g. a base model reused by several fine-tunes) must
+  survive."""
+  params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
   return train_lib.TrainState(jnp.zeros((), jnp.int32), params,
                               jax.tree.map(jnp.copy, params),
                               optimizer.init(params))
