@@ -14,6 +14,7 @@ component.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -173,6 +174,15 @@ def _write_safetensors(path: str, tensors: Mapping[str, np.ndarray]) -> None:
   plots.atomic_write_bytes(path, save(dict(tensors), metadata={"format": "pt"}))
 
 
+def _with_defaults(cls, cfg: Mapping[str, Any]) -> dict[str, Any]:
+  fields = {f.name: f.default for f in dataclasses.fields(cls)
+            if f.name not in ("parent", "name")}
+  unknown = sorted(set(cfg) - set(fields))
+  if unknown:
+    raise ValueError(f"{cls.__name__} has no fields {unknown}")
+  return {**fields, **dict(cfg)}
+
+
 def export_stable_diffusion(folder: str, *, unet: tuple[Any, Mapping],
                             vae: tuple[Any, Mapping],
                             text_encoder: tuple[Any, Mapping],
@@ -190,6 +200,12 @@ def export_stable_diffusion(folder: str, *, unet: tuple[Any, Mapping],
   Returns:
     The absolute folder.
   """
+  from mia_jax.models.sd import clip, unet as unet_lib, vae as vae_lib  # pylint: disable=g-import-not-at-top
+  # Partial module configs get the modules' own defaults.
+  unet = (unet[0], _with_defaults(unet_lib.UNet2DCondition, unet[1]))
+  vae = (vae[0], _with_defaults(vae_lib.AutoencoderKL, vae[1]))
+  text_encoder = (text_encoder[0], _with_defaults(clip.CLIPTextEncoder,
+                                                  text_encoder[1]))
   folder = os.path.abspath(folder)
   os.makedirs(folder, exist_ok=True)
   text_cfg = text_config(text_encoder[1], tokenizer_dir)
