@@ -237,7 +237,7 @@ def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
       {"unet": pre_params["unet"]},
       {"uncond_ids": uncond, "text_encoder": pre_params["text_encoder"]},
       {"latents": latents["members"], "input_ids": ids["members"]},
-      ft.train, seed=cfg.seed + 2)
+      ft.train, seed=cfg.seed + 2)["unet"]
   out["finetuned"] = _export(os.path.join(fine, "diffusers"), unet, vae, text,
                              {**params, "unet": ft_unet}, scaling, tok_dir,
                              sched)
