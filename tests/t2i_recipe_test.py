@@ -114,3 +114,23 @@ def test_recipe_end_to_end_tiny(tmp_path):
   assert set(result.extra["tables"]) == {"pretrained", "finetuned",
                                          "finetuned_lora"}
   assert "initial-noise probe" in open(os.path.join(work, "report.md")).read()
+
+
+def test_config_variants_load_and_document_the_command():
+  text = open(os.path.join(recipes.REPO_ROOT, CONFIG)).read()
+  assert ("python experiments/recipe.py --config experiments/configs/"
+          "finetune_t2i.py:reduced") in text
+  assert "apt-get install -y dataset-fashion-mnist" in text
+  for variant in ("reduced", "tiny", "full"):
+    cfg = recipes.load_config_file(f"{CONFIG}:{variant}")
+    assert cfg.kind in recipes.KINDS and cfg.variant == variant
+  with pytest.raises(ValueError, match="unknown variant"):
+    recipes.load_config_file(CONFIG + ":nope")
+
+
+def test_user_models_without_data_are_refused_before_work(tmp_path):
+  cfg = recipes.load_config_file(CONFIG + ":full")
+  cfg.models.pretrained = str(tmp_path / "a")
+  with pytest.raises(errors.UserError, match="audit.members"):
+    t2i_recipe.run(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "pretrained")
