@@ -374,7 +374,8 @@ def write_report(workdir: str, tables: dict[str, list[dict]],
     best = best_base(rows)
     role = ("negative control: pretrained only, its members were never "
             "trained on" if model == "pretrained" else
-            "target: fine-tuned on the members")
+            "target: LoRA fine-tuned on the members" if model.endswith("lora")
+            else "target: fine-tuned on the members")
     parts.append(f"## {model} ({role})\n")
     if best:
       parts.append(f"Strongest base attack: {best['variant']}, AUC "
