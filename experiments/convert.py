@@ -4,6 +4,8 @@
     python experiments/convert.py --format diffusers --source ddpm-cifar10-32/ --output ckpts/google
     python experiments/convert.py --format uvit --source cifar10_uvit_small.pth --output ckpts/uvit
     python experiments/convert.py --format stable_diffusion --source sd-folder/ --output ckpts/sd
+    python experiments/convert.py --format stable_diffusion --source sd-folder/ \
+        --lora pytorch_lora_weights.safetensors --output ckpts/sd_lora
 
 Checkpoints are untrusted input: safetensors are read directly and pickles
 only with torch.load(weights_only=True); a pickle that needs code to load is
@@ -32,6 +34,10 @@ _PRESET = flags.DEFINE_string(
 _MODEL_CONFIG = flags.DEFINE_string(
     "model_config", None, "JSON file with the architecture (overrides --preset).")
 _RESOLUTION = flags.DEFINE_integer("resolution", None, "Image resolution.")
+_LORA = flags.DEFINE_string(
+    "lora", None, "Stable Diffusion: a diffusers/peft LoRA file "
+    "(pytorch_lora_weights.safetensors) fused into the UNet and text encoder; "
+    "strict: every LoRA tensor used once, ranks and targets checked.")
 _GUIDANCE = flags.DEFINE_float(
     "guidance_scale", 1.0, "Stable Diffusion: classifier-free guidance scale "
     "of the attacks (1 = conditional eps only).")
@@ -51,7 +57,8 @@ def main(argv):
   out = export.convert_to_checkpoint(
       _FORMAT.value, _SOURCE.value, _OUTPUT.value,
       use_ema=_WEIGHTS.value == "ema", model_config=model_config,
-      resolution=_RESOLUTION.value, guidance_scale=_GUIDANCE.value)
+      resolution=_RESOLUTION.value, guidance_scale=_GUIDANCE.value,
+      lora=_LORA.value)
   print(f"wrote {out}")
 
 

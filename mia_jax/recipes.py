@@ -22,6 +22,9 @@ by `run_recipe` (and `experiments/recipe.py`). Every recipe
      Figure 1, Appendix B);
    * ``"memorization"``: attacks over member counts x epochs, one training
      run per member count (`mia_jax.memorization`);
+   * ``"finetune_t2i"``: a text-to-image model pretrained on public data and
+     fine-tuned on members, exported as diffusers folders, converted and
+     audited with the binaries (`mia_jax.t2i_recipe`);
 
 3. writes a run directory with ``scores.npz``, ``metrics.json``, plots,
    ``report.md`` and a self-contained ``report.html`` (`mia_jax.report`),
@@ -48,7 +51,8 @@ from mia_jax import attacks as attacks_lib
 from mia_jax import audit, checkpoints, errors, fixed_point, metrics, report, runner
 from mia_jax.attacks import base, naive, pia, schemes
 
-KINDS = ("audit", "timesteps", "epochs", "chain", "analysis", "memorization")
+KINDS = ("audit", "timesteps", "epochs", "chain", "analysis", "memorization",
+         "finetune_t2i")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -711,6 +715,9 @@ def run_recipe(cfg: ml_collections.ConfigDict, workdir: str, *,
   if kind == "memorization":  # members x epochs (mia_jax/memorization.py)
     from mia_jax import memorization
     return memorization.run(cfg, workdir, progress=progress)
+  if kind == "finetune_t2i":  # its own module: train, export, convert, audit
+    from mia_jax import t2i_recipe  # pylint: disable=g-import-not-at-top
+    return t2i_recipe.run(cfg, workdir, progress=progress)
 
   if kind == "audit":
     seeds = list(cfg.target.get("seeds") or ())

@@ -28,7 +28,8 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
                           use_ema: bool = True,
                           model_config: Optional[Any] = None,
                           resolution: Optional[int] = None,
-                          guidance_scale: float = 1.0) -> str:
+                          guidance_scale: float = 1.0,
+                          lora: Optional[str] = None) -> str:
   """Converts ``source`` of format ``fmt`` and writes ``output``.
 
   Args:
@@ -43,6 +44,8 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
       pixel size of candidate images, default the model's native size).
     guidance_scale: Stable Diffusion's classifier-free guidance scale used by
       the attacks (1 = plain conditional eps, as SecMI-LDM).
+    lora: Stable Diffusion only: a diffusers / peft LoRA file fused into the
+      converted weights (`mia_jax.convert.lora`).
   Returns:
     The absolute output directory.
   """
@@ -52,12 +55,19 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
   if not os.path.exists(source):
     raise errors.UserError("the --source does not exist", source,
                            "pass the checkpoint file or diffusers folder")
+  if lora is not None and fmt != "stable_diffusion":
+    raise errors.UserError("--lora applies to Stable Diffusion only",
+                           f"--format {fmt}", "drop --lora or use --format "
+                           "stable_diffusion")
+  if lora is not None and not os.path.isfile(lora):
+    raise errors.UserError("the LoRA file does not exist", lora,
+                           "give pytorch_lora_weights.safetensors")
   # Before the (slow) conversion: an --output that cannot take a checkpoint.
   checkpoints.check_writable(os.path.abspath(output))
   try:
     return _convert(fmt, source, output, use_ema=use_ema,
                     model_config=model_config, resolution=resolution,
-                    guidance_scale=guidance_scale)
+                    guidance_scale=guidance_scale, lora=lora)
   except FileNotFoundError as e:
     # A file inside --source that the format needs (config.json, a weights
     # file, nnet_ema.pth, ...): the message names it.
@@ -68,12 +78,12 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
 
 def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
              model_config: Optional[Any], resolution: Optional[int],
-             guidance_scale: float) -> str:
+             guidance_scale: float, lora: Optional[str] = None) -> str:
   """`convert_to_checkpoint` after its boundary checks."""
   if fmt == "stable_diffusion":
     from mia_jax.convert import sd  # heavy; only when asked for
     from mia_jax.models.sd import pipeline
-    converted = sd.convert_stable_diffusion(source)
+    converted = sd.convert_stable_diffusion(source, lora=lora)
     return pipeline.save_sd_denoiser(output, converted,
                                      guidance_scale=guidance_scale,
                                      image_resolution=resolution)

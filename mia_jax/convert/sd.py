@@ -306,7 +306,9 @@ def _read_weights(directory: str, name: str, variant: str | None = None
 
 def convert_stable_diffusion(folder: str | os.PathLike, *,
                              dtype: str = "float32",
-                             variant: str | None = None) -> dict[str, Any]:
+                             variant: str | None = None,
+                             lora: str | os.PathLike | None = None
+                             ) -> dict[str, Any]:
   """Converts a diffusers Stable Diffusion folder.
 
   Args:
@@ -316,6 +318,10 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
     variant: read diffusers variant files, e.g. ``"fp16"`` for
       ``diffusion_pytorch_model.fp16.safetensors`` (weights are cast to
       ``dtype``). Never chosen silently.
+    lora: a diffusers / peft LoRA file (``pytorch_lora_weights.
+      safetensors``) fused into the UNet and text encoder weights before the
+      conversion, strictly (`mia_jax.convert.lora.merge_lora`); its sha256
+      and ranks go into the provenance.
   Returns:
     A dict with
       ``unet``, ``vae``, ``text_encoder``: ``(params, module_config)``;
@@ -360,14 +366,20 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
   out: dict[str, Any] = {}
   converters = {"unet": convert_unet, "vae": convert_vae,
                 "text_encoder": convert_text_encoder}
-  for name, fn in converters.items():
-    state, h = _read_weights(dirs[name], name, variant)
+  states = {}
+  for name in converters:
+    states[name], h = _read_weights(dirs[name], name, variant)
     hashes.update(h)
+  lora_record = None
+  if lora is not None:
+    from mia_jax.convert import lora as lora_lib  # pylint: disable=g-import-not-at-top
+    lora_record = lora_lib.merge_lora(
+        {k: states[k] for k in ("unet", "text_encoder")}, lora)
+  for name, fn in converters.items():
     try:
-      out[name] = fn(state, configs[name], dtype=dtype)
+      out[name] = fn(states.pop(name), configs[name], dtype=dtype)
     except common.ConversionError as e:
       raise common.ConversionError(f"component {name!r}: {e}") from e
-    del state
   scale, shift = vae.latent_scaling(configs["vae"])
   index_path = os.path.join(folder, "model_index.json")
   model_index = (_read_json(index_path, "model_index")
@@ -382,7 +394,7 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
       provenance=dict(format="diffusers_stable_diffusion", source=folder,
                       sha256=hashes, dtype=dtype, variant=variant,
                       model_index=model_index,
-                      configs=configs))
+                      configs=configs, lora=lora_record))
   return out
 
 

@@ -166,6 +166,28 @@ def read_idx_images(path) -> np.ndarray:
   return np.frombuffer(raw, np.uint8, offset=16).reshape(n, h, w, 1).copy()
 
 
+def read_idx_labels(path) -> np.ndarray:
+  """Labels of an IDX label file (MNIST / Fashion-MNIST, optionally .gz).
+
+  Returns [N] uint8 (magic 00000801).
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: no such IDX file (Fashion-MNIST: "
+                            "apt-get install dataset-fashion-mnist).")
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rb") as f:
+    raw = f.read()
+  if len(raw) < 8 or raw[:4] != b"\x00\x00\x08\x01":
+    raise ValueError(f"{path}: not an IDX uint8 label file (magic "
+                     f"{raw[:4].hex()}, expected 00000801).")
+  n = int.from_bytes(raw[4:8], "big")
+  if len(raw) != 8 + n:
+    raise ValueError(f"{path}: {len(raw) - 8} label bytes, header says {n}; "
+                     "the file is truncated or corrupt.")
+  return np.frombuffer(raw, np.uint8, offset=8).copy()
+
+
 def load_digits_uint8() -> np.ndarray:
   """scikit-learn's bundled digits as [1797, 8, 8, 1] uint8 (no download).
 

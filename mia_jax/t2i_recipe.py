@@ -1,0 +1,431 @@
+"""Recipe kind ``"finetune_t2i"``: a fine-tuned text-to-image model, audited.
+
+The setting of the initial-noise probe paper and of the OMS paper's Stable
+Diffusion tables, offline and at a small size
+(``experiments/configs/finetune_t2i.py``):
+
+1. data (``W/data``): Fashion-MNIST (Debian's ``dataset-fashion-mnist``:
+   ``apt-get install dataset-fashion-mnist``; IDX files under
+   ``/usr/share/datasets/fashion-mnist``), padded to 32x32, grey -> RGB,
+   captions from the class names with several templates; disjoint seeded
+   public / member / non-member sets written as ``.npz`` files with ids and
+   captions, plus ``captions.jsonl``;
+2. a CLIP-format tokenizer trained on the public captions (``W/tokenizer``);
+3. pretraining on the public images (``W/pretrained/train_*``): the VAE, then
+   the UNet and the text encoder together on VAE latents with caption
+   dropout; exported as a diffusers folder ``W/pretrained/diffusers``;
+4. fine-tuning of the UNet on the members only, many epochs (text encoder
+   and VAE frozen, as diffusers' text-to-image fine-tuning does): exported as
+   ``W/finetuned/diffusers``; with ``finetune.lora_rank > 0`` a LoRA
+   fine-tune is exported and audited as well (``W/finetuned_lora``);
+5. for each model: ``experiments/convert.py --format stable_diffusion`` and
+   ``experiments/attack.py`` run as subprocesses, exactly as a user with a
+   diffusers folder would (``W/<model>/checkpoint``, ``W/<model>/audit``);
+   the pretrained model is the negative control (its "members" were never
+   trained on);
+6. ``W/report.md``: both tables, the strongest base attack per model, and
+   what the initial-noise probe paper claims next to what its rows show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+
+from mia_jax import errors, recipes, report, runner, schedules, train_sd
+from mia_jax.convert import sd_export
+from mia_jax.data import sources
+from mia_jax.models.sd import clip as clip_lib
+from mia_jax.models.sd import unet as unet_lib
+from mia_jax.models.sd import vae as vae_lib
+
+FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
+                   "sandal", "shirt", "sneaker", "bag", "ankle boot")
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+
+PROBE_CLAIM = (
+    "\"Noise as a Probe\" claims that the initial noise obtained from a "
+    "training image (by DDIM inversion, or even by forward diffusion to the "
+    "last step) keeps a semantic residue of that image, so a fine-tuned "
+    "text-to-image model regenerates its members from such noise closer to "
+    "the original than it regenerates non-members; the attacker needs only "
+    "the generation interface (choose the initial noise, see the output).")
+
+
+class FashionMnistMissing(errors.UserError, FileNotFoundError):
+  """The Fashion-MNIST IDX files are not installed."""
+
+
+# ------------------------------------------------------------ data
+
+
+def load_fashion_mnist(directory: str) -> tuple[np.ndarray, np.ndarray]:
+  """Fashion-MNIST train split: ([60000, 28, 28, 1] uint8, [60000] labels)."""
+  paths = [os.path.join(directory, f) for f in FASHION_FILES]
+  missing = [p for p in paths if not os.path.isfile(p)]
+  if missing:
+    raise FashionMnistMissing(
+        "Fashion-MNIST is not installed", ", ".join(missing),
+        "install Debian's package (apt-get install dataset-fashion-mnist) or "
+        "set --config.data.dir to a folder with the IDX files")
+  images = sources.read_idx_images(paths[0])
+  labels = sources.read_idx_labels(paths[1])
+  if len(images) != len(labels):
+    raise ValueError(f"{len(images)} images but {len(labels)} labels")
+  return images, labels
+
+
+def to_rgb(images: np.ndarray, resolution: int) -> np.ndarray:
+  """[N, h, w, 1] uint8 -> [N, r, r, 3]: zero-padded centred, grey to RGB."""
+  n, h, w, _ = images.shape
+  top, left = (resolution - h) // 2, (resolution - w) // 2
+  out = np.zeros((n, resolution, resolution, 3), np.uint8)
+  out[:, top:top + h, left:left + w, :] = images
+  return out
+
+
+def make_captions(labels: np.ndarray, templates, seed: int) -> list[str]:
+  """One caption per image: a seeded template filled with the class name."""
+  pick = np.random.default_rng([seed, 7]).integers(0, len(templates),
+                                                   len(labels))
+  return [templates[k].format(FASHION_CLASSES[int(c)])
+          for k, c in zip(pick, labels)]
+
+
+def split_positions(num: int, sizes: dict[str, int], seed: int
+                    ) -> dict[str, np.ndarray]:
+  """Disjoint seeded position sets of the given sizes (sorted)."""
+  total = sum(sizes.values())
+  if total > num:
+    raise errors.UserError(f"the splits need {total} images", str(sizes),
+                           f"the data has {num}; lower the sizes")
+  perm = np.random.default_rng([seed, 3]).permutation(num)
+  out, start = {}, 0
+  for name, size in sizes.items():
+    out[name] = np.sort(perm[start:start + int(size)])
+    start += int(size)
+  return out
+
+
+def prepare_data(cfg: ml_collections.ConfigDict, data_dir: str) -> dict:
+  """Writes ``{public,members,nonmembers}.npz`` + ``captions.jsonl``.
+
+  Returns ``{name: (images uint8 [N, r, r, 3], ids [N], captions)}``.
+  """
+  d = cfg.data
+  images, labels = load_fashion_mnist(d.dir)
+  pos = split_positions(len(images), {"public": d.num_public,
+                                      "members": d.num_members,
+                                      "nonmembers": d.num_nonmembers},
+                        d.split_seed)
+  captions = make_captions(labels, tuple(d.templates), d.split_seed)
+  os.makedirs(data_dir, exist_ok=True)
+  out, lines = {}, []
+  for name, p in pos.items():
+    imgs = to_rgb(images[p], d.resolution)
+    caps = [captions[i] for i in p]
+    out[name] = (imgs, p.astype(np.int64), caps)
+    path = os.path.join(data_dir, f"{name}.npz")
+    if not os.path.isfile(path):
+      runner.atomic_savez(path, images=imgs, ids=p.astype(np.int64),
+                          captions=np.array(caps))
+    lines += [json.dumps({"id": int(i), "caption": c}) for i, c in
+              zip(p, caps)]
+  report.atomic_write_text(os.path.join(data_dir, "captions.jsonl"),
+                           "\n".join(lines) + "\n")
+  return out
+
+
+def _float(images: np.ndarray) -> np.ndarray:
+  return images.astype(np.float32) / 127.5 - 1.0
+
+
+# ------------------------------------------------------------ models
+
+
+def build_modules(cfg: ml_collections.ConfigDict):
+  """``(unet, vae, text)`` modules of the recipe's configs."""
+  vae = vae_lib.AutoencoderKL(**_tuples(cfg.vae.model),
+                              sample_size=cfg.data.resolution)
+  text = clip_lib.CLIPTextEncoder(**_tuples(cfg.text.model))
+  unet = unet_lib.UNet2DCondition(
+      **_tuples(cfg.unet.model),
+      sample_size=cfg.data.resolution // vae.downsample_factor,
+      in_channels=vae.latent_channels, out_channels=vae.latent_channels,
+      cross_attention_dim=text.hidden_size)
+  return unet, vae, text
+
+
+def _tuples(node) -> dict[str, Any]:
+  return {k: tuple(v) if isinstance(v, (list, tuple)) else v
+          for k, v in dict(node).items()}
+
+
+def _module_config(module) -> dict[str, Any]:
+  return {f: getattr(module, f) for f in module.__dataclass_fields__
+          if f not in ("parent", "name")}
+
+
+def _export(folder, unet, vae, text, params, scaling, tok_dir, sched):
+  if os.path.isfile(os.path.join(folder, "model_index.json")):
+    return folder
+  return sd_export.export_stable_diffusion(
+      folder, unet=(params["unet"], _module_config(unet)),
+      vae=(params["vae"], _module_config(vae)),
+      text_encoder=(params["text_encoder"], _module_config(text)),
+      scaling_factor=scaling, tokenizer_dir=tok_dir,
+      schedule=sched.to_config())
+
+
+def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
+                 ) -> dict[str, str]:
+  """Pretrains, fine-tunes and exports; returns ``{model: diffusers dir}``."""
+  from mia_jax.convert import sd as convert_sd  # lazy: transformers
+  unet, vae, text = build_modules(cfg)
+  sched = schedules.from_config(dict(cfg.schedule))
+  tok_dir = os.path.join(workdir, "tokenizer")
+  if not os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+    train_sd.build_tokenizer(data["public"][2], tok_dir,
+                             vocab_size=cfg.tokenizer.vocab_size,
+                             max_length=text.max_position_embeddings)
+  tokenize = convert_sd.load_tokenizer(tok_dir, text.max_position_embeddings)
+  with open(os.path.join(tok_dir, "vocab.json")) as f:
+    if len(json.load(f)) > text.vocab_size:
+      raise errors.UserError("the tokenizer is larger than the text encoder",
+                             f"text.model.vocab_size={text.vocab_size}",
+                             "raise it or lower tokenizer.vocab_size")
+  key = jax.random.key(cfg.seed)
+  pre = os.path.join(workdir, "pretrained")
+  pub_images = _float(data["public"][0])
+  vae_params = train_sd.fit(
+      os.path.join(pre, "train_vae"), "vae", train_sd.vae_loss(
+          vae, cfg.vae.kl_weight),
+      vae_lib.init_params(vae, jax.random.fold_in(key, 1),
+                          resolution=cfg.data.resolution),
+      {}, {"images": pub_images}, cfg.vae.train, seed=cfg.seed)
+  scaling = train_sd.latent_scaling_factor(train_sd.encode_latents(
+      vae, vae_params, pub_images[:512], 1.0))
+  latents = {name: train_sd.encode_latents(vae, vae_params,
+                                           _float(v[0]), scaling)
+             for name, v in data.items()}
+  ids = {name: tokenize(v[2]) for name, v in data.items()}
+  uncond = tokenize([""])[0]
+  loss = train_sd.unet_loss(unet, text, sched, cfg.unet.p_uncond)
+  pre_params = train_sd.fit(
+      os.path.join(pre, "train_unet"), "unet+text", loss,
+      {"unet": unet_lib.init_params(unet, jax.random.fold_in(key, 2)),
+       "text_encoder": clip_lib.init_params(text, jax.random.fold_in(key, 3))},
+      {"uncond_ids": uncond},
+      {"latents": latents["public"], "input_ids": ids["public"]},
+      cfg.unet.train, seed=cfg.seed + 1)
+  params = {"vae": vae_params, **pre_params}
+  out = {"pretrained": _export(os.path.join(pre, "diffusers"), unet, vae,
+                               text, params, scaling, tok_dir, sched)}
+  fine = os.path.join(workdir, "finetuned")
+  ft = cfg.finetune
+  ft_unet = train_sd.fit(
+      os.path.join(fine, "train_unet"), "finetune", loss,
+      {"unet": pre_params["unet"]},
+      {"uncond_ids": uncond, "text_encoder": pre_params["text_encoder"]},
+      {"latents": latents["members"], "input_ids": ids["members"]},
+      ft.train, seed=cfg.seed + 2)["unet"]
+  out["finetuned"] = _export(os.path.join(fine, "diffusers"), unet, vae, text,
+                             {**params, "unet": ft_unet}, scaling, tok_dir,
+                             sched)
+  rank = int(ft.get("lora_rank") or 0)
+  if rank > 0:  # LoRA fine-tune of the same UNet: a LoRA file on the base
+    alpha = float(ft.get("lora_alpha") or rank)
+    lora_dir = os.path.join(workdir, "finetuned_lora")
+    lora_file = os.path.join(lora_dir, "pytorch_lora_weights.safetensors")
+    if not os.path.isfile(lora_file):
+      factors = train_sd.fit(
+          os.path.join(lora_dir, "train_lora"), "finetune-lora",
+          train_sd.lora_loss(loss, alpha / rank),
+          {"lora": train_sd.lora_init(pre_params["unet"], rank,
+                                      jax.random.fold_in(key, 4))},
+          {"uncond_ids": uncond, "text_encoder": pre_params["text_encoder"],
+           "unet_base": pre_params["unet"]},
+          {"latents": latents["members"], "input_ids": ids["members"]},
+          ft.get("lora_train") or ft.train, seed=cfg.seed + 3)
+      sd_export.export_lora(lora_file, factors["lora"], rank, alpha)
+    out["finetuned_lora"] = (out["pretrained"], lora_file)
+  logging.info("exported %s", out)
+  return out
+
+
+# ------------------------------------------------------------ auditing
+
+
+def _run_binary(args: list[str], log_path: str) -> None:
+  """Runs an experiments/ binary as a user would; its output goes to a log."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = recipes.REPO_ROOT + (
+      os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+  cmd = [sys.executable] + args
+  logging.info("running %s", " ".join(cmd))
+  with open(log_path, "a") as log:
+    log.write("$ " + " ".join(cmd) + "\n")
+    log.flush()
+    rc = subprocess.call(cmd, cwd=recipes.REPO_ROOT, env=env, stdout=log,
+                         stderr=subprocess.STDOUT)
+  if rc != 0:
+    raise RuntimeError(f"{' '.join(args[:1])} exited {rc}; see {log_path}")
+
+
+def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
+                model_dir: str, data: dict[str, str]) -> list[dict]:
+  """convert.py + attack.py on a diffusers folder; the metric rows.
+
+  Args:
+    diffusers_dir: the Stable Diffusion folder, or ``(folder, LoRA file)``
+      (converted with ``--lora``).
+    model_dir: gets ``checkpoint/`` (converted), ``audit/`` (the run
+      directory) and ``commands.log`` (the exact commands and their output).
+    data: ``members``, ``nonmembers``, ``captions`` paths.
+  """
+  ckpt = os.path.join(model_dir, "checkpoint")
+  log = os.path.join(model_dir, "commands.log")
+  os.makedirs(model_dir, exist_ok=True)
+  lora = None
+  if isinstance(diffusers_dir, (tuple, list)):  # (base folder, LoRA file)
+    diffusers_dir, lora = diffusers_dir
+  if not os.path.isfile(os.path.join(ckpt, "model.json")):
+    _run_binary(["experiments/convert.py", "--format", "stable_diffusion",
+                 "--source", diffusers_dir, "--output", ckpt]
+                + (["--lora", lora] if lora else []), log)
+  out = os.path.join(model_dir, "audit")
+  a = cfg.audit
+  args = ["experiments/attack.py", "--config", "experiments/configs/attack_sd.py",
+          "--checkpoint", ckpt, "--members", data["members"],
+          "--nonmembers", data["nonmembers"], "--captions", data["captions"],
+          "--attacks", ",".join(a.attacks), "--oms_steps", str(a.oms_steps),
+          "--batch_size", str(a.batch_size), "--seed", str(a.seed),
+          "--bootstrap", str(a.bootstrap), "--output", out]
+  if a.get("max_samples"):
+    args += ["--max_samples", str(a.max_samples)]
+  for option in a.get("attack_options", ()) or ():
+    args += ["--attack_option", option]
+  _run_binary(args, log)
+  with open(os.path.join(out, "metrics.json")) as f:
+    return json.load(f)
+
+
+# ------------------------------------------------------------ the report
+
+
+def best_base(rows: list[dict]) -> Optional[dict]:
+  """The strongest depth-0 row (highest AUC)."""
+  base = [r for r in rows if int(r.get("oms_steps") or 0) == 0]
+  return max(base, key=lambda r: r["auc"]) if base else None
+
+
+def _table(rows: list[dict]) -> str:
+  lines = ["| variant | OMS | t | AUC | ASR | TPR@1%FPR |",
+           "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['variant']} | {r.get('oms_steps')} | "
+                 f"{r.get('timestep')} | {r['auc']:.4f} | {r['asr']:.4f} | "
+                 f"{r['tpr_at_1pct_fpr']:.4f} |")
+  return "\n".join(lines)
+
+
+def probe_verdict(tables: dict[str, list[dict]]) -> str:
+  """What the probe rows show, stated without a threshold tuned to them."""
+  lines = []
+  for model, rows in tables.items():
+    probes = [r for r in rows if r["attack"].startswith("probe")]
+    best = best_base([r for r in rows if not r["attack"].startswith("probe")])
+    for r in probes:
+      lines.append(f"- {model}: {r['variant']} AUC {r['auc']:.4f} "
+                   f"(TPR@1%FPR {r['tpr_at_1pct_fpr']:.4f})"
+                   + (f"; strongest loss attack {best['variant']} AUC "
+                      f"{best['auc']:.4f}" if best else ""))
+  ft = [r for r in tables.get("finetuned", []) if r["attack"].startswith(
+      "probe")]
+  ctrl = [r for r in tables.get("pretrained", []) if r["attack"].startswith(
+      "probe")]
+  if ft and ctrl:
+    top, base = max(r["auc"] for r in ft), max(r["auc"] for r in ctrl)
+    holds = top >= 0.6 and top - base >= 0.1
+    lines.append(
+        f"\nRule (fixed before the run): the claim holds here if a probe "
+        f"variant reaches AUC >= 0.6 on the fine-tuned model and beats the "
+        f"pretrained control by >= 0.1. Best probe AUC: fine-tuned "
+        f"{top:.4f}, control {base:.4f} -> the claim "
+        f"{'holds' if holds else 'does not hold'} here.")
+  return "\n".join(lines)
+
+
+def write_report(workdir: str, tables: dict[str, list[dict]],
+                 seconds: float) -> str:
+  parts = ["# Fine-tuned text-to-image model: membership audit\n",
+           f"Time taken (training, export, conversion, audits): "
+           f"{seconds / 60:.1f} min.\n"]
+  for model, rows in tables.items():
+    best = best_base(rows)
+    role = ("negative control: pretrained only, its members were never "
+            "trained on" if model == "pretrained" else
+            "target: LoRA fine-tuned on the members" if model.endswith("lora")
+            else "target: fine-tuned on the members")
+    parts.append(f"## {model} ({role})\n")
+    if best:
+      parts.append(f"Strongest base attack: {best['variant']}, AUC "
+                   f"{best['auc']:.4f}.\n")
+    parts.append(_table(rows) + "\n")
+  parts += ["## The initial-noise probe\n", PROBE_CLAIM + "\n",
+            probe_verdict(tables) + "\n"]
+  path = os.path.join(workdir, "report.md")
+  report.atomic_write_text(path, "\n".join(parts))
+  return path
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
+        ) -> "recipes.RecipeResult":
+  """Runs the recipe (see the module docstring)."""
+  del progress  # the binaries print their own progress into commands.log
+  t0 = time.time()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  given = {m: cfg.models.get(m) for m in ("pretrained", "finetuned")}
+  if any(given.values()):  # a user's own folders: nothing is trained
+    missing = [f"audit.{k}" for k in ("members", "nonmembers", "captions")
+               if not cfg.audit.get(k)]
+    if missing or not all(given.values()):
+      raise errors.UserError(
+          "user models need both folders and the data",
+          ", ".join(missing + [f"models.{m}" for m, v in given.items()
+                               if not v]),
+          "set models.pretrained, models.finetuned, audit.members, "
+          "audit.nonmembers and audit.captions")
+    models = given
+    data = {k: cfg.audit[k] for k in ("members", "nonmembers", "captions")}
+  else:
+    data_dir = os.path.join(workdir, "data")
+    arrays = prepare_data(cfg, data_dir)
+    models = train_models(cfg, workdir, arrays)
+    data = {"members": os.path.join(data_dir, "members.npz"),
+            "nonmembers": os.path.join(data_dir, "nonmembers.npz"),
+            "captions": os.path.join(data_dir, "captions.jsonl")}
+  tables = {m: audit_model(cfg, folder, os.path.join(workdir, m), data)
+            for m, folder in models.items()}
+  seconds = time.time() - t0
+  path = write_report(workdir, tables, seconds)
+  dirs = [os.path.join(workdir, m, "audit") for m in models]
+  return recipes.RecipeResult("finetune_t2i", tables["finetuned"], dirs,
+                              {"tables": tables, "report": path,
+                               "seconds": seconds})
+
+
+__all__ = ["FASHION_CLASSES", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",
+           "make_captions", "split_positions", "prepare_data",
+           "build_modules", "train_models", "audit_model", "best_base",
+           "probe_verdict", "write_report", "run"]
