@@ -3,9 +3,9 @@
     python experiments/demo.py --workdir runs/demo
 
 1. trains the digits target in the memorization regime of the published
-   DDPM targets (`experiments/configs/train_digits.py:demo`: 256 of
+   DDPM targets (`experiments/configs/train_digits.py:demo`: 96 of
    scikit-learn's 1,797 real 8x8 handwritten digits as members, each seen
-   1,000 times; 1,182 non-members; 359 public reference images; fixed seed)
+   1,000 times; 1,342 non-members; 359 public reference images; fixed seed)
    -> runs/demo/train/target;
 2. runs Naive, SecMI, PIA and PIAN with OMS depths 0..N on all members and
    non-members -> runs/demo/audit (scores.npz with per-sample p-values,

@@ -9,8 +9,8 @@ Variants through the config argument:
   target of the OMS recipes' reduced runs (they train it for 3,000 steps).
 - ``:demo``: the README demo's target, in the memorization regime of the
   published DDPM targets (pytorch-ddpm's CIFAR-10 models saw each member
-  about 4,000 times): 256 members seen 1,000 times each (4,000 steps at batch
-  64), the other 1,182 non-public digits as non-members, the same 359 public
+  about 4,000 times): 96 members seen 1,000 times each (1,500 steps at batch
+  64), the other 1,342 non-public digits as non-members, the same 359 public
   images as the default split (so the GSA shadows of
   ``train_digits_shadow.py`` stay disjoint from its members).
 - ``:quick`` / ``:demo_quick``: a few hundred steps, for tests and smoke runs.
@@ -21,7 +21,7 @@ Any field can be overridden, e.g. ``--config.train.num_steps=2000``.
 import ml_collections
 
 VARIANTS = ("", "quick", "demo", "demo_quick")
-DEMO_MEMBERS = 256
+DEMO_MEMBERS = 96
 DEMO_EPOCHS = 1000
 
 
@@ -58,7 +58,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown variant {arg!r}; expected one of {VARIANTS}")
   if arg.startswith("demo"):
     # Fewer members, each seen 1,000 times: how small fine-tuning sets and
-    # the published targets leak. The 40/40/20 split is made first and 256
+    # the published targets leak. The 40/40/20 split is made first and 96
     # of its 719 members are kept (`mia_jax.train._member_data`).
     config.data.max_members = DEMO_MEMBERS
     config.train.batch_size = 64
