@@ -141,10 +141,11 @@ def test_max_members_keeps_a_subset_and_the_public_split():
   from mia_jax import train
   from mia_jax.data import splits
   cfg = train_digits.get_config("demo")
-  assert cfg.train.num_steps * cfg.train.batch_size / 256 == 1000  # epochs
+  m = train_digits.DEMO_MEMBERS
+  assert cfg.train.num_steps * cfg.train.batch_size / m == 1000  # epochs
   source, members, nonmembers, public = train._member_data(cfg)  # pylint: disable=protected-access
   parts = splits.digits_parts(0)
-  assert len(members) == 256 and len(nonmembers) == 1182
+  assert len(members) == m and len(nonmembers) == 1438 - m
   # The public part is the default split's (GSA shadows train on it).
   np.testing.assert_array_equal(public, parts["public"])
   assert set(members) <= set(parts["members"])

@@ -75,6 +75,8 @@ def train_lib_optimizer(tcfg):
   return train.make_optimizer(tcfg)
 
 
+# Slow: 60-100 s each on 2 idle cores (compiling the SD UNet's training step).
+@pytest.mark.slow
 def test_vae_steps_reduce_loss():
   # No mid-block attention: halves the compile time, same losses otherwise.
   _, vae, _ = sd_tiny.modules(vae={"mid_block_add_attention": False})
@@ -99,6 +101,8 @@ def _unet_setup(tokenizer_dir, p_uncond):
   return loss, params, frozen, batch
 
 
+# Slow: 60-100 s each on 2 idle cores (compiling the SD UNet's training step).
+@pytest.mark.slow
 def test_unet_and_text_encoder_steps_reduce_loss(tokenizer_dir):
   loss, params, frozen, batch = _unet_setup(tokenizer_dir, 0.0)
   before, after, new = _run(loss, params, frozen, batch, steps=40)

@@ -8,6 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+# Slow: the module fixture trains and exports a tiny pipeline (about 140 s on
+# 2 idle cores); run with -m slow.
+pytestmark = pytest.mark.slow
+
 from mia_jax import schedules, train_sd
 from mia_jax.convert import sd as convert_sd
 from mia_jax.convert import sd_export
