@@ -86,18 +86,6 @@ RECORDED = "recorded"
 METRICS_ONLY = ("output", "bootstrap", "checkpoint", "shadow_checkpoints")
 
 
-def _positive_int(value, flag: str, *, minimum: int = 1,
-                  allow_none: bool = False):
-  if value is None and allow_none:
-    return
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-      value < minimum):
-    raise errors.UserError(f"{flag} must be an integer >= {minimum}",
-                           f"{flag} {value!r}",
-                           f"pass an integer >= {minimum}" + (
-                               " or leave it unset" if allow_none else ""))
-
-
 def check_config(cfg: AuditConfig, metadata: dict) -> None:
   """Refuses flag and option values that would give a meaningless audit.
 
@@ -119,11 +107,11 @@ def check_config(cfg: AuditConfig, metadata: dict) -> None:
       raise errors.UserError(
           f"unknown attack {name!r}", "--attacks",
           f"expected some of {sorted(attacks_lib.PRESETS) + sorted(fitted.FITTED)}")
-  _positive_int(cfg.oms_steps, "--oms_steps", minimum=0)
+  errors.check_int(cfg.oms_steps, "--oms_steps", minimum=0)
   if cfg.batch_size != "auto":
-    _positive_int(cfg.batch_size, "--batch_size")
-  _positive_int(cfg.max_samples, "--max_samples", allow_none=True)
-  _positive_int(cfg.bootstrap, "--bootstrap", minimum=0)
+    errors.check_int(cfg.batch_size, "--batch_size")
+  errors.check_int(cfg.max_samples, "--max_samples", allow_none=True)
+  errors.check_int(cfg.bootstrap, "--bootstrap", minimum=0)
   if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)):
     raise errors.UserError("--seed must be an integer", f"--seed {cfg.seed!r}",
                            "pass an integer")

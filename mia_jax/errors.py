@@ -74,3 +74,16 @@ def from_os_error(error: BaseException) -> BaseException:
           }.get(error.errno, "check the path's permissions or write elsewhere")
   return UserError(error.strerror or str(error),
                    error.filename or "an output file", todo)
+
+
+def check_int(value, flag: str, *, minimum: int = 1,
+              allow_none: bool = False) -> None:
+  """Refuses ``value`` unless it is an integer >= ``minimum`` (or None)."""
+  if value is None and allow_none:
+    return
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
+      value < minimum):
+    raise UserError(f"{flag} must be an integer >= {minimum}",
+                    f"{flag} {value!r}", f"pass an integer >= {minimum}" + (
+                        " or leave it unset" if allow_none else ""))

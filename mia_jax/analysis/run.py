@@ -447,20 +447,15 @@ def check_settings(metadata: dict, output: str, checkpoint: str, *,
                            "name one or more, e.g. --timesteps 50,100")
   for t in timesteps:
     schedules.validate_timestep(sched, t, "--timesteps")
-  def at_least(value, minimum, flag, allow_none=False):
-    if value is None and allow_none:
-      return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
-        value < minimum):
-      raise errors.UserError(f"{flag} must be an integer >= {minimum}",
-                             f"{flag} {value!r}", f"pass an integer >= {minimum}")
-  at_least(num_samples, 1, "--num_samples", allow_none=True)
-  at_least(batch_size, 1, "--batch_size")
-  at_least(config.num_iterations, 1, "--num_iterations")
-  at_least(config.chain_length, config.num_iterations, "--chain_length")
-  at_least(config.power_max_iterations, 1, "--power_iterations")
-  at_least(config.num_probes, 2, "--num_probes")
-  at_least(config.num_pairs, 1, "--num_pairs")
+  errors.check_int(num_samples, "--num_samples", minimum=1, allow_none=True)
+  errors.check_int(batch_size, "--batch_size", minimum=1)
+  errors.check_int(config.num_iterations, "--num_iterations", minimum=1)
+  errors.check_int(config.chain_length, "--chain_length",
+                   minimum=config.num_iterations)
+  errors.check_int(config.power_max_iterations, "--power_iterations",
+                   minimum=1)
+  errors.check_int(config.num_probes, "--num_probes", minimum=2)
+  errors.check_int(config.num_pairs, "--num_pairs", minimum=1)
   if not (np.isfinite(config.power_tol) and 0 < config.power_tol < 1):
     raise errors.UserError("the spectral tolerance must lie in (0, 1)",
                            f"--power_tol {config.power_tol}", "e.g. 1e-5")
