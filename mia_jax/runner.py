@@ -100,13 +100,15 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 class _Progress:
   """Samples/s and ETA on long runs: tqdm on a terminal, log lines otherwise."""
 
-  def __init__(self, total: int, done: int, enabled: bool):
+  def __init__(self, total: int, done: int, enabled: bool,
+               label: str = "scored"):
     self.total, self.done, self.enabled = total, done, enabled
+    self.label = label
     self.start, self.last_log, self.start_done = time.time(), 0.0, done
     self.bar = None
     if enabled and sys.stderr.isatty():
       from tqdm import tqdm
-      self.bar = tqdm(total=total, initial=done, unit="img", desc="scoring")
+      self.bar = tqdm(total=total, initial=done, unit="img", desc=label)
 
   def update(self, n: int) -> None:
     self.done += n
@@ -119,8 +121,8 @@ class _Progress:
     if now - self.last_log > 10 or self.done == self.total:
       rate = (self.done - self.start_done) / max(now - self.start, 1e-9)
       eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-      logging.info("scored %d/%d samples, %.1f samples/s, ETA %.0f s",
-                   self.done, self.total, rate, eta)
+      logging.info("%s %d/%d samples, %.1f samples/s, ETA %.0f s",
+                   self.label, self.done, self.total, rate, eta)
       self.last_log = now
 
   def close(self) -> None:
@@ -326,36 +328,114 @@ def all_ids_labels(sets: Sequence[SampleSet]) -> tuple[np.ndarray, np.ndarray]:
   return ids, labels
 
 
-def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
-                  sets: Sequence[SampleSet], *, batch_size: int, seed: int,
-                  shard_dir: Optional[str] = None,
-                  run_fingerprint: Optional[dict] = None,
-                  progress: bool = True,
-                  prepare_batch: Optional[Callable] = None,
-                  mesh: Any = AUTO,
-                  prefetch: bool = True) -> ScoreTable:
-  """Scores every sample of ``sets`` with every attack, resumably.
+@dataclasses.dataclass(frozen=True)
+class Computation:
+  """One per-sample computation the engine runs on every batch.
+
+  Attributes:
+    name: what it is, for messages (e.g. "attack naive", "gsa features").
+    fn: ``(params, sched, x0 [B, ...], keys [B], cond, shared) ->
+      {column: [B, ...] array}``; ``shared`` is a `SharedPasses` of the
+      batch (network passes several computations begin with).
+    columns: the names ``fn`` returns, in a fixed order (they name the
+      arrays of a shard and are pinned by the shard fingerprint).
+    key_name: names the noise stream: sample i draws from
+      ``fold_in(attack_key(seed, key_name), i)``.
+    finite: columns that must be finite (None: every column); a non-finite
+      value stops the run naming the samples.
+  """
+
+  name: str
+  fn: Callable
+  columns: tuple[str, ...]
+  key_name: str
+  finite: Optional[tuple[str, ...]] = None
+
+
+class SharedPasses:
+  """Network passes of one batch shared by several computations.
+
+  PIA, PIAN and SecMI all begin with eps_theta(x0, 0) on the clean image: it
+  is computed once per batch, on first use.
+  """
+
+  def __init__(self, eps_fn: Callable, params: Any, x0: jax.Array, cond: Any):
+    self._eps_fn, self._params, self._x0, self._cond = eps_fn, params, x0, cond
+    self._clean_eps = None
+
+  def clean_eps(self) -> jax.Array:
+    """eps_theta(x0, 0): [B, H, W, C]."""
+    if self._clean_eps is None:
+      self._clean_eps = clean_eps(self._eps_fn)(self._params, self._x0,
+                                                self._cond)
+    return self._clean_eps
+
+
+def attack_computation(attack: Attack) -> Computation:
+  """An attack's scores as a computation: one [B] column per variant."""
+  names = tuple(attack.variant_names())
+
+  def fn(params, sched, x0, keys, cond, shared):
+    if attack.from_clean_fn is not None:
+      scores = attack.from_clean_fn(params, sched, x0, keys,
+                                    shared.clean_eps(), cond)
+    else:
+      scores = attack.score_fn(params, sched, x0, keys, cond)
+    return {name: scores[n] for n, name in enumerate(names)}
+
+  return Computation(name=f"attack {attack.name}", fn=fn, columns=names,
+                     key_name=attack.name)
+
+
+@dataclasses.dataclass
+class SampleTable:
+  """Per-sample results in global order: ids [M], labels [M] (1 = member),
+  and each computation's columns [M, ...]."""
+
+  ids: np.ndarray
+  labels: np.ndarray
+  columns: dict[str, np.ndarray]
+
+
+def map_samples(denoiser: Denoiser, computations: Sequence[Computation],
+                sets: Sequence[SampleSet], *, batch_size: int, seed: int,
+                shard_dir: Optional[str] = None,
+                run_fingerprint: Optional[dict] = None,
+                progress: bool = True,
+                prepare_batch: Optional[Callable] = None,
+                mesh: Any = AUTO,
+                prefetch: bool = True,
+                encode_key_name: str = "__encode__",
+                label: str = "scored") -> SampleTable:
+  """The engine: runs ``computations`` over every sample of ``sets``.
+
+  Every per-sample quantity of the library (attack scores, GSA gradient
+  features, QR t-errors, the noise-search analysis) goes through here, so
+  each resumes after a kill, splits batches over a device mesh and runs on
+  several hosts (see the module docstring).
 
   Args:
-    denoiser: the model.
-    attacks: built attacks (all depths of each come from one chain).
-    sets: member and non-member sample sets, in output order.
+    denoiser: the model (params, schedule, encode_fn, cond_fn).
+    computations: what to compute; their columns must not collide.
+    sets: sample sets, in output order.
     batch_size: samples per compiled call (over all local devices); the last
-      batch is padded.
-    seed: the run seed (see module docstring).
-    shard_dir: where shards go; None keeps everything in memory. On several
-      hosts it must be a shared directory.
+      batch is padded with copies of its last sample, dropped before storing.
+    seed: the run seed (per-sample keys, see `Computation.key_name`).
+    shard_dir: where finished batches go; None keeps everything in memory.
+      On several hosts it must be a shared directory.
     run_fingerprint: what must match for old shards to be reused.
     progress: report samples/s and ETA.
-    prepare_batch: optional ``(images [B,...] float32, captions, keys) ->
-      (x0, cond)`` hook; by default latent models are encoded with
+    prepare_batch: optional ``(images [B,...] float32 in [-1, 1], captions,
+      keys) -> (x0, cond)`` hook; by default latent models are encoded with
       ``denoiser.encode_fn`` and conditional ones get ``denoiser.cond_fn``.
     mesh: a `jax.sharding.Mesh` with a ``"data"`` axis to split each batch
       over (`parallel.data_mesh`); ``"auto"`` (default) uses every local
       device when there are several; None runs on the default device.
-    prefetch: read the next batch on a thread while this one is scored.
+    prefetch: read the next batch on a thread while this one is computed.
+    encode_key_name: the noise stream of latent encoding.
+    label: names the work in progress lines.
   Returns:
-    The `ScoreTable` in global sample order (on every process).
+    The `SampleTable` (on every process).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -363,13 +443,12 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
   if total == 0:
     raise ValueError("nothing to score: the member and non-member sets are empty")
   num_batches = -(-total // batch_size)
-  variants = [v for a in attacks for v in a.variant_names()]
-  if len(set(variants)) != len(variants):
-    raise ValueError(f"duplicate attack variants {variants}")
-  if not variants:
-    # Only fitted attacks in the run: nothing to score per sample here.
-    ids, labels = all_ids_labels(sets)
-    return ScoreTable(ids=ids, labels=labels, scores={})
+  columns = [c for comp in computations for c in comp.columns]
+  if len(set(columns)) != len(columns):
+    raise ValueError(f"duplicate columns {columns}")
+  ids, labels = all_ids_labels(sets)
+  if not columns:
+    return SampleTable(ids=ids, labels=labels, columns={})
   if isinstance(mesh, str):
     if mesh != AUTO:
       raise ValueError(f"mesh must be a Mesh, None or 'auto', got {mesh!r}")
@@ -380,26 +459,26 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
   if shard_dir is not None:
     os.makedirs(shard_dir, exist_ok=True)
     _check_fingerprint(shard_dir, shard_fingerprint(
-        run_fingerprint, batch_size=batch_size, seed=seed, variants=variants,
+        run_fingerprint, batch_size=batch_size, seed=seed, variants=columns,
         total=total))
-    done = _load_shards(shard_dir, num_batches, variants)
+    done = _load_shards(shard_dir, num_batches, columns)
     # Process 0 removes stale temporaries above; nobody writes before that.
     parallel.sync("mia_jax.runner.loaded")
     if done:
-      logging.info("resuming: %d of %d batches already scored in %s",
-                   len(done), num_batches, shard_dir)
+      logging.info("%s: resuming, %d of %d batches already done in %s",
+                   label, len(done), num_batches, shard_dir)
 
   owned = parallel.owned_batches(num_batches)
   todo = [int(k) for k in owned if int(k) not in done]
   params = parallel.replicate(denoiser.params, mesh)
   sched = parallel.replicate(denoiser.schedule, mesh)
-  base_keys = [attack_key(seed, a.name) for a in attacks]
-  encode_key = attack_key(seed, "__encode__")
+  base_keys = [attack_key(seed, c.key_name) for c in computations]
+  encode_key = attack_key(seed, encode_key_name)
   mine_total = sum(len(_batch_positions(int(k), batch_size, total)[0])
                    for k in owned)
   mine_done = sum(int(done[int(k)]["mask"].sum()) for k in owned
                   if int(k) in done)
-  bar = _Progress(mine_total, mine_done, progress)
+  bar = _Progress(mine_total, mine_done, progress, label)
 
   pool = concurrent.futures.ThreadPoolExecutor(1) if prefetch else None
   read = lambda k: _read_batch(sets, k, batch_size, total)
@@ -409,8 +488,8 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
       batch = pending.result() if pool else read(k)
       if pool and i + 1 < len(todo):
         pending = pool.submit(read, todo[i + 1])
-      done[k] = _score_batch(denoiser, attacks, base_keys, encode_key, params,
-                             sched, mesh, prepare_batch, k, batch)
+      done[k] = _run_batch(denoiser, computations, base_keys, encode_key,
+                           params, sched, mesh, prepare_batch, k, batch)
       if shard_dir is not None:
         atomic_savez(shard_path(shard_dir, k), **done[k])
         _record_shard(shard_dir, k)
@@ -420,56 +499,86 @@ def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
       pool.shutdown(wait=True, cancel_futures=True)
     bar.close()
 
-  ids, labels = all_ids_labels(sets)
-  scores = np.zeros((total, len(variants)), np.float64)
   owned_rows = np.zeros(total, bool)
+  out = {}
   for k in owned:
-    shard = done[int(k)]
-    scores[shard["positions"]] = np.stack([shard[v] for v in variants], -1)
-    owned_rows[shard["positions"]] = True
+    owned_rows[done[int(k)]["positions"]] = True
   if parallel.process_count() == 1 and not owned_rows.all():
-    raise AssertionError("some samples were never scored")  # a runner bug
-  scores = parallel.gather_rows(scores, owned_rows)
-  return ScoreTable(ids=ids, labels=labels,
-                    scores={v: scores[:, j] for j, v in enumerate(variants)})
+    raise AssertionError("some samples were never computed")  # a runner bug
+  for name in columns:
+    first = done[int(owned[0])][name] if len(owned) else None
+    shape = (total,) + (first.shape[1:] if first is not None else ())
+    values = np.zeros(shape, first.dtype if first is not None else np.float64)
+    for k in owned:
+      shard = done[int(k)]
+      values[shard["positions"]] = shard[name]
+    out[name] = parallel.gather_rows(values, owned_rows)
+  return SampleTable(ids=ids, labels=labels, columns=out)
 
 
-def _score_batch(denoiser, attacks, base_keys, encode_key, params, sched, mesh,
-                 prepare_batch, k, batch) -> dict[str, np.ndarray]:
-  """One batch through every attack -> the shard dict (valid rows only)."""
+def _run_batch(denoiser, computations, base_keys, encode_key, params, sched,
+               mesh, prepare_batch, k, batch) -> dict[str, np.ndarray]:
+  """One batch through every computation -> the shard dict (valid rows)."""
   positions, padded, images, ids, labels, captions = batch
   n_valid = len(positions)
   x = parallel.shard_batch(jnp.asarray(images), mesh)
+  encode_keys = parallel.shard_batch(sample_keys(encode_key, padded), mesh)
   if prepare_batch is not None:
-    x0, cond = prepare_batch(x, captions,
-                             parallel.shard_batch(
-                                 sample_keys(encode_key, padded), mesh))
+    x0, cond = prepare_batch(x, captions, encode_keys)
   else:
     x0, cond = x, None
     if denoiser.encode_fn is not None:
-      x0 = denoiser.encode_fn(params, x, parallel.shard_batch(
-          sample_keys(encode_key, padded), mesh))
+      x0 = denoiser.encode_fn(params, x, encode_keys)
     if denoiser.cond_fn is not None:
       cond = parallel.shard_batch(denoiser.cond_fn(captions), mesh)
   shard = {"positions": positions, "mask": np.ones(n_valid, bool),
            "ids": ids[:n_valid], "labels": labels[:n_valid]}
-  # PIA, PIAN and SecMI all begin with eps_theta(x0, 0): one pass per batch.
-  eps_clean = None
-  if any(a.from_clean_fn is not None for a in attacks):
-    eps_clean = clean_eps(denoiser.eps_fn)(params, x0, cond)
-  for attack, base_key in zip(attacks, base_keys):
+  shared = SharedPasses(denoiser.eps_fn, params, x0, cond)
+  for comp, base_key in zip(computations, base_keys):
     keys = parallel.shard_batch(sample_keys(base_key, padded), mesh)
-    if attack.from_clean_fn is not None:
-      scores = attack.from_clean_fn(params, sched, x0, keys, eps_clean, cond)
-    else:
-      scores = attack.score_fn(params, sched, x0, keys, cond)
-    scores = np.asarray(jax.device_get(scores), np.float64)[:, :n_valid]
-    if not np.all(np.isfinite(scores)):
-      raise errors.UserError(
-          f"attack {attack.name} produced non-finite scores in batch {k} "
-          f"(sample ids {ids[:n_valid][~np.isfinite(scores).all(0)][:5]})",
-          "--checkpoint", "the model returns NaN/Inf on these inputs: check "
-          "the checkpoint's weights and the images' value range")
-    for n, name in enumerate(attack.variant_names()):
-      shard[name] = scores[n]
+    out = jax.device_get(comp.fn(params, sched, x0, keys, cond, shared))
+    if set(out) != set(comp.columns):
+      raise ValueError(f"{comp.name} returned columns {sorted(out)}, "
+                       f"expected {sorted(comp.columns)}")
+    for name in comp.columns:
+      value = np.asarray(out[name])[:n_valid]
+      if (comp.finite is None or name in comp.finite) and not np.all(
+          np.isfinite(value)):
+        bad = ~np.isfinite(value.reshape(n_valid, -1)).all(1)
+        raise errors.UserError(
+            f"{comp.name} produced non-finite values ({name}) in batch {k} "
+            f"(sample ids {ids[:n_valid][bad][:5]})",
+            "--checkpoint", "the model returns NaN/Inf on these inputs: "
+            "check the checkpoint's weights and the images' value range")
+      shard[name] = value
   return shard
+
+
+def score_samples(denoiser: Denoiser, attacks: Sequence[Attack],
+                  sets: Sequence[SampleSet], *, batch_size: int, seed: int,
+                  shard_dir: Optional[str] = None,
+                  run_fingerprint: Optional[dict] = None,
+                  progress: bool = True,
+                  prepare_batch: Optional[Callable] = None,
+                  mesh: Any = AUTO,
+                  prefetch: bool = True) -> ScoreTable:
+  """Scores every sample of ``sets`` with every attack, resumably.
+
+  `map_samples` with one computation per attack (all OMS depths of an
+  attack come from one chain); see `map_samples` for the arguments.
+
+  Returns:
+    The `ScoreTable` in global sample order (on every process); scores are
+    float64.
+  """
+  variants = [v for a in attacks for v in a.variant_names()]
+  if len(set(variants)) != len(variants):
+    raise ValueError(f"duplicate attack variants {variants}")
+  table = map_samples(
+      denoiser, [attack_computation(a) for a in attacks], sets,
+      batch_size=batch_size, seed=seed, shard_dir=shard_dir,
+      run_fingerprint=run_fingerprint, progress=progress,
+      prepare_batch=prepare_batch, mesh=mesh, prefetch=prefetch)
+  return ScoreTable(ids=table.ids, labels=table.labels,
+                    scores={v: np.asarray(table.columns[v], np.float64)
+                            for v in variants})

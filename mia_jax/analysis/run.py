@@ -51,7 +51,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from mia_jax import compute
-from mia_jax import data
 from mia_jax import errors
 from mia_jax import fixed_point
 from mia_jax import report
@@ -315,12 +314,65 @@ def analysis_key(seed: int, name: str = "noise_search_analysis") -> jax.Array:
 sample_keys = runner.sample_keys
 
 
+# Per-sample outputs of `make_analysis_fn` (batch first); the engine stores
+# each as a column, plus ``x0``.
+OUTPUTS = ("residuals", "errors", "defect", "iterates", "fixed_point",
+           "spectral", "spectral_lower", "spectral_upper", "spectral_rel_gap",
+           "spectral_iterations", "spectral_converged", "frobenius",
+           "frobenius_se", "frobenius_lower", "frobenius_upper",
+           "frobenius_sq", "frobenius_sq_se", "pair_ratios",
+           "radius_hessenberg")
+# A non-finite value in these stops the run (the rest may hold NaN by design,
+# e.g. a rate over a zero residual).
+FINITE = ("residuals", "spectral", "frobenius", "radius_hessenberg")
+
+
+def analysis_computation(eps_fn: EpsFn, config: AnalysisConfig,
+                         timesteps: Sequence[int], dtype: str,
+                         timing: dict) -> runner.Computation:
+  """The analysis as an engine computation (columns `OUTPUTS` and ``x0``).
+
+  ``timing`` receives ``memory`` (the compiled program's `memory_stats`,
+  from the first batch, which compiles) and ``seconds`` (wall time of the
+  later calls plus the first call's run).
+  """
+  fn = make_analysis_fn(eps_fn, config)
+  ts_arr = jnp.asarray(list(timesteps), jnp.int32)
+
+  def compute(params, sched, x0, keys, cond, shared):
+    del shared
+    x0 = precision.as_dtype(x0, dtype)
+    args = (params, sched, x0, keys, ts_arr, cond)
+    if "compiled" not in timing:
+      start = time.time()
+      timing["compiled"] = fn.lower(*args).compile()
+      timing["memory"] = memory_stats(timing["compiled"])
+      logging.info("compiled the analysis for batch %d, %d timesteps in "
+                   "%.1f s; memory %s", x0.shape[0], len(timesteps),
+                   time.time() - start, timing["memory"])
+    start = time.time()
+    out = jax.block_until_ready(timing["compiled"](*args))
+    timing["seconds"] = timing.get("seconds", 0.0) + time.time() - start
+    return {**out, "x0": x0}
+
+  return runner.Computation(name="the noise-search analysis", fn=compute,
+                            columns=OUTPUTS + ("x0",),
+                            key_name="noise_search_analysis", finite=FINITE)
+
+
 def analyze_sets(denoiser, sets: Sequence[Any], *,
                  timesteps: Sequence[int], config: AnalysisConfig,
                  batch_size: int, seed: int,
                  prepare_batch: Optional[Callable] = None,
-                 dtype: str = "float32") -> AnalysisResult:
+                 dtype: str = "float32",
+                 shard_dir: Optional[str] = None,
+                 run_fingerprint: Optional[dict] = None,
+                 mesh: Any = runner.AUTO) -> AnalysisResult:
   """Runs the compiled analysis over member / non-member sample sets.
+
+  Through the engine (`runner.map_samples`): with ``shard_dir`` a killed
+  run resumes without recomputing finished batches; batches split over the
+  local devices and over hosts like the attacks.
 
   Args:
     denoiser: a `mia_jax.denoiser.Denoiser`.
@@ -336,6 +388,9 @@ def analyze_sets(denoiser, sets: Sequence[Any], *,
       ``denoiser.encode_fn`` and conditional ones get ``denoiser.cond_fn``.
     dtype: the compute dtype, "float32" or "float64" (x0 is cast to it; the
       denoiser must compute in it, `precision.with_compute_dtype`).
+    shard_dir: where finished batches go (None: in memory only).
+    run_fingerprint: what must match for old shards to be reused.
+    mesh: as `runner.map_samples`.
   Returns:
     An `AnalysisResult`.
   """
@@ -346,70 +401,25 @@ def analyze_sets(denoiser, sets: Sequence[Any], *,
   ts = [schedules.validate_timestep(sched, t, "timesteps") for t in timesteps]
   if batch_size < 1:
     raise errors.UserError(f"batch_size must be >= 1, got {batch_size}")
-  total = int(sum(len(s.indices) for s in sets))
-  if total == 0:
+  if int(sum(len(s.indices) for s in sets)) == 0:
     raise ValueError("nothing to analyse: the member and non-member sets "
                      "are empty")
-  fn = make_analysis_fn(denoiser.eps_fn, config)
-  base_key = analysis_key(seed)
-  encode_key = analysis_key(seed, "__encode__")
-  ts_arr = jnp.asarray(ts, jnp.int32)
-  compiled, memory = None, {}
-  chunks: list[dict[str, np.ndarray]] = []
-  all_ids, all_labels = [], []
-  num_batches = -(-total // batch_size)
-  elapsed = 0.0
-  for k in range(num_batches):
-    positions = np.arange(k * batch_size, min((k + 1) * batch_size, total))
-    n_valid = len(positions)
-    padded = np.concatenate(
-        [positions, np.full(batch_size - n_valid, positions[-1])])
-    images, ids, labels, captions = runner.gather_samples(sets, padded)
-    x = jnp.asarray(data.to_model_range(images))
-    if prepare_batch is not None:
-      x0, cond = prepare_batch(x, captions, sample_keys(encode_key, padded))
-    else:
-      x0, cond = x, None
-      if denoiser.encode_fn is not None:
-        x0 = denoiser.encode_fn(denoiser.params, x,
-                                sample_keys(encode_key, padded))
-      if denoiser.cond_fn is not None:
-        cond = denoiser.cond_fn(captions)
-    x0 = precision.as_dtype(x0, dtype)
-    keys = sample_keys(base_key, padded)
-    args = (denoiser.params, sched, x0, keys, ts_arr, cond)
-    if compiled is None:
-      start = time.time()
-      compiled = fn.lower(*args).compile()
-      memory = memory_stats(compiled)
-      logging.info("compiled the analysis for batch %d, %d timesteps in "
-                   "%.1f s; memory %s", batch_size, len(ts),
-                   time.time() - start, memory)
-    start = time.time()
-    out = jax.device_get(compiled(*args))
-    elapsed += time.time() - start
-    out["x0"] = x0
-    chunks.append({name: np.asarray(v)[:n_valid] for name, v in out.items()})
-    all_ids.append(ids[:n_valid])
-    all_labels.append(labels[:n_valid])
-    logging.info("analysed batch %d/%d (%d samples) in %.1f s", k + 1,
-                 num_batches, n_valid, time.time() - start)
-  arrays = {name: np.concatenate([c[name] for c in chunks])
-            for name in chunks[0]}
-  dim = int(np.prod(x0.shape[1:]))
-  bad = [n for n in ("residuals", "spectral", "frobenius",
-                     "radius_hessenberg")
-         if not np.all(np.isfinite(arrays[n]))]
-  if bad:
-    raise FloatingPointError(
-        f"the analysis produced non-finite {bad}; check the checkpoint and "
-        "the input range")
+  timing: dict = {}
+  table = runner.map_samples(
+      denoiser,
+      [analysis_computation(denoiser.eps_fn, config, ts, dtype, timing)],
+      sets, batch_size=batch_size, seed=seed, shard_dir=shard_dir,
+      run_fingerprint={**(run_fingerprint or {}), "timesteps": ts,
+                       "config": dataclasses.asdict(config), "dtype": dtype},
+      prepare_batch=prepare_batch, mesh=mesh, label="analysed")
+  arrays = dict(table.columns)
   x0_all = arrays.pop("x0")
   return AnalysisResult(
-      ids=np.concatenate(all_ids), labels=np.concatenate(all_labels),
-      timesteps=np.asarray(ts), dim=dim,
-      arrays=derive(arrays, config, dtype, sample_ndim=x0.ndim - 1),
-      memory=memory, seconds=elapsed, x0=x0_all, dtype=dtype)
+      ids=table.ids, labels=table.labels, timesteps=np.asarray(ts),
+      dim=int(np.prod(x0_all.shape[1:])),
+      arrays=derive(arrays, config, dtype, sample_ndim=x0_all.ndim - 1),
+      memory=timing.get("memory", {}), seconds=timing.get("seconds", 0.0),
+      x0=x0_all, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -506,8 +516,14 @@ def run(checkpoint: str, output: str, *, members: Optional[str] = None,
   logging.info("analysing %s: %d members, %d non-members, timesteps %s, %s",
                checkpoint, len(sets[0].indices), len(sets[1].indices),
                list(timesteps), dtype)
-  result = analyze_sets(denoiser, sets, timesteps=timesteps, config=config,
-                        batch_size=batch_size, seed=seed, dtype=dtype)
+  result = analyze_sets(
+      denoiser, sets, timesteps=timesteps, config=config,
+      batch_size=batch_size, seed=seed, dtype=dtype,
+      shard_dir=os.path.join(output, "shards"),
+      run_fingerprint={"params": checkpoints.params_fingerprint(
+          denoiser.params), "checkpoint_family": denoiser.family,
+                       "members": members, "nonmembers": nonmembers,
+                       "num_samples": num_samples})
   summary = summarize(result, config)
   summary["checkpoint"] = os.path.abspath(checkpoint)
   summary["data"] = {"members": members or "recorded in checkpoint",

@@ -9,10 +9,12 @@ scores the run's evaluation samples. Its module defines
 
 and is registered in `FITTED` by name. Every variant scores exactly the run's
 evaluation samples, in the runner's order, higher = more likely member, so
-its rows sit in the same table as the loss attacks'. Evaluation labels are
-never given to the fitting code: `ctx.eval_sets` carry them only because the
-runner needs them to lay out outputs; a fitted attack must use
-`ctx.eval_images()`, which hides them.
+its rows sit in the same table as the loss attacks'. Per-sample quantities
+(GSA's gradient features, QR's t-errors) are computed by the engine
+(`runner.map_samples` over ``ctx.eval_sets``), so they resume after a kill
+and shard like the attacks. Evaluation labels are never given to the fitting
+code: ``ctx.eval_sets`` carry them only because the engine lays out outputs
+by them; a fitted attack reads no label before its scores are final.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -61,7 +63,7 @@ class FittedContext:
   Attributes:
     denoiser: the target model.
     eval_sets: the run's member and non-member `runner.SampleSet`s (labels
-      are for output layout only; use `eval_batches`).
+      are for output layout only: read none before scores are final).
     reference_set: `runner.SampleSet` of public non-member images (never
       evaluated), or None when the run has none.
     shadow_checkpoints: checkpoint directories of shadow models (GSA).
@@ -85,21 +87,6 @@ class FittedContext:
     """The evaluation samples' ids in runner order (labels not exposed)."""
     return [v for s in self.eval_sets
             for v in np.asarray(s.source.ids)[s.indices].tolist()]
-
-  def eval_batches(self) -> Iterator[tuple[np.ndarray, list]]:
-    """(uint8 images [b, H, W, C], captions) of the evaluation samples in
-    runner order, in chunks of ``batch_size``; labels are not exposed."""
-    for s in self.eval_sets:
-      for start in range(0, len(s.indices), self.batch_size):
-        idx = s.indices[start:start + self.batch_size]
-        yield np.asarray(s.source.get(idx)), _captions(s.source, idx)
-
-
-def _captions(source, idx) -> list:
-  from mia_jax.data import sources
-  if sources.has_captions(source):
-    return list(source.captions(idx))
-  return [""] * len(idx)
 
 
 def is_fitted(name: str) -> bool:

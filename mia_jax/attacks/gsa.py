@@ -66,7 +66,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 import jax
@@ -245,24 +245,6 @@ def passes_per_sample(num_timesteps: int, depth: int) -> tuple[int, int]:
 # Feature extraction over data sets (cached, resumable).
 
 
-def _rebatch(chunks: Iterable[tuple[np.ndarray, list]], size: int
-             ) -> Iterator[tuple[np.ndarray, list]]:
-  """Re-cuts (images, captions) chunks into chunks of ``size`` (last short)."""
-  images, captions = [], []
-  held = 0
-  for imgs, caps in chunks:
-    images.append(np.asarray(imgs))
-    captions.extend(caps)
-    held += len(imgs)
-    while held >= size:
-      cat = np.concatenate(images)
-      yield cat[:size], captions[:size]
-      images, captions = [cat[size:]], captions[size:]
-      held -= size
-  if held:
-    yield np.concatenate(images), captions
-
-
 @dataclasses.dataclass
 class FeatureStats:
   """Cost of one extraction: samples computed now and their wall time."""
@@ -272,76 +254,68 @@ class FeatureStats:
   compile_seconds: float = 0.0
 
 
-def extract_features(denoiser: Denoiser, chunks: Iterable[tuple[np.ndarray, list]],
-                     num: int, *, feature_fn: Callable, noise_key: jax.Array,
-                     encode_key: jax.Array, batch_size: int,
+def feature_computation(feature_fn: Callable, key_name: str,
+                        stats: Optional[FeatureStats] = None
+                        ) -> runner.Computation:
+  """GSA features as an engine computation: column ``features`` [B, N+1, 2, P].
+
+  Args:
+    feature_fn: from `make_feature_fn` ([N+1, 2, B, P] per call).
+    key_name: the noise stream (sample i: ``fold_in(attack_key(seed,
+      key_name), i)``).
+    stats: filled with the samples computed and their time (the first call,
+      which compiles, is counted apart).
+  """
+  def fn(params, sched, x0, keys, cond, shared):
+    del shared
+    start = time.time()
+    feats = jax.block_until_ready(feature_fn(params, sched, x0, keys, cond))
+    if stats is not None:
+      elapsed = time.time() - start
+      if stats.computed == 0 and stats.compile_seconds == 0.0:
+        stats.compile_seconds = elapsed
+      else:
+        stats.seconds += elapsed
+        stats.computed += int(feats.shape[2])
+    return {"features": jnp.moveaxis(feats, 2, 0).astype(jnp.float32)}
+
+  return runner.Computation(name="gsa gradient features", fn=fn,
+                            columns=("features",), key_name=key_name)
+
+
+def extract_features(denoiser: Denoiser, sets: Sequence[runner.SampleSet], *,
+                     feature_fn: Callable, seed: int, key_name: str,
+                     encode_key_name: str, batch_size: int,
                      cache_dir: Optional[str] = None,
+                     run_fingerprint: Optional[dict] = None,
                      label: str = "features",
-                     stats: Optional[FeatureStats] = None) -> np.ndarray:
-  """GSA features of ``num`` samples, chunk by chunk, resumable.
+                     stats: Optional[FeatureStats] = None,
+                     mesh: Any = runner.AUTO) -> np.ndarray:
+  """GSA features of every sample of ``sets`` through the engine.
+
+  Resumable (finished batches are shards of ``cache_dir``), split over the
+  local devices and over hosts like the attacks (`runner.map_samples`).
 
   Args:
     denoiser: the model whose gradients are taken.
-    chunks: (uint8 or float images [b, H, W, C], captions) in sample order.
-    num: total number of samples in ``chunks``.
+    sets: the samples, in order (labels are not used here).
     feature_fn: from `make_feature_fn`.
-    noise_key: sample i's noise key is ``fold_in(noise_key, i)``.
-    encode_key: the same for latent encoding (`Denoiser.encode_fn`).
-    batch_size: samples per compiled call (the last chunk is padded).
-    cache_dir: finished chunks are saved here (atomically) and reused.
-    label: for log messages.
-    stats: filled with the number of samples computed and their time.
+    seed, key_name, encode_key_name: the noise and latent-encoding streams.
+    batch_size: samples per compiled call (the last batch is padded).
+    cache_dir: the shard directory; None keeps everything in memory.
+    run_fingerprint: what must match for old shards to be reused.
+    label: for progress lines.
+    stats: see `feature_computation`.
+    mesh: as `runner.map_samples`.
   Returns:
-    [N + 1, 2, num, P] float32 features.
+    [N + 1, 2, M, P] float32 features.
   """
-  if cache_dir:
-    os.makedirs(cache_dir, exist_ok=True)
-  out = []
-  done = 0
-  t_start = time.time()
-  for k, (images, captions) in enumerate(_rebatch(chunks, batch_size)):
-    n_valid = len(images)
-    path = os.path.join(cache_dir, f"chunk_{k:06d}.npz") if cache_dir else None
-    if path and os.path.exists(path):
-      with np.load(path) as z:
-        out.append(z["features"])
-      done += n_valid
-      continue
-    positions = np.arange(done, done + n_valid)
-    pad = batch_size - n_valid
-    if pad:
-      images = np.concatenate([images, np.repeat(images[-1:], pad, 0)])
-      captions = list(captions) + [captions[-1]] * pad
-      positions = np.concatenate([positions, np.full(pad, positions[-1])])
-    x = jnp.asarray(data.to_model_range(np.asarray(images)))
-    x0, cond = x, None
-    if denoiser.encode_fn is not None:
-      x0 = denoiser.encode_fn(denoiser.params, x, runner.sample_keys(encode_key, positions))
-    if denoiser.cond_fn is not None:
-      cond = denoiser.cond_fn(list(captions))
-    t0 = time.time()
-    feats = np.asarray(jax.device_get(feature_fn(
-        denoiser.params, denoiser.schedule, x0, runner.sample_keys(noise_key, positions),
-        cond)), np.float32)[:, :, :n_valid]
-    elapsed = time.time() - t0
-    if not np.all(np.isfinite(feats)):
-      raise FloatingPointError(f"{label}: non-finite gradient norms in chunk "
-                               f"{k}; check the checkpoint and input range")
-    if stats is not None:
-      if stats.computed == 0 and stats.compile_seconds == 0.0:
-        stats.compile_seconds = elapsed  # the first call compiles
-      else:
-        stats.seconds += elapsed
-        stats.computed += n_valid
-    if path:
-      runner.atomic_savez(path, features=feats)
-    out.append(feats)
-    done += n_valid
-    logging.info("%s: %d / %d samples (%.0f s)", label, done, num,
-                 time.time() - t_start)
-  if done != num:
-    raise ValueError(f"{label}: got {done} samples, expected {num}")
-  return np.concatenate(out, axis=2)
+  table = runner.map_samples(
+      denoiser, [feature_computation(feature_fn, key_name, stats)], sets,
+      batch_size=batch_size, seed=seed, shard_dir=cache_dir,
+      run_fingerprint=run_fingerprint, encode_key_name=encode_key_name,
+      label=label, mesh=mesh)
+  return np.moveaxis(table.columns["features"], 0, 2)
 
 
 # --------------------------------------------------------------------------
@@ -493,11 +467,13 @@ class ShadowData:
   positions: np.ndarray
   labels: np.ndarray
 
-  def chunks(self, size: int) -> Iterator[tuple[np.ndarray, list]]:
-    for start in range(0, len(self.positions), size):
-      idx = self.positions[start:start + size]
-      yield (np.asarray(self.source.get(idx)),
-             fitted._captions(self.source, idx))  # pylint: disable=protected-access
+  def sample_sets(self) -> list[runner.SampleSet]:
+    """Members then non-members, in `positions` order, for the engine."""
+    members = self.labels == 1
+    if not np.all(np.diff(members.astype(np.int8)) <= 0):
+      raise ValueError("shadow samples must list members first")
+    return [runner.SampleSet(self.source, self.positions[members], 1),
+            runner.SampleSet(self.source, self.positions[~members], 0)]
 
 
 def load_shadow(directory: str, max_per_side: Optional[int] = None
@@ -568,16 +544,16 @@ def target_features(ctx: fitted.FittedContext, feature_fn: Callable,
   "__encode__")``, folded with the sample's global position).
   """
   target = ctx.denoiser
-  fp = _fingerprint({**common, "tag": "target", "params":
-                     checkpoints.params_fingerprint(target.params),
-                     "ids": [str(v) for v in ctx.eval_ids()]})
+  payload = {**common, "tag": "target", "params":
+             checkpoints.params_fingerprint(target.params),
+             "ids": [str(v) for v in ctx.eval_ids()]}
   return extract_features(
-      target, ctx.eval_batches(), ctx.num_eval(), feature_fn=feature_fn,
-      noise_key=runner.attack_key(ctx.seed, "gsa"),
-      encode_key=runner.attack_key(ctx.seed, "__encode__"),
+      target, ctx.eval_sets, feature_fn=feature_fn, seed=ctx.seed,
+      key_name="gsa", encode_key_name="__encode__",
       batch_size=common["batch"],
-      cache_dir=os.path.join(ctx.work_dir, "features", f"target-{fp}"),
-      label="gsa target", stats=stats)
+      cache_dir=os.path.join(ctx.work_dir, "features",
+                             f"target-{_fingerprint(payload)}"),
+      run_fingerprint=payload, label="gsa target features", stats=stats)
 
 
 def _check_shadow_record(directory: str) -> None:
@@ -679,10 +655,9 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
                       "also evaluated; shadows should use public data only",
                       directory, overlap)
     tag = f"shadow{i}"
-    fp = _fingerprint({**common, "tag": tag, "params":
-                       checkpoints.params_fingerprint(shadow.denoiser.params),
-                       "ids": sorted(shadow_ids),
-                       "labels": shadow.labels.tolist()})
+    payload = {**common, "tag": tag, "params":
+               checkpoints.params_fingerprint(shadow.denoiser.params),
+               "ids": sorted(shadow_ids), "labels": shadow.labels.tolist()}
     if _same_network(target, shadow.denoiser):
       shadow_fn = feature_fn  # params are an argument: no recompilation
     else:
@@ -690,12 +665,11 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
                                   oms_steps=oms_steps, mask=mask,
                                   vmap_width=opts["vmap_width"])
     feats = extract_features(
-        shadow.denoiser, shadow.chunks(batch_size), len(shadow.positions),
-        feature_fn=shadow_fn, noise_key=runner.attack_key(ctx.seed, f"gsa/{tag}"),
-        encode_key=runner.attack_key(ctx.seed, f"gsa/{tag}/encode"),
-        batch_size=batch_size,
-        cache_dir=os.path.join(feature_dir, f"{tag}-{fp}"),
-        label=f"gsa {tag} ({directory})")
+        shadow.denoiser, shadow.sample_sets(), feature_fn=shadow_fn,
+        seed=ctx.seed, key_name=f"gsa/{tag}",
+        encode_key_name=f"gsa/{tag}/encode", batch_size=batch_size,
+        cache_dir=os.path.join(feature_dir, f"{tag}-{_fingerprint(payload)}"),
+        run_fingerprint=payload, label=f"gsa {tag} features ({directory})")
     shadow_x.append(feats)
     shadow_y.append(shadow.labels)
     shadow_g.append(np.full(len(shadow.labels), i))

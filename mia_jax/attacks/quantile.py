@@ -22,8 +22,9 @@ realised FPR on the reference hold-out.
 
 Data discipline: the reference set is split (seeded) into a fitting part and
 a hold-out part (``holdout_fraction``) used only for early stopping and for
-the hold-out FPR. Evaluation images come from ``ctx.eval_batches()``, which
-has no labels, and are only scored after the regressors are final. Labels
+the hold-out FPR. Evaluation t-errors come from the engine over
+``ctx.eval_sets`` (its labels are not read), and are only scored after the
+regressors are final. Labels
 are read once, after all scores are fixed, to fill the alpha-level TPR/FPR
 fields (`_alpha_rates`), exactly as the audit's metric rows use them.
 
@@ -43,7 +44,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from absl import logging
 import flax.serialization
@@ -311,60 +312,37 @@ def load_model(path: str, fingerprint: str, cfg: FitConfig,
 
 # ---------------------------------------------------------------- t-errors --
 
-def _reference_batches(ref, batch_size: int
-                       ) -> Iterator[tuple[np.ndarray, list]]:
-  """(uint8 images, captions) of the reference set in chunks."""
-  for s in range(0, len(ref.indices), batch_size):
-    idx = ref.indices[s:s + batch_size]
-    captions = fitted._captions(ref.source, idx)  # pylint: disable=protected-access
-    yield np.asarray(ref.source.get(idx)), captions
+def t_error_computation(attack, key_name: str) -> runner.Computation:
+  """SecMI t-errors as an engine computation: ``t_errors`` [B, N+1]."""
+  def fn(params, sched, x0, keys, cond, shared):
+    del shared  # QR's statistic keeps its own passes (own preset)
+    return {"t_errors": -jnp.transpose(
+        attack.score_fn(params, sched, x0, keys, cond))}
+
+  return runner.Computation(name="qr t-errors", fn=fn, columns=("t_errors",),
+                            key_name=key_name)
 
 
-def t_errors(denoiser, attack, batches, *, batch_size: int,
-             encode_key: jax.Array) -> tuple[np.ndarray, np.ndarray]:
-  """SecMI t-errors [M, N+1] and the images [M, H, W, C] of ``batches``
-  (as given: uint8 from sources).
+def t_errors(denoiser, attack, sets, *, batch_size: int, seed: int,
+             key_name: str, shard_dir: Optional[str] = None,
+             run_fingerprint: Optional[dict] = None,
+             label: str = "qr t-errors", mesh: Any = runner.AUTO
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """SecMI t-errors [M, N+1] (float64) and the images [M, H, W, C] (uint8,
+  as the sources give them) of ``sets``, through the engine (resumable,
+  sharded; `runner.map_samples`).
 
-  Every call is padded to ``batch_size`` (one compiled shape). Latent models
-  encode with per-sample keys from ``encode_key`` and the running position.
+  The statistic and latent encoding both draw from ``key_name``'s stream
+  (SecMI itself is deterministic), as they always have.
   """
-  errs, pix, pos = [], [], 0
-  for images, captions in batches:
-    n = images.shape[0]
-    pad = batch_size - n
-    pix.append(np.asarray(images))
-    x = data.to_model_range(np.asarray(images))
-    if pad:
-      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-      captions = list(captions) + [captions[-1]] * pad
-    positions = np.arange(pos, pos + batch_size)
-    x0, cond = jnp.asarray(x), None
-    if denoiser.encode_fn is not None:
-      x0 = denoiser.encode_fn(denoiser.params, x0,
-                              runner.sample_keys(encode_key, positions))
-    if denoiser.cond_fn is not None:
-      cond = denoiser.cond_fn(list(captions))
-    scores = attack.score_fn(denoiser.params, denoiser.schedule, x0,
-                             runner.sample_keys(encode_key, positions), cond)
-    te = -np.asarray(jax.device_get(scores), np.float64)[:, :n].T
-    if not np.all(np.isfinite(te)):
-      raise FloatingPointError("SecMI t-errors are non-finite for QR; check "
-                               "the checkpoint and the input range")
-    errs.append(te)
-    pos += n
-  if not errs:
-    raise ValueError("QR got no images to score")
-  return np.concatenate(errs), np.concatenate(pix)
-
-
-def _cached_t_errors(path: str, fingerprint: str,
-                     compute) -> tuple[np.ndarray, np.ndarray]:
-  if os.path.exists(path):
-    with np.load(path) as z:
-      if str(z["fingerprint"]) == fingerprint:
-        return z["t_errors"], z["images"]
-  te, images = compute()
-  runner.atomic_savez(path, t_errors=te, images=images, fingerprint=fingerprint)
+  table = runner.map_samples(
+      denoiser, [t_error_computation(attack, key_name)], sets,
+      batch_size=batch_size, seed=seed, shard_dir=shard_dir,
+      run_fingerprint=run_fingerprint, encode_key_name=key_name, label=label,
+      mesh=mesh)
+  te = np.asarray(table.columns["t_errors"], np.float64)
+  total = len(te)
+  images = runner.gather_samples(sets, np.arange(total))[0]
   return te, images
 
 
@@ -458,12 +436,12 @@ def run_fitted(ctx: fitted.FittedContext, *, oms_steps: int = 1,
 
   # 1. Reference t-errors (fitting data), then the regressors.
   ref_fp = _digest({**base_fp, "ids": ref_ids})
-  ref_te, ref_images = _cached_t_errors(
-      os.path.join(ctx.work_dir, "t_errors_reference.npz"), ref_fp,
-      lambda: t_errors(den, attack, _reference_batches(ref, ctx.batch_size),
-                       batch_size=ctx.batch_size,
-                       encode_key=runner.attack_key(ctx.seed,
-                                                    "__encode_reference__")))
+  ref_te, ref_images = t_errors(
+      den, attack, [ref], batch_size=ctx.batch_size, seed=ctx.seed,
+      key_name="__encode_reference__",
+      shard_dir=os.path.join(ctx.work_dir, "t_errors_reference"),
+      run_fingerprint={**base_fp, "ids": ref_ids},
+      label="qr reference t-errors")
   ref_images = regressor_inputs(ref_images, max_resolution)
   ref_log = np.log(np.maximum(ref_te, _LOG_FLOOR))
   models = []
@@ -481,12 +459,12 @@ def run_fitted(ctx: fitted.FittedContext, *, oms_steps: int = 1,
     models.append(model)
 
   # 2. Evaluation t-errors (no labels) and per-sample thresholds.
-  eval_fp = _digest({**base_fp, "ids": eval_ids})
-  eval_te, eval_images = _cached_t_errors(
-      os.path.join(ctx.work_dir, "t_errors_eval.npz"), eval_fp,
-      lambda: t_errors(den, attack, ctx.eval_batches(),
-                       batch_size=ctx.batch_size,
-                       encode_key=runner.attack_key(ctx.seed, "__encode__")))
+  eval_te, eval_images = t_errors(
+      den, attack, ctx.eval_sets, batch_size=ctx.batch_size, seed=ctx.seed,
+      key_name="__encode__",
+      shard_dir=os.path.join(ctx.work_dir, "t_errors_eval"),
+      run_fingerprint={**base_fp, "ids": [str(v) for v in eval_ids]},
+      label="qr evaluation t-errors")
   eval_images = regressor_inputs(eval_images, max_resolution)
   eval_log = np.log(np.maximum(eval_te, _LOG_FLOOR))
 

@@ -220,7 +220,7 @@ def test_rerun_uses_the_caches(first_run, monkeypatch):
     raise AssertionError("refitted although a matching regressor is cached")
 
   monkeypatch.setattr(quantile, "fit_quantiles", boom)
-  monkeypatch.setattr(quantile, "t_errors", boom)
+  monkeypatch.setattr(runner, "_run_batch", boom)  # no t-error recomputed
   again = fitted.run("qr", ctx, **TINY)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a.scores, b.scores)
