@@ -21,7 +21,8 @@ import numpy as np
 
 from mia_jax import attacks as attacks_lib
 from mia_jax import autobatch, checkpoints, compute, data, errors, metrics
-from mia_jax import parallel, report, rundir, runner, schedules, verdict
+from mia_jax import parallel, rundir, runner, schedules, verdict
+from mia_jax import variants as variants_lib
 from mia_jax.attacks import fitted
 from mia_jax.data import integrity
 from mia_jax.denoiser import Denoiser
@@ -439,8 +440,7 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
         run_fingerprint, batch_size=cfg.batch_size, seed=cfg.seed,
         variants=variants, total=sum(len(s.indices) for s in sets)))
   if lead:
-    report.atomic_write_text(os.path.join(cfg.output, "config.json"),
-                             json.dumps(resolved, indent=2, default=str))
+    rundir.write_config(cfg.output, resolved)
   logging.info("auditing %s: %d members, %d non-members, attacks %s, OMS 0..%d",
                cfg.checkpoint, len(sets[0].indices), len(sets[1].indices),
                [a.name for a in built], cfg.oms_steps)
@@ -487,7 +487,7 @@ def fitted_rows(variants, labels, *, bootstrap: int, seed: int) -> list[dict]:
   rows = []
   for v in variants:
     summary = metrics.summarize(v.scores, labels, bootstrap=bootstrap, seed=seed)
-    rows.append({"variant": v.name, "attack": v.name.rsplit("_oms", 1)[0],
+    rows.append({"variant": v.name, "attack": variants_lib.parse(v.name).attack,
                  "oms_steps": v.oms_steps, "timestep": v.timestep,
                  "queries_per_sample": v.queries_per_sample, **summary,
                  **v.extra})
@@ -507,28 +507,16 @@ def write_outputs(run_dir: str, table: runner.ScoreTable, built, resolved: dict,
   """
   for v in fitted_variants:
     table.scores[v.name] = v.scores
-  names = list(table.scores)
-  pvalues = np.stack([verdict.pvalues(table.scores[n], table.labels)
-                      for n in names]) if names else np.zeros((0, 0))
-  scores_path = os.path.join(run_dir, "scores.npz")
-  runner.atomic_savez(scores_path, ids=table.ids, labels=table.labels,
-                      pvalues=pvalues, pvalue_variants=np.asarray(names, str),
-                      **table.scores)
   rows = metrics.jsonable(
       metric_rows(table, built, bootstrap=bootstrap, seed=seed) +
       fitted_rows(fitted_variants, table.labels, bootstrap=bootstrap,
                   seed=seed))
-  report.atomic_write_text(os.path.join(run_dir, "metrics.json"),
-                           json.dumps(rows, indent=2))
   blind = None
   if sets is not None:
     blind = verdict.blind_from_sets(sets, reference, bootstrap=bootstrap,
                                     seed=seed)
-  result = verdict.build_verdict(rows, table.scores, table.labels,
-                                 blind=blind, bootstrap=bootstrap, seed=seed)
-  report.atomic_write_text(os.path.join(run_dir, "verdict.json"),
-                           json.dumps(result, indent=2))
-  report.write_report(run_dir, rows, scores_path, resolved,
-                      report.environment_manifest(manifest),
-                      bootstrap=bootstrap, seed=seed, verdict=result)
+  rundir.write_results(run_dir, ids=table.ids, labels=table.labels,
+                       scores=table.scores, rows=rows, config=resolved,
+                       manifest=manifest, bootstrap=bootstrap, seed=seed,
+                       blind=blind)
   return rows

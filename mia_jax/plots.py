@@ -13,44 +13,26 @@ curves.
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import os
-import re
-import tempfile
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mia_jax import atomic
 from mia_jax import metrics
+from mia_jax import variants
 
 MEMBER_COLOR = "tab:blue"
 NONMEMBER_COLOR = "tab:red"
 REFERENCE_COLOR = "tab:green"
 _PALETTE = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple",
             "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
-_VARIANT_RE = re.compile(r"^(?P<attack>.+)_oms(?P<depth>\d+)$")
 
 
-def atomic_write_bytes(path: str, data: bytes) -> str:
-  """Writes `data` to `path` via a temp file in the same directory + replace."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_",
-                             suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-    # mkstemp creates 0600 files; give the result ordinary rw-r--r-- access.
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  return path
+atomic_write_bytes = atomic.write_bytes  # the name callers have used
 
 
 def figure_to_png(fig: Figure, dpi: int = 120) -> bytes:
@@ -67,10 +49,10 @@ def _save(fig: Figure, path: str, dpi: int = 120) -> str:
 
 def parse_variant(name: str) -> tuple[str, Optional[int]]:
   """"pia_oms2" -> ("pia", 2); a name without the suffix -> (name, None)."""
-  m = _VARIANT_RE.match(name)
-  if m is None:
+  v = variants.parse(name)
+  if v.oms_steps is None:
     return name, None
-  return m.group("attack"), int(m.group("depth"))
+  return dataclasses.replace(v, oms_steps=None).name, v.oms_steps
 
 
 def variant_styles(names: Sequence[str]) -> dict[str, dict[str, Any]]:

@@ -33,6 +33,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from mia_jax import atomic
 from mia_jax import metrics
 from mia_jax import plots
 from mia_jax import verdict as verdict_lib
@@ -55,9 +56,7 @@ ScoresArg = Union[str, os.PathLike, Mapping[str, Any], None]
 # Small helpers.
 
 
-def atomic_write_text(path: str, text: str) -> str:
-  """UTF-8 text written via a temp file in the same directory + os.replace."""
-  return plots.atomic_write_bytes(path, text.encode("utf-8"))
+atomic_write_text = atomic.write_text  # the name callers have used
 
 
 def _json_default(x: Any) -> Any:

@@ -1,4 +1,5 @@
-"""The run directory's guards: where it may be, who may write it, what changed.
+"""The run directory: its guards (where it may be, who may write it, what
+changed) and its one writer (`write_config`, `write_results`).
 
 A run directory never contradicts itself. Three rules make that so:
 
@@ -24,8 +25,11 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
+import numpy as np
+
+from mia_jax import atomic
 from mia_jax import errors
 
 LOCK_NAME = ".lock"
@@ -133,3 +137,61 @@ def config_differences(old: dict, new: dict, *, max_shown: int = 4) -> str:
 def _short(value: Any, width: int = 60) -> str:
   text = json.dumps(value)
   return text if len(text) <= width else text[:width - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Writing a run directory: the one writer of the audit's files.
+
+CONFIG, SCORES, METRICS, VERDICT = ("config.json", "scores.npz",
+                                    "metrics.json", "verdict.json")
+
+
+def write_config(run_dir: str, resolved: Any) -> str:
+  """``config.json``: the run's resolved settings."""
+  from mia_jax import report  # pylint: disable=g-import-not-at-top
+  return atomic.write_text(os.path.join(run_dir, CONFIG),
+                           report.to_json(resolved))
+
+
+def write_results(run_dir: str, *, ids: Any, labels: Any,
+                  scores: dict[str, Any], rows: list[dict],
+                  config: Any, manifest: dict, bootstrap: int, seed: int,
+                  blind: Optional[dict] = None, title: Optional[str] = None
+                  ) -> dict:
+  """scores.npz, metrics.json, verdict.json, the plots and the report.
+
+  Every writer of an audit-shaped run directory (the audit, the recipes'
+  custom sweeps) goes through here, so the files always agree: the verdict
+  is built from exactly the rows and scores written beside it.
+
+  Args:
+    run_dir: the run directory.
+    ids: [M] sample ids; labels: [M] 1 = member.
+    scores: variant -> [M] scores (higher = member).
+    rows: the metric rows of ``scores`` (`metrics.jsonable` applied here).
+    config: the resolved config shown in the report.
+    manifest: the run's manifest (`report.environment_manifest` adds the
+      environment).
+    bootstrap, seed: for the verdict's and the report's intervals.
+    blind: the model-free control (`verdict.blind_from_sets`) or None.
+    title: the report's heading.
+  Returns:
+    The verdict (as written to verdict.json).
+  """
+  from mia_jax import metrics, report, verdict  # pylint: disable=g-import-not-at-top
+  names = list(scores)
+  pvalues = (np.stack([verdict.pvalues(scores[n], labels) for n in names])
+             if names else np.zeros((0, 0)))
+  scores_path = os.path.join(run_dir, SCORES)
+  atomic.savez(scores_path, ids=ids, labels=labels, pvalues=pvalues,
+               pvalue_variants=np.asarray(names, str), **scores)
+  rows = metrics.jsonable(rows)
+  atomic.write_text(os.path.join(run_dir, METRICS), json.dumps(rows, indent=2))
+  result = verdict.build_verdict(rows, scores, labels, blind=blind,
+                                 bootstrap=bootstrap, seed=seed)
+  atomic.write_text(os.path.join(run_dir, VERDICT),
+                    json.dumps(result, indent=2))
+  report.write_report(run_dir, rows, scores_path, config,
+                      report.environment_manifest(manifest), title=title,
+                      bootstrap=bootstrap, seed=seed, verdict=result)
+  return result

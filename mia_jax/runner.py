@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mia_jax import atomic
 from mia_jax import data
 from mia_jax import errors
 from mia_jax import parallel
@@ -83,18 +84,7 @@ def sample_keys(base_key: jax.Array, positions: np.ndarray) -> jax.Array:
       jnp.asarray(positions, jnp.uint32))
 
 
-def atomic_savez(path: str, **arrays) -> None:
-  """np.savez to ``path`` through a temporary file and a rename."""
-  tmp = f"{path}.tmp-{os.getpid()}.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
+atomic_savez = atomic.savez  # the name callers have used
 
 
 class _Progress:
@@ -299,7 +289,7 @@ def _check_fingerprint(shard_dir: str, fp: dict) -> None:
   if parallel.process_index() == 0:
     check_shards(shard_dir, fp)
     if not os.path.exists(os.path.join(shard_dir, "fingerprint.json")):
-      _atomic_write_json(os.path.join(shard_dir, "fingerprint.json"), fp)
+      atomic.write_json(os.path.join(shard_dir, "fingerprint.json"), fp)
   parallel.sync("mia_jax.runner.fingerprint")
   check_shards(shard_dir, fp)
 

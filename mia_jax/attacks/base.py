@@ -15,12 +15,55 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from mia_jax import variants
+
 ScoreFn = Callable[..., jax.Array]
+
+
+class ChainStart(NamedTuple):
+  """Where a loss attack's noise-search chain starts.
+
+  Every loss attack is start -> chain -> readout: the start is the attack's
+  own (defined once, in its module, as its ``chain_start``); the chain
+  iterates f(eps) = eps_theta(q_sample(records, t, eps), t) (`fixed_point`);
+  the readout is `signed_distance`. Schemes, sweeps and OMS depths reuse the
+  start.
+
+  Attributes:
+    records: [B, H, W, C] what f noises (x0, or SecMI's x0_hat).
+    t: [B] int32 timestep of f.
+    eps0: [B, H, W, C] start of the chain.
+    scale: the attack's score scale c (SecMI's |t-error factor|^p), or None.
+  """
+
+  records: jax.Array
+  t: jax.Array
+  eps0: jax.Array
+  scale: Optional[jax.Array] = None
+
+
+def signed(start: ChainStart, values: jax.Array) -> jax.Array:
+  """Scores from chain distances: ``-values``, or ``-scale * values``.
+
+  Loss-like quantities are negated here and nowhere else (higher = member).
+  """
+  return -values if start.scale is None else -start.scale * values
+
+
+def oms_scores(eps_fn: Callable, params: Any, sched: Any, start: ChainStart,
+               oms_steps: int, cond: Any, p: float,
+               scheme: Any = None) -> jax.Array:
+  """[N+1, B] scores at OMS depths 0..N: ``signed(sum |eps^{n+1}-eps^0|^p)``."""
+  from mia_jax import fixed_point  # pylint: disable=g-import-not-at-top
+  chain = fixed_point.run_chain(
+      eps_fn, params, sched, start.records, start.t, start.eps0,
+      oms_steps + 1, cond, scheme=scheme or fixed_point.PLAIN)
+  return signed(start, fixed_point.distances_to_start(chain, p))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +87,9 @@ class Attack:
       always through this path, so an attack's scores are bit-for-bit the
       same alone or beside others. ``score_fn`` is the same attack as one
       program (equal to rounding).
+    chain_start: for loss attacks, jitted ``(params, sched, x0, keys,
+      cond=None) -> ChainStart``: the attack's own start, which schemes and
+      sweeps reuse (None for attacks without a noise-search chain).
   """
 
   name: str
@@ -54,11 +100,13 @@ class Attack:
   config: dict[str, Any]
   variants: tuple[str, ...] = ()
   from_clean_fn: Optional[ScoreFn] = None
+  chain_start: Optional[Callable[..., ChainStart]] = None
 
   def variant_names(self) -> list[str]:
     if self.variants:
       return list(self.variants)
-    return [f"{self.name}_oms{n}" for n in range(self.oms_steps + 1)]
+    return [variants.Variant(self.name, oms_steps=n).name
+            for n in range(self.oms_steps + 1)]
 
   def variant_depth(self, index: int) -> int:
     """The OMS depth of score row ``index`` (0 for non-OMS variants)."""

@@ -29,17 +29,21 @@ def make_naive(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
   """
   oms_steps = base.check_oms_steps(oms_steps)
 
-  def score_fn(params, sched, x0, keys, cond=None):
+  def chain_start(params, sched, x0, keys, cond=None):
+    del params, cond
     # The schedule's length is static: checked once, at trace time.
     schedules.validate_timestep(sched, timestep, "naive timestep")
-    t = base.full_t(x0, timestep)
-    eps0 = base.per_sample_normal(keys, x0.shape, x0.dtype)
-    chain = fixed_point.run_chain(eps_fn, params, sched, x0, t, eps0,
-                                  oms_steps + 1, cond, scheme=scheme)
-    return -fixed_point.distances_to_start(chain, p)
+    return base.ChainStart(x0, base.full_t(x0, timestep),
+                           base.per_sample_normal(keys, x0.shape, x0.dtype))
+
+  def score_fn(params, sched, x0, keys, cond=None):
+    return base.oms_scores(eps_fn, params, sched,
+                           chain_start(params, sched, x0, keys, cond),
+                           oms_steps, cond, p, scheme)
 
   return base.Attack(
       name="naive", score_fn=jax.jit(score_fn), oms_steps=oms_steps,
+      chain_start=jax.jit(chain_start),
       timestep=timestep,
       queries_per_sample=(oms_steps + 1) * scheme.queries_per_step,
       config=dict(timestep=timestep, oms_steps=oms_steps, p=p,

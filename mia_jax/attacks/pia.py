@@ -58,17 +58,24 @@ def make_pia(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
     raise ValueError(f"unknown PIAN normalisation {normalize!r}; expected None "
                      f"or one of {sorted(PIAN_SCALES)}")
 
-  def from_clean(params, sched, x0, keys, eps_clean, cond=None):
+  def start_from_clean(sched, x0, eps_clean):
     # The schedule's length is static: checked once, at trace time.
     schedules.validate_timestep(sched, timestep, "pia timestep")
-    del keys  # PIA is deterministic.
     eps0 = eps_clean  # eps_theta(x0, 0)
     if normalize is not None:
       eps0 = normalize_eps(eps0, normalize)
-    chain = fixed_point.run_chain(eps_fn, params, sched, x0,
-                                  base.full_t(x0, timestep), eps0,
-                                  oms_steps + 1, cond, scheme=scheme)
-    return -fixed_point.distances_to_start(chain, p)
+    return base.ChainStart(x0, base.full_t(x0, timestep), eps0)
+
+  def chain_start(params, sched, x0, keys, cond=None):
+    del keys  # PIA is deterministic.
+    return start_from_clean(sched, x0,
+                            eps_fn(params, x0, base.full_t(x0, 0), cond))
+
+  def from_clean(params, sched, x0, keys, eps_clean, cond=None):
+    del keys  # PIA is deterministic.
+    return base.oms_scores(eps_fn, params, sched,
+                           start_from_clean(sched, x0, eps_clean), oms_steps,
+                           cond, p, scheme)
 
   def score_fn(params, sched, x0, keys, cond=None):
     return from_clean(params, sched, x0, keys,
@@ -77,6 +84,7 @@ def make_pia(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
   return base.Attack(
       name=name or ("pia" if normalize is None else "pian"),
       score_fn=jax.jit(score_fn), from_clean_fn=jax.jit(from_clean),
+      chain_start=jax.jit(chain_start),
       oms_steps=oms_steps, timestep=timestep,
       queries_per_sample=1 + (oms_steps + 1) * scheme.queries_per_step,
       config=dict(timestep=timestep, oms_steps=oms_steps, p=p,

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import diffusion, fixed_point, metrics, residual_weights
-from mia_jax.attacks import base, naive, pia, secmi
+from mia_jax import fixed_point, metrics, residual_weights
+from mia_jax.attacks import base
 from mia_jax.denoiser import EpsFn
 from mia_jax.fixed_point import Scheme
 
@@ -45,71 +45,16 @@ DEFAULT_SCHEMES = ("plain", "km:0.5", "km:1.5", "ishikawa:0.5,0.5",
                    "anderson:2")
 
 
-@dataclasses.dataclass(frozen=True)
-class ChainStart:
-  """The chain of an attack: f(eps) = eps_theta(q_sample(records, t, eps), t).
-
-  Attributes:
-    records: [B, H, W, C] what f noises (x0, or SecMI's x0_hat).
-    t: [B] int32 timestep of f.
-    eps0: [B, H, W, C] start of the chain.
-    scale: the attack's score scale c (SecMI's |t-error factor|^p), or None.
-  """
-
-  records: jax.Array
-  t: jax.Array
-  eps0: jax.Array
-  scale: Optional[jax.Array]
-
-
-def _factory(name: str):
-  from mia_jax import attacks
-  if name not in attacks.PRESETS:
-    raise ValueError(f"unknown attack {name!r}; expected one of "
-                     f"{sorted(attacks.PRESETS)}")
-  return attacks.PRESETS[name][0]
+ChainStart = base.ChainStart
 
 
 def chain_start(name: str, attack: base.Attack, eps_fn: EpsFn) -> Callable:
-  """``(params, sched, x0, keys, cond) -> ChainStart`` of a built attack.
-
-  Mirrors the attack's own score function up to its `run_chain` call (the
-  bit-for-bit test in tests/attacks/schemes_test.py keeps them in step).
-  """
-  factory, cfg = _factory(name), attack.config
-  if factory is naive.make_naive:
-    def start(params, sched, x0, keys, cond=None):
-      del params, sched, cond
-      return ChainStart(x0, base.full_t(x0, cfg["timestep"]),
-                        base.per_sample_normal(keys, x0.shape, x0.dtype), None)
-  elif factory is pia.make_pia:
-    def start(params, sched, x0, keys, cond=None):
-      del sched, keys
-      eps0 = eps_fn(params, x0, base.full_t(x0, 0), cond)
-      if cfg["normalize"] is not None:
-        eps0 = pia.normalize_eps(eps0, cfg["normalize"])
-      return ChainStart(x0, base.full_t(x0, cfg["timestep"]), eps0, None)
-  elif factory is secmi.make_secmi:
-    t_cmp, t_probe = cfg["compare_step"], cfg["probe_step"]
-    walk = jnp.arange(0, t_cmp + 1, cfg["interval"], dtype=jnp.int32)
-
-    def start(params, sched, x0, keys, cond=None):
-      del keys
-      x_t = diffusion.ddim_invert(eps_fn, params, sched, x0, walk, cond)
-      t = base.full_t(x0, t_cmp)
-      eps_a = eps_fn(params, x_t, t, cond)
-      x0_hat = diffusion.predict_x0(sched, x_t, t, eps_a)
-      scale = jnp.abs(secmi.t_error_scale(sched, t_cmp, t_probe))**cfg["p"]
-      return ChainStart(x0_hat, base.full_t(x0, t_probe), eps_a, scale)
-  else:
+  """``(params, sched, x0, keys, cond) -> ChainStart`` of a built attack:
+  the attack's own (`base.Attack.chain_start`, defined once in its module)."""
+  del eps_fn  # bound in the attack
+  if attack.chain_start is None:
     raise ValueError(f"attack {name!r} has no noise-search chain to vary")
-  return start
-
-
-def _signed(start: ChainStart, values: jax.Array) -> jax.Array:
-  # The same expression as the attacks' (-d, or -c * d) so plain rows match
-  # them bit for bit.
-  return -values if start.scale is None else -start.scale * values
+  return attack.chain_start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,9 +132,9 @@ def make_sweep_attack(name: str, eps_fn: EpsFn, schemes: Sequence[Scheme],
       chain = fixed_point.run_scheme(eps_fn, params, sched, start.records,
                                      start.t, start.eps0, steps[s.label], s,
                                      cond)
-      rows.append(_signed(start, fixed_point.distances_to_start(
+      rows.append(base.signed(start, fixed_point.distances_to_start(
           chain.iterates, p)))
-      rows.append(_signed(start, fixed_point.lp_power(chain.residuals, p)))
+      rows.append(base.signed(start, fixed_point.lp_power(chain.residuals, p)))
     return jnp.concatenate(rows, axis=0)
 
   queries = layout.base_queries + sum(

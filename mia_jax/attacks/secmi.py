@@ -82,10 +82,9 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
   t_cmp, t_probe = secmi_steps(timestep, interval, convention)
   walk = jnp.arange(0, t_cmp + 1, interval, dtype=jnp.int32)
 
-  def from_clean(params, sched, x0, keys, eps_clean, cond=None):
+  def start_from_clean(params, sched, x0, eps_clean, cond):
     # The schedule's length is static: checked once, at trace time.
     schedules.validate_timestep(sched, t_probe, "secmi probe step")
-    del keys  # SecMI is deterministic.
     t = base.full_t(x0, t_cmp)
     if len(walk) > 1:
       # The walk's first query is eps_theta(x0, 0) (walk[0] = 0): take it as
@@ -97,11 +96,20 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
     else:  # t_cmp = 0: no walk, and eps(x_t, t) is the clean query itself.
       x_t, eps_a = x0, eps_clean
     x0_hat = diffusion.predict_x0(sched, x_t, t, eps_a)
-    chain = fixed_point.run_chain(eps_fn, params, sched, x0_hat,
-                                  base.full_t(x0, t_probe), eps_a,
-                                  oms_steps + 1, cond, scheme=scheme)
     scale = jnp.abs(t_error_scale(sched, t_cmp, t_probe))**p
-    return -scale * fixed_point.distances_to_start(chain, p)
+    return base.ChainStart(x0_hat, base.full_t(x0, t_probe), eps_a, scale)
+
+  def chain_start(params, sched, x0, keys, cond=None):
+    del keys  # SecMI is deterministic.
+    return start_from_clean(params, sched, x0,
+                            eps_fn(params, x0, base.full_t(x0, 0), cond), cond)
+
+  def from_clean(params, sched, x0, keys, eps_clean, cond=None):
+    del keys  # SecMI is deterministic.
+    return base.oms_scores(
+        eps_fn, params, sched, start_from_clean(params, sched, x0, eps_clean,
+                                                cond), oms_steps, cond, p,
+        scheme)
 
   def score_fn(params, sched, x0, keys, cond=None):
     return from_clean(params, sched, x0, keys,
@@ -109,6 +117,7 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
 
   return base.Attack(
       name="secmi", score_fn=jax.jit(score_fn), from_clean_fn=jax.jit(from_clean),
+      chain_start=jax.jit(chain_start),
       oms_steps=oms_steps,
       timestep=timestep,
       # The DDIM walk (one call per step between its len(walk) points),
