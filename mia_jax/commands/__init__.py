@@ -2,7 +2,7 @@
 
     mia-jax attack --checkpoint runs/demo/train/target --output runs/audit
     mia-jax train --config experiments/configs/train_digits.py --workdir runs/digits
-    mia-jax SUBCOMMAND --help
+    mia-jax SUBCOMMAND --help          (or: python -m mia_jax SUBCOMMAND ...)
 
 Each subcommand is a module here holding its flags and ``main``;
 ``experiments/<name>.py`` in a clone is a few-line shim that runs the same
@@ -48,7 +48,7 @@ def run(module_name: str, main: Callable, required: Sequence[str] = ()) -> None:
     main: ``main(argv)``.
     required: flags that must be given.
   """
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
 
   from mia_jax import cli  # pylint: disable=g-import-not-at-top
   sys.modules["__main__"].__doc__ = sys.modules[module_name].__doc__
@@ -56,7 +56,13 @@ def run(module_name: str, main: Callable, required: Sequence[str] = ()) -> None:
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   if required:
     flags.mark_flags_as_required(list(required))
-  cli.run(main)
+
+  def checked_main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    return main(argv)
+
+  cli.run(checked_main)
 
 
 def _usage() -> str:
@@ -78,5 +84,5 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      f"{', '.join(COMMANDS)}\n")
     sys.exit(2)
   # absl parses sys.argv; the program name keeps the subcommand for messages.
-  sys.argv = [f"{os.path.basename(argv[0])} {name}", *argv[2:]]
+  sys.argv = [f"mia-jax {name}", *argv[2:]]
   importlib.import_module(f"{__name__}.{name}").run()

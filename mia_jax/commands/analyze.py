@@ -24,7 +24,7 @@ Installed, ``mia-jax analyze`` runs this module with the same flags
 (``python experiments/analyze.py`` in a clone).
 """
 
-from absl import app, flags
+from absl import flags
 import jax
 
 from mia_jax import cli, commands
@@ -65,8 +65,7 @@ cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_d
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # extra arguments are refused by `commands.run`
   cli.apply_compute_flags()
   timesteps = cli.parse_numbers(_TIMESTEPS.value, int, "--timesteps")
   pair_scales = cli.parse_numbers(_PAIR_SCALES.value, float, "--pair_scales")

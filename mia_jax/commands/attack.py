@@ -14,7 +14,7 @@ Installed, ``mia-jax attack`` runs this module with the same flags
 (``python experiments/attack.py`` in a clone).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 
 from mia_jax import audit, cli, commands, compute, errors, report, verdict
@@ -72,8 +72,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Run directory.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # extra arguments are refused by `commands.run`
   # The preset first: it may set any flag, --multihost and --dtype included.
   preset = cli.apply_preset(
       "config", [f.name for f in flags.FLAGS.get_key_flags_for_module(__name__)]

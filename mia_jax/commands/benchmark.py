@@ -14,7 +14,7 @@ Installed, ``mia-jax benchmark`` runs this module with the same flags
 (``python experiments/benchmark.py`` in a clone).
 """
 
-from absl import app, flags
+from absl import flags
 
 from mia_jax import benchmark, benchmark_accel, cli, commands
 
@@ -48,8 +48,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSON output path.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # extra arguments are refused by `commands.run`
   compute_cfg = cli.apply_compute_flags()
   if _ACCELERATOR.value:
     return _accelerator_suite()

@@ -19,7 +19,7 @@ Installed, ``mia-jax convert`` runs this module with the same flags
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from mia_jax import cli, commands, errors
 from mia_jax.convert import export
@@ -47,8 +47,7 @@ _GUIDANCE = flags.DEFINE_float(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # extra arguments are refused by `commands.run`
   cli.setup_logging()
   model_config = _PRESET.value
   if _MODEL_CONFIG.value:

@@ -22,7 +22,7 @@ Installed, ``mia-jax demo`` runs this module with the same flags
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from mia_jax import audit, cli, commands, report, train, verdict
 
@@ -42,8 +42,7 @@ _BOOTSTRAP = flags.DEFINE_integer("bootstrap", 200, "Bootstrap resamples.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # extra arguments are refused by `commands.run`
   cli.setup_logging()
   target = train.train(_CONFIG.value, f"{_WORKDIR.value}/train")
   cfg = audit.AuditConfig(

@@ -26,8 +26,7 @@ cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_d
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # extra arguments are refused by `commands.run`
   cli.setup_logging()
   cli.apply_compute_flags()
   try:

@@ -13,7 +13,6 @@ Installed, ``mia-jax sweep_schemes`` runs this module with the same flags
 (``python experiments/sweep_schemes.py`` in a clone).
 """
 
-from absl import app
 
 from mia_jax import cli, commands
 from mia_jax.attacks import schemes
@@ -39,8 +38,7 @@ def _as_tuple(value, sep: str = ",") -> tuple:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # extra arguments are refused by `commands.run`
   cli.setup_logging()
   c = _CONFIG.value
   cfg = schemes.SweepConfig(

@@ -11,7 +11,7 @@ Installed, ``mia-jax train`` runs this module with the same flags
 (``python experiments/train.py`` in a clone).
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
 import jax
 
 from mia_jax import cli, commands, train
@@ -25,8 +25,7 @@ cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_d
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # extra arguments are refused by `commands.run`
   cli.setup_logging()
   cli.apply_compute_flags()
   logging.info("devices: %s", jax.devices())
