@@ -1,4 +1,4 @@
-"""Shared set-up of the absl binaries in experiments/ (kept out of main()s)."""
+"""Shared set-up of the binaries (mia_jax/commands; kept out of main()s)."""
 
 from __future__ import annotations
 

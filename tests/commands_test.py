@@ -76,7 +76,7 @@ def test_attack_preset_sets_any_flag_and_the_command_line_wins(ckpt, tmp_path):
       "  c.attack_option = ['naive.timestep=150']\n"
       "  c.attack_overrides = {'pia': {'timestep': 120}}\n"
       "  c.matmul_precision = 'highest'\n"
-      "  if arg == 'bad':\n    c.oms_steps = 'two'\n"
+      "  if arg == 'bad':\n    c.timestep = 'late'\n"
       "  return c\n")
   out = _run(["-m", "mia_jax", "attack", f"--config={preset}",
               f"--output={tmp_path / 'a'}", "--seed=7"])
@@ -89,4 +89,4 @@ def test_attack_preset_sets_any_flag_and_the_command_line_wins(ckpt, tmp_path):
   bad = _run(["experiments/attack.py", f"--config={preset}:bad",
               f"--output={tmp_path / 'b'}"])
   assert bad.returncode == 2 and "Traceback" not in bad.stderr
-  assert "preset's oms_steps is refused" in bad.stderr
+  assert "preset's timestep is refused" in bad.stderr

@@ -13,12 +13,14 @@ Installed, ``mia-jax sweep_schemes`` runs this module with the same flags
 (``python experiments/sweep_schemes.py`` in a clone).
 """
 
+import os
 
 from mia_jax import cli, commands
 from mia_jax.attacks import schemes
 
 _CONFIG = cli.define_config_file(
-    "config", "experiments/configs/scheme_sweep.py", "Sweep config.",
+    "config", os.path.join(commands.REPO_ROOT, "experiments", "configs",
+                           "scheme_sweep.py"), "Sweep config.",
     lock_config=True)
 
 

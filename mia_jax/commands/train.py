@@ -11,13 +11,16 @@ Installed, ``mia-jax train`` runs this module with the same flags
 (``python experiments/train.py`` in a clone).
 """
 
+import os
+
 from absl import flags, logging
 import jax
 
 from mia_jax import cli, commands, train
 
 _CONFIG = cli.define_config_file(
-    "config", "experiments/configs/train_digits.py", "Training config.",
+    "config", os.path.join(commands.REPO_ROOT, "experiments", "configs",
+                           "train_digits.py"), "Training config.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where state/ and target/ go.")
 
