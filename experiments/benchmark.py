@@ -1,91 +1,16 @@
-"""Benchmarks the attacks against a PyTorch eager implementation of the same formulas.
+"""Benchmarks the attacks against a PyTorch eager reference.
 
-    python experiments/benchmark.py --model cifar10 --batch_size 32 --reps 3 \
-        --output runs/benchmark.json
-
-Runs Naive, SecMI and PIA (each OMS depth) in JAX and in PyTorch eager on the
-same weights, inputs, batch and thread count, interleaving repetitions, and
-prints a table (images/s, ratio, GFLOP/s, fraction of the matmul ceiling,
-compile time) and the cost model; see `mia_jax.benchmark`. ``--quick`` runs
-the tiny model for CI. Numbers from a loaded machine are not comparable:
-the table reports the load average next to each row.
+A shim: the flags and main live in `mia_jax.commands.benchmark` (see its
+docstring or ``--help``); ``mia-jax benchmark`` is the same command.
 """
 
 import os
 import sys
 
-from absl import app, flags
-
 # tests.reference (the PyTorch reference UNet) lives at the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mia_jax import benchmark, benchmark_accel, cli  # pylint: disable=g-import-not-at-top
-
-_MODEL = flags.DEFINE_enum("model", "cifar10", list(benchmark.MODELS),
-                           "UNet configuration.")
-_BATCH = flags.DEFINE_integer("batch_size", 32, "Images per call.")
-_REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions per framework.")
-_ATTACKS = flags.DEFINE_list("attacks", list(benchmark.ATTACKS), "Attacks.")
-_DEPTHS = flags.DEFINE_list("oms_depths", ["0", "1", "2"], "OMS depths.")
-cli.define_compute_flags()  # --dtype (JAX; torch stays float32), --matmul_precision, ...
-_ACCELERATOR = flags.DEFINE_bool(
-    "accelerator", False, "The accelerator suite instead (mia_jax.benchmark_accel): "
-    "ceilings on the device, JAX float32 default/highest and bfloat16, PyTorch "
-    "eager float32 and torch.compile bfloat16 on the same device, each "
-    "attack's bfloat16 agreement with float32; --output gets the JSON after "
-    "every section.")
-_BIG_BATCH = flags.DEFINE_integer("big_batch", 1024,
-                                  "--accelerator: the large bfloat16 batch.")
-_BUDGET = flags.DEFINE_float("time_budget_s", 150.0,
-                             "--accelerator: start nothing new after this.")
-_QUICK = flags.DEFINE_bool("quick", False,
-                           "Tiny model, batch 2, 1 rep (CI smoke run).")
-_SAMPLES = flags.DEFINE_integer("project_samples", 50000,
-                                "Samples of the projected full run.")
-_ACCEL = flags.DEFINE_float("accel_tflops", 19.5,
-                            "Accelerator float32 peak for the projection "
-                            "(A100: 19.5 FP32, 156 TF32).")
-_OUTPUT = flags.DEFINE_string("output", None, "JSON output path.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  compute_cfg = cli.apply_compute_flags()
-  if _ACCELERATOR.value:
-    return _accelerator_suite()
-  cfg = benchmark.BenchConfig(
-      model=_MODEL.value, batch_size=_BATCH.value, reps=_REPS.value,
-      attacks=tuple(_ATTACKS.value),
-      oms_depths=tuple(int(d) for d in _DEPTHS.value), dtype=compute_cfg.dtype)
-  if _QUICK.value:
-    cfg.model, cfg.batch_size, cfg.reps, cfg.matmul_size = "tiny", 2, 1, 256
-  result = benchmark.run_benchmark(cfg)
-  result["projection"] = benchmark.projection(result, _SAMPLES.value,
-                                              _ACCEL.value)
-  print(benchmark.format_table(result))
-  p = result["projection"]
-  print(f"projected full run ({_SAMPLES.value} samples): "
-        f"{p['total_pflop']:.1f} PFLOP, {p['seconds'] / 3600:.2f} h at "
-        f"{p['utilization']:.0%} of {p['accel_tflops']} TFLOP/s")
-  if _OUTPUT.value:
-    benchmark.write_json(result, _OUTPUT.value)
-    print(f"wrote {_OUTPUT.value}")
-
-
-def _accelerator_suite():
-  cfg = benchmark_accel.AccelConfig(
-      model=_MODEL.value, batch_size=_BATCH.value, big_batch=_BIG_BATCH.value,
-      reps=_REPS.value, attacks=tuple(_ATTACKS.value),
-      oms_steps=max(int(d) for d in _DEPTHS.value),
-      time_budget_s=_BUDGET.value)
-  if _QUICK.value:
-    cfg.model, cfg.batch_size, cfg.big_batch, cfg.reps = "tiny", 4, 8, 2
-    cfg.matmul_size = 256
-  write = ((lambda r: benchmark.write_json(r, _OUTPUT.value))
-           if _OUTPUT.value else (lambda r: None))
-  benchmark_accel.run_suite(cfg, write)
-
+from mia_jax.commands import benchmark  # pylint: disable=g-import-not-at-top
 
 if __name__ == "__main__":
-  cli.run(main)
+  benchmark.run()

@@ -85,7 +85,7 @@ fi
 if [[ $PARTS == *bench* ]]; then
 log "benchmark, at most ${T_BENCH}s"
 timeout -s INT -k 10 "$T_BENCH" "$PY" experiments/benchmark.py --accelerator \
-  $BENCH --attacks=naive,secmi,pia,pian --oms_depths=0,1,2 \
+  $BENCH --attacks=naive,secmi,pia,pian --oms_steps=0,1,2 \
   --compilation_cache_dir= --output="$OUT/benchmark_accel.json" \
   > "$OUT/benchmark.log" 2>&1
 log "benchmark exit $?"

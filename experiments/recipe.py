@@ -1,39 +1,10 @@
 """Runs one recipe of the OMS paper (experiments/configs/oms_*.py).
 
-    python experiments/recipe.py --config experiments/configs/oms_table1.py:reduced \
-        --workdir runs/table1
-
-Each recipe's docstring gives its exact commands (``:reduced`` on a CPU,
-``:full`` at paper scale). Any config field can be overridden, e.g.
-``--config.target.checkpoint=runs/table1/train/target``. Re-running the same
-command resumes: finished training and scoring are reused. The run
-directories (report.md, report.html, metrics.json, scores.npz, plots) are
-printed at the end; see `mia_jax.recipes`.
+A shim: the flags and main live in `mia_jax.commands.recipe` (see its
+docstring or ``--help``); ``mia-jax recipe`` is the same command.
 """
 
-from absl import app, flags
-
-from mia_jax import cli, recipes
-
-_CONFIG = cli.define_config_file(
-    "config", None, "Recipe config, PATH:VARIANT.", lock_config=False)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-
-cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_dir
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.setup_logging()
-  cli.apply_compute_flags()
-  try:
-    result = recipes.run_recipe(_CONFIG.value, _WORKDIR.value)
-  except recipes.RecipeUnavailable as e:
-    raise app.UsageError(str(e)) from e
-  print(recipes.format_result(result))
-
+from mia_jax.commands import recipe
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  cli.run(main)
+  recipe.run()

@@ -1,36 +1,10 @@
 """Trains a DDPM target and exports it as a project checkpoint.
 
-    python experiments/train.py --config experiments/configs/train_digits.py \
-        --workdir runs/digits
-
-Re-running the same command after a kill resumes from the last checkpoint.
-The exported target is ``WORKDIR/target`` (EMA weights, model config,
-schedule, and the exact member / non-member ids).
+A shim: the flags and main live in `mia_jax.commands.train` (see its
+docstring or ``--help``); ``mia-jax train`` is the same command.
 """
 
-from absl import app, flags, logging
-import jax
-
-from mia_jax import cli, train
-
-_CONFIG = cli.define_config_file(
-    "config", "experiments/configs/train_digits.py", "Training config.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where state/ and target/ go.")
-
-cli.define_compute_flags()  # --dtype, --matmul_precision, --compilation_cache_dir
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cli.setup_logging()
-  cli.apply_compute_flags()
-  logging.info("devices: %s", jax.devices())
-  target = train.train(_CONFIG.value, _WORKDIR.value)
-  print(f"trained target: {target}")
-
+from mia_jax.commands import train
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
-  cli.run(main)
+  train.run()

@@ -20,7 +20,8 @@ from absl import logging
 import numpy as np
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import autobatch, checkpoints, compute, data, errors, metrics
+from mia_jax import autobatch, checkpoints, compute, data, errors, fixed_point
+from mia_jax import metrics
 from mia_jax import parallel, rundir, runner, schedules, verdict
 from mia_jax import variants as variants_lib
 from mia_jax.attacks import fitted
@@ -94,6 +95,27 @@ def check_config(cfg: AuditConfig, metadata: dict) -> None:
   `checkpoints.read_metadata`. Each attack's own timesteps (presets and
   options) are checked against the schedule once built (`build_attacks`).
   """
+  check_attack_settings(cfg)
+  if cfg.timestep is not None:
+    schedules.validate_timestep(schedules.from_config(metadata["schedule"]),
+                                cfg.timestep, "--timestep")
+  if "gsa" in cfg.attacks and not cfg.shadow_checkpoints:
+    raise errors.UserError("gsa needs shadow models", "--shadow_checkpoints",
+                           "train shadows on public data (see the README) "
+                           "and pass their checkpoint directories")
+  if (cfg.members == RECORDED) != (cfg.nonmembers == RECORDED) or (
+      cfg.members is None) != (cfg.nonmembers is None):
+    _check_one_sided(cfg)
+  rundir.check_output_path(
+      cfg.output, (cfg.checkpoint, *cfg.shadow_checkpoints))
+
+
+def check_attack_settings(cfg: AuditConfig) -> None:
+  """The checks of `check_config` that need neither checkpoint nor data.
+
+  Attack names, OMS depth, batch size, seed, sample and bootstrap counts
+  and per-attack options; `mia_jax.api.score` runs these too.
+  """
   attacks_given = [a for a in cfg.attacks if a]
   if not attacks_given or len(attacks_given) != len(cfg.attacks):
     raise errors.UserError("no attack (or an empty name) in --attacks",
@@ -116,9 +138,6 @@ def check_config(cfg: AuditConfig, metadata: dict) -> None:
   if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)):
     raise errors.UserError("--seed must be an integer", f"--seed {cfg.seed!r}",
                            "pass an integer")
-  if cfg.timestep is not None:
-    schedules.validate_timestep(schedules.from_config(metadata["schedule"]),
-                                cfg.timestep, "--timestep")
   for name, options in cfg.attack_overrides.items():
     if name not in cfg.attacks:
       raise errors.UserError(
@@ -132,15 +151,24 @@ def check_config(cfg: AuditConfig, metadata: dict) -> None:
           f"attack {name} has no option {', '.join(unknown)}",
           f"--attack_option {name}.{unknown[0]}",
           f"expected some of {sorted(attacks_lib.option_names(name))}")
-  if "gsa" in cfg.attacks and not cfg.shadow_checkpoints:
-    raise errors.UserError("gsa needs shadow models", "--shadow_checkpoints",
-                           "train shadows on public data (see the README) "
-                           "and pass their checkpoint directories")
-  if (cfg.members == RECORDED) != (cfg.nonmembers == RECORDED) or (
-      cfg.members is None) != (cfg.nonmembers is None):
-    _check_one_sided(cfg)
-  rundir.check_output_path(
-      cfg.output, (cfg.checkpoint, *cfg.shadow_checkpoints))
+
+
+def apply_scheme(cfg: AuditConfig, scheme_text: str) -> None:
+  """Sets the fixed-point scheme (``--scheme``) of every chain attack of cfg.
+
+  ``plain`` (the OMS chain) leaves the options alone; preset aliases
+  (naive_oms_paper, ...) get the scheme too.
+  """
+  if scheme_text == "plain":
+    return
+  try:
+    scheme = fixed_point.parse_scheme(scheme_text)
+  except ValueError as e:
+    raise errors.UserError(f"bad scheme ({e})", f"--scheme {scheme_text}",
+                           "use plain, km:A, ishikawa:A,B or anderson:M") from e
+  for name in cfg.attacks:
+    if attacks_lib.takes_scheme(name):
+      cfg.attack_overrides.setdefault(name, {})["scheme"] = scheme
 
 
 def _check_one_sided(cfg: AuditConfig) -> None:
@@ -299,18 +327,21 @@ def resolve_reference(cfg: AuditConfig, metadata: dict):
   return None
 
 
-def _check_resolution(denoiser: Denoiser, sets) -> None:
+def check_resolution(denoiser: Denoiser, sets,
+                     names: Sequence[str] = ("members", "nonmembers")) -> None:
   """Fails early when candidate images do not fit the model's input."""
   spec = denoiser.spec
-  for s, what in zip(sets, ("members", "nonmembers")):
+  for s, what in zip(sets, names):
     res, ch = getattr(s.source, "resolution", None), getattr(s.source, "channels", None)
     if res is not None and res != spec.pixel_resolution:
-      raise ValueError(
+      raise errors.UserError(
           f"the {what} images are {res}x{res} but the model expects "
-          f"{spec.pixel_resolution}x{spec.pixel_resolution}; resize them first")
+          f"{spec.pixel_resolution}x{spec.pixel_resolution}", what,
+          "resize them first")
     if ch is not None and ch != spec.pixel_channels:
-      raise ValueError(f"the {what} images have {ch} channels but the model "
-                       f"expects {spec.pixel_channels}")
+      raise errors.UserError(
+          f"the {what} images have {ch} channels but the model expects "
+          f"{spec.pixel_channels}", what, "convert them first")
 
 
 def build_attacks(cfg: AuditConfig, denoiser: Denoiser):
@@ -345,22 +376,41 @@ def build_attacks(cfg: AuditConfig, denoiser: Denoiser):
   return built
 
 
-def metric_rows(table: runner.ScoreTable, built, *, bootstrap: int,
-                seed: int) -> list[dict]:
-  """One metrics row per attack variant."""
-  rows = []
+def variant_info(built) -> dict[str, dict]:
+  """variant -> {attack, oms_steps, timestep, queries_per_sample}."""
+  info = {}
   for attack in built:
     for n, variant in enumerate(attack.variant_names()):
       depth = attack.variant_depth(n)
-      summary = metrics.summarize(table.scores[variant], table.labels,
-                                  bootstrap=bootstrap, seed=seed)
-      rows.append({"variant": variant, "attack": attack.name,
-                   "oms_steps": depth, "timestep": attack.timestep,
-                   # A depth-n score alone needs N - n fewer chain steps.
-                   "queries_per_sample": attack.queries_per_sample
-                                         - (attack.oms_steps - depth),
-                   **summary})
-  return rows
+      info[variant] = {"attack": attack.name, "oms_steps": depth,
+                       "timestep": attack.timestep,
+                       # A depth-n score alone needs N - n fewer chain steps.
+                       "queries_per_sample": attack.queries_per_sample
+                                             - (attack.oms_steps - depth)}
+  return info
+
+
+def summary_rows(scores: dict, labels, info: dict, *, bootstrap: int,
+                 seed: int) -> list[dict]:
+  """One metrics row per variant of ``info`` (in its order), as metrics.json.
+
+  Args:
+    scores: variant -> [N] scores (may hold more variants than ``info``).
+    labels: [N] 1 = member.
+    info: variant -> the row's leading fields (`variant_info`).
+    bootstrap, seed: as `mia_jax.metrics.summarize`.
+  """
+  return [{"variant": variant, **fields,
+           **metrics.summarize(scores[variant], labels, bootstrap=bootstrap,
+                               seed=seed)}
+          for variant, fields in info.items()]
+
+
+def metric_rows(table: runner.ScoreTable, built, *, bootstrap: int,
+                seed: int) -> list[dict]:
+  """One metrics row per attack variant."""
+  return summary_rows(table.scores, table.labels, variant_info(built),
+                      bootstrap=bootstrap, seed=seed)
 
 
 def _manifest(cfg: AuditConfig, denoiser: Denoiser, sets) -> dict:
@@ -410,7 +460,7 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
   if cfg.latent_sample and denoiser.encode_fn is not None:
     denoiser = dataclasses.replace(
         denoiser, encode_fn=functools.partial(denoiser.encode_fn, sample=True))
-  _check_resolution(denoiser, sets)
+  check_resolution(denoiser, sets)
   built = build_attacks(cfg, denoiser)
   import jax
   if cfg.batch_size == "auto":

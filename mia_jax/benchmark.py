@@ -57,7 +57,7 @@ class BenchConfig:
     batch_size: images per call (both frameworks).
     reps: timed repetitions per framework (after one warm-up each).
     attacks: attack names (presets of `mia_jax.attacks`).
-    oms_depths: OMS depths N to time (each a separate program of N + 1
+    oms_steps: the OMS depths N to time (each a separate program of N + 1
       chain queries; a real run scores all depths 0..N from the deepest).
     matmul_size: n of the n x n float32 ceiling product.
     seed: weights and inputs.
@@ -68,7 +68,7 @@ class BenchConfig:
   batch_size: int = 32
   reps: int = 3
   attacks: Sequence[str] = ATTACKS
-  oms_depths: Sequence[int] = (0, 1, 2)
+  oms_steps: Sequence[int] = (0, 1, 2)
   matmul_size: int = 2048
   seed: int = 0
   dtype: str = "float32"
@@ -282,7 +282,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
   threads = torch.get_num_threads()
   result: dict[str, Any] = {
       "config": {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
-                 "oms_depths": list(cfg.oms_depths)},
+                 "oms_steps": list(cfg.oms_steps)},
       "machine": {"cpu_count": os.cpu_count(), "torch_threads": threads,
                   "jax_devices": [str(d) for d in jax.devices()],
                   "jax": jax.__version__, "torch": torch.__version__,
@@ -352,7 +352,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
 
   rows = []
   for name in cfg.attacks:
-    for depth in cfg.oms_depths:
+    for depth in cfg.oms_steps:
       attack = attacks_lib.build(name, eps_fn, oms_steps=depth)
       s = time.perf_counter()
       compiled = attack.score_fn.lower(params, sched, x0_j, keys,
@@ -391,7 +391,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
       log(_row(row["variant"], passes, row))
   result["attacks"] = rows
   result["cost_model"] = cost_model(list(cfg.attacks), eps_fn,
-                                    max(cfg.oms_depths))
+                                    max(cfg.oms_steps))
   result["machine"]["load_end"] = _load()
   result["machine"]["peak_rss_mb"] = _peak_rss_mb()
   return result
@@ -462,7 +462,7 @@ def format_table(result: dict) -> str:
         f"{r['max_rel_score_diff_vs_torch']:.1e} | {r['load']:.1f} |")
   cm = result["cost_model"]
   lines += ["", f"cost model: a run of {result['config']['attacks']} with OMS "
-            f"0..{max(result['config']['oms_depths'])} makes "
+            f"0..{max(result['config']['oms_steps'])} makes "
             f"{cm['run_passes']} UNet passes per sample (fewest possible "
             f"{cm['fewest_possible']}; {cm['without_the_shared_pass']} without "
             "the shared eps(x0, 0) pass; scoring each depth separately would "

@@ -1,4 +1,4 @@
-"""Shared set-up of the absl binaries in experiments/ (kept out of main()s)."""
+"""Shared set-up of the binaries (mia_jax/commands; kept out of main()s)."""
 
 from __future__ import annotations
 
@@ -303,3 +303,63 @@ def parse_batch_size(value: str):
     raise errors.UserError("bad batch size", f"--batch_size={value}",
                            "pass a positive integer or 'auto'")
   return n
+
+
+# Flags of `define_compute_flags`, which a binary's --config preset may set.
+COMPUTE_FLAGS = ("dtype", "matmul_precision", "compilation_cache_dir")
+
+
+def apply_preset(config_flag: str, settable, extra_keys=()) -> dict:
+  """Takes every flag value of a ``--CONFIG`` preset the command line left out.
+
+  One configuration style for a binary: its preset's keys are its flag
+  names, each honoured, and a flag given on the command line wins. Call
+  at the top of ``main``, before reading any flag.
+
+  Args:
+    config_flag: the name of the `define_config_file` flag holding the
+      preset (its value may be None: no preset).
+    settable: the flag names a preset may set.
+    extra_keys: preset keys that are not flags (e.g. ``attack_overrides``).
+  Returns:
+    ``{key: value}`` of the ``extra_keys`` the preset sets (plain dicts).
+  Raises:
+    UserError: a key that is neither, or a value its flag refuses.
+  """
+  from absl import flags
+
+  from mia_jax import errors
+  preset = flags.FLAGS[config_flag].value
+  if preset is None:
+    return {}
+  settable = sorted(set(settable) - {config_flag})
+  unknown = sorted(set(preset.keys()) - set(settable) - set(extra_keys))
+  if unknown:
+    raise errors.UserError(
+        f"the --{config_flag} preset sets unknown key(s) {unknown}",
+        f"--{config_flag}", f"use flag names ({', '.join(settable)})" + (
+            f" or {', '.join(extra_keys)}" if extra_keys else ""))
+  extra = {}
+  for key in preset.keys():
+    value = preset[key]
+    if key in extra_keys:
+      extra[key] = value.to_dict() if hasattr(value, "to_dict") else value
+      continue
+    flag = flags.FLAGS[key]
+    if flag.present:
+      continue
+    if isinstance(value, tuple):
+      value = list(value)
+    elif flag.flag_type() == "string" and isinstance(value, (int, float)):
+      value = str(value)  # e.g. batch_size = 4 for "--batch_size 4"
+    try:
+      # The flag's own parser: the preset's value is checked and converted
+      # as the same value on the command line would be.
+      flag.value = (value if value is None else
+                    flag._parse(value))  # pylint: disable=protected-access
+    except (flags.Error, TypeError, ValueError) as e:
+      raise errors.UserError(
+          f"the --{config_flag} preset's {key} is refused ({e})",
+          f"--{config_flag} {key}={value!r}",
+          f"give the value --{key} takes") from None
+  return extra

@@ -17,7 +17,7 @@ from mia_jax import benchmark
 @pytest.fixture(scope="module")
 def quick_result():
   cfg = benchmark.BenchConfig(model="tiny", batch_size=2, reps=1,
-                              oms_depths=(1,), matmul_size=128)
+                              oms_steps=(1,), matmul_size=128)
   return benchmark.run_benchmark(cfg, log=lambda *_: None)
 
 

@@ -137,11 +137,10 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
 
 
 def test_max_members_keeps_a_subset_and_the_public_split():
-  from experiments.configs import train_digits
-  from mia_jax import train
+  from mia_jax import configs_common, train
   from mia_jax.data import splits
-  cfg = train_digits.get_config("demo")
-  m = train_digits.DEMO_MEMBERS
+  cfg = configs_common.digits_train_config("demo")
+  m = configs_common.DEMO_MEMBERS
   assert cfg.train.num_steps * cfg.train.batch_size / m == 1000  # epochs
   source, members, nonmembers, public = train._member_data(cfg)  # pylint: disable=protected-access
   parts = splits.digits_parts(0)

@@ -42,6 +42,8 @@ def test_quickstart_runs_and_shows_the_metrics_table(tmp_path, monkeypatch):
     assert variant in text, variant
   assert "AUC" in text and "->" in text  # the base vs OMS lines
   assert "P(member smaller)" in text  # the analysis summary
+  # mia_jax.score on the audit's images in its order: the audit's scores.
+  assert "equal to the audit's scores.npz: True" in text
   images = [o for c in code_cells for o in c.outputs
             if "image/png" in o.get("data", {})]
   assert len(images) >= 5  # ROC, log-ROC, histograms, Figure 2b, Figure 1

@@ -22,13 +22,13 @@ counts, few steps) for tests and a first look.
 
 import ml_collections
 
-from experiments.configs import oms_common
+from mia_jax import configs_common
 
 VARIANTS = ("reduced", "tiny")
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  c = oms_common.base_config(
+  c = configs_common.base_config(
       "memorization_sweep", "attacks and OMS over member counts x epochs",
       "OMS paper Figure 2(a), extended over member counts", "memorization",
       arg or "reduced", variants=VARIANTS)

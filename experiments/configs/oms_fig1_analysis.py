@@ -19,11 +19,11 @@ Paper scale (DDPM CIFAR-10):
 
 import ml_collections
 
-from experiments.configs import oms_common
+from mia_jax import configs_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  c = oms_common.base_config("oms_fig1_analysis", "Noise-search analysis",
+  c = configs_common.base_config("oms_fig1_analysis", "Noise-search analysis",
                          "Figure 1, Appendix B", "analysis", arg or "reduced")
   c.requires = ("mia_jax.analysis.run",)
   c.audit.attacks = ()

@@ -18,11 +18,11 @@ converted; labels in epochs):
 
 import ml_collections
 
-from experiments.configs import oms_common
+from mia_jax import configs_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  c = oms_common.base_config("oms_fig2_epochs", "OMS over training epochs",
+  c = configs_common.base_config("oms_fig2_epochs", "OMS over training epochs",
                          "Figure 2(a)", "epochs", arg or "reduced")
   c.audit.attacks = ("naive_oms_paper", "secmi", "pia")
   c.audit.oms_steps = 1

@@ -20,11 +20,11 @@ Paper scale (DDPM CIFAR-10):
 
 import ml_collections
 
-from experiments.configs import oms_common
+from mia_jax import configs_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  c = oms_common.base_config("oms_fig2_timesteps", "OMS gain over timesteps",
+  c = configs_common.base_config("oms_fig2_timesteps", "OMS gain over timesteps",
                          "Figure 2(b)", "timesteps", arg or "reduced")
   c.audit.attacks = ("naive", "pia")
   c.audit.oms_steps = 1

@@ -19,11 +19,11 @@ Paper scale (DDPM CIFAR-10):
 
 import ml_collections
 
-from experiments.configs import oms_common
+from mia_jax import configs_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  c = oms_common.base_config("oms_fig3", "Distances and residuals of the chain",
+  c = configs_common.base_config("oms_fig3", "Distances and residuals of the chain",
                          "Figure 3", "chain", arg or "reduced")
   c.audit.attacks = ("naive_oms_paper", "pia")
   c.chain = ml_collections.ConfigDict()

@@ -27,11 +27,11 @@ Table 2), the base vs OMS differences, ROC / log-ROC and histograms.
 
 import ml_collections
 
-from experiments.configs import oms_common
+from mia_jax import configs_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  c = oms_common.base_config(
+  c = configs_common.base_config(
       "oms_table1", "Naive, SecMI, PIA with and without OMS on a DDPM",
       "Tables 1 and 2", "audit", arg or "reduced",
       variants=("reduced", "reduced_pooled", "full", "full_cifar100"))
@@ -41,6 +41,6 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   if c.variant == "reduced_pooled":
     c.target.seeds = (0, 1, 2)
   if c.variant == "full_cifar100":
-    c.audit.members = oms_common.CIFAR100_MEMBERS
-    c.audit.nonmembers = oms_common.CIFAR100_NONMEMBERS
+    c.audit.members = configs_common.CIFAR100_MEMBERS
+    c.audit.nonmembers = configs_common.CIFAR100_NONMEMBERS
   return c

@@ -20,13 +20,12 @@ noise rescaled to Gaussian scale) instead.
 
 import ml_collections
 
-from experiments.configs import oms_common
-from experiments.configs import train_digits
+from mia_jax import configs_common
 
 
 def tiny_uvit_train_config() -> ml_collections.ConfigDict:
   """The digits training recipe with a tiny U-ViT and the VP-SDE schedule."""
-  t = train_digits.get_config("")
+  t = configs_common.digits_train_config("")
   t.family = "uvit"
   t.model = dict(preset="tiny", img_size=8, in_chans=1)
   t.schedule = dict(kind="vp_sde", num_timesteps=1001, beta_min=0.1,
@@ -35,7 +34,7 @@ def tiny_uvit_train_config() -> ml_collections.ConfigDict:
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  c = oms_common.base_config("oms_table4", "U-ViT with and without OMS",
+  c = configs_common.base_config("oms_table4", "U-ViT with and without OMS",
                          "Table 4", "audit", arg or "reduced")
   c.audit.attacks = ("naive_oms_paper", "secmi", "pia", "pian")
   c.audit.oms_steps = 1

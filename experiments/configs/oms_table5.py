@@ -20,11 +20,11 @@ and the U-ViT column with --config.target.checkpoint=ckpts/uvit_cifar10.
 
 import ml_collections
 
-from experiments.configs import oms_common
+from mia_jax import configs_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  c = oms_common.base_config("oms_table5", "Quantile regression with and without OMS",
+  c = configs_common.base_config("oms_table5", "Quantile regression with and without OMS",
                          "Table 5", "audit", arg or "reduced")
   c.requires = ("mia_jax.attacks.quantile",)
   # SecMI's t-error (QR's statistic) scored directly, next to QR.

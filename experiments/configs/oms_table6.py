@@ -22,11 +22,11 @@ trained the same way on public data:
 
 import ml_collections
 
-from experiments.configs import oms_common
+from mia_jax import configs_common
 
 
 def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
-  c = oms_common.base_config("oms_table6", "GSA with and without OMS", "Table 6",
+  c = configs_common.base_config("oms_table6", "GSA with and without OMS", "Table 6",
                          "audit", arg or "reduced")
   c.requires = ("mia_jax.attacks.gsa",)
   # PIA (a cheap loss attack) rides along as a per-sample reference row.

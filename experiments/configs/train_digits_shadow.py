@@ -25,7 +25,7 @@ override ``train.num_steps`` to match steps instead.
 
 import ml_collections
 
-from experiments.configs import train_digits
+from mia_jax import configs_common
 
 # The target's recipe; shadows must match it (same architecture => the same
 # parameter tensors => comparable gradient features).
@@ -36,7 +36,7 @@ _PUBLIC_SIZE = 359
 
 
 def _target_config() -> ml_collections.ConfigDict:
-  return train_digits.get_config("")
+  return configs_common.digits_train_config("")
 
 
 def _parse_arg(arg: str) -> tuple[int, bool]:
