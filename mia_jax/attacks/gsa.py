@@ -73,7 +73,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import audit, checkpoints, data, fixed_point, runner
+from mia_jax import checkpoints, data, fixed_point, runner, sample_sets
 from mia_jax.attacks import fitted
 from mia_jax.denoiser import Denoiser, EpsFn
 
@@ -506,10 +506,10 @@ def load_shadow(directory: str, max_per_side: Optional[int] = None
   _check_shadow_record(directory)
   recorded = checkpoints.read_metadata(directory)["data"]
   source = data.parse_spec(recorded["source"])
-  members = audit.positions_of(source, recorded["members"],
-                          f"shadow {directory} member")
-  nonmembers = audit.positions_of(source, recorded["nonmembers"],
-                             f"shadow {directory} non-member")
+  members = sample_sets.positions_of(source, recorded["members"],
+                                     f"shadow {directory} member")
+  nonmembers = sample_sets.positions_of(source, recorded["nonmembers"],
+                                        f"shadow {directory} non-member")
   if max_per_side is not None:
     members, nonmembers = members[:max_per_side], nonmembers[:max_per_side]
   return ShadowData(
