@@ -11,15 +11,9 @@ the tiny model for CI. Numbers from a loaded machine are not comparable:
 the table reports the load average next to each row.
 """
 
-import os
-import sys
-
 from absl import app, flags
 
-# tests.reference (the PyTorch reference UNet) lives at the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mia_jax import benchmark, benchmark_accel, cli  # pylint: disable=g-import-not-at-top
+from mia_jax import benchmark, benchmark_accel, cli
 
 _MODEL = flags.DEFINE_enum("model", "cifar10", list(benchmark.MODELS),
                            "UNet configuration.")
