@@ -12,7 +12,7 @@ evaluation samples, in the runner's order, higher = more likely member, so
 its rows sit in the same table as the loss attacks'. Evaluation labels are
 never given to the fitting code: `ctx.eval_sets` carry them only because the
 runner needs them to lay out outputs; a fitted attack must use
-`ctx.eval_images()`, which hides them.
+`ctx.eval_batches()`, which hides them.
 """
 
 from __future__ import annotations
