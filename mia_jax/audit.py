@@ -22,7 +22,7 @@ import numpy as np
 from mia_jax import attacks as attacks_lib
 from mia_jax import autobatch, checkpoints, compute, data, errors, fixed_point
 from mia_jax import metrics
-from mia_jax import parallel, rundir, runner, schedules, verdict
+from mia_jax import parallel, rundir, runner, sample_sets, schedules, verdict
 from mia_jax import variants as variants_lib
 from mia_jax.attacks import fitted
 from mia_jax.data import integrity
@@ -80,9 +80,8 @@ class AuditConfig:
   drop_overlap: bool = False
 
 
-# `--members recorded` / `--nonmembers recorded`: the side recorded in the
-# checkpoint by training, named explicitly (see `resolve_sets`).
-RECORDED = "recorded"
+# `--members recorded` / `--nonmembers recorded` (see `sample_sets.resolve`).
+RECORDED = sample_sets.RECORDED
 # Settings that change only the metrics, not a single score: a rerun that
 # changes them recomputes the metrics from the finished shards.
 METRICS_ONLY = ("output", "bootstrap", "checkpoint", "shadow_checkpoints")
@@ -145,12 +144,12 @@ def check_attack_settings(cfg: AuditConfig) -> None:
           f"--attack_option {name}.{','.join(options)}",
           f"add {name} to --attacks or drop the option (running: "
           f"{', '.join(cfg.attacks)})")
-    unknown = sorted(set(options) - attacks_lib.option_names(name))
+    unknown = sorted(set(options) - option_names(name))
     if unknown:
       raise errors.UserError(
           f"attack {name} has no option {', '.join(unknown)}",
           f"--attack_option {name}.{unknown[0]}",
-          f"expected some of {sorted(attacks_lib.option_names(name))}")
+          f"expected some of {sorted(option_names(name))}")
 
 
 def apply_scheme(cfg: AuditConfig, scheme_text: str) -> None:
@@ -169,6 +168,13 @@ def apply_scheme(cfg: AuditConfig, scheme_text: str) -> None:
   for name in cfg.attacks:
     if attacks_lib.takes_scheme(name):
       cfg.attack_overrides.setdefault(name, {})["scheme"] = scheme
+
+
+def option_names(name: str) -> set[str]:
+  """The ``--attack_option`` keys of a fitted attack or a per-sample preset."""
+  if fitted.is_fitted(name):
+    return fitted.option_names(name)
+  return attacks_lib.option_names(name)
 
 
 def _check_one_sided(cfg: AuditConfig) -> None:
@@ -196,63 +202,12 @@ def parse_attack_option(option: str) -> tuple[str, str, Any]:
   return name, key, value
 
 
-def positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
-  """Positions in ``source`` of the given ids (errors name missing ones)."""
-  lookup = {str(v): i for i, v in enumerate(np.asarray(source.ids).tolist())}
-  missing = [i for i in ids if str(i) not in lookup]
-  if missing:
-    raise errors.UserError(
-        f"{len(missing)} recorded {what} ids are not in the data source "
-        f"(first: {missing[:5]})", getattr(source, "name", what),
-        "the data changed since training; pass the sets explicitly")
-  return np.asarray([lookup[str(i)] for i in ids], np.int64)
-
-
 def resolve_sets(cfg: AuditConfig, metadata: dict):
-  """The member and non-member `runner.SampleSet`s of a run.
-
-  A side left out (both left out) or given as ``recorded`` takes the ids
-  recorded in the checkpoint by training. Overlap by content is checked
-  later, in `check_data`, for every combination.
-  """
-  recorded = metadata.get("data") or {}
-  given_specs = {k: v for k, v in (("members", cfg.members),
-                                   ("nonmembers", cfg.nonmembers))
-                 if v not in (None, RECORDED)}
-  given = {}
-  if len(given_specs) == 2:
-    # The data layer checks the image shapes and, for two parts of one base
-    # data set, that no id is on both sides.
-    given["members"], given["nonmembers"] = data.parse_member_specs(
-        cfg.members, cfg.nonmembers)
-  sets = []
-  for label, key in ((1, "members"), (0, "nonmembers")):
-    if key not in given_specs:
-      if key not in recorded:
-        raise errors.UserError(
-            f"the checkpoint records no {key}", f"--{key}",
-            "pass an .npz, an image folder or a tfds spec (only targets "
-            "trained by mia_jax record their sets)")
-      source = data.parse_spec(recorded["source"])
-      indices = positions_of(source, recorded[key], key)
-    else:
-      source = given.get(key) or data.parse_spec(given_specs[key])
-      indices = np.arange(len(source), dtype=np.int64)
-    if cfg.max_samples is not None:
-      indices = indices[:cfg.max_samples]
-    if not len(indices):
-      raise errors.UserError(f"the {key} set is empty", f"--{key}",
-                             "give a data set with at least one image")
-    sets.append(runner.SampleSet(source, indices, label))
-  member_ids = np.asarray(sets[0].source.ids)[sets[0].indices]
-  nonmember_ids = np.asarray(sets[1].source.ids)[sets[1].indices]
-  if sets[0].source is sets[1].source or (cfg.members == cfg.nonmembers):
-    try:
-      data.check_disjoint(member_ids, nonmember_ids)
-    except ValueError as e:
-      raise errors.UserError(str(e), "--members / --nonmembers",
-                             "give disjoint sets") from None
-  return sets
+  """The member and non-member `runner.SampleSet`s of a run
+  (`sample_sets.resolve` with the config's data flags)."""
+  return sample_sets.resolve(metadata, members=cfg.members,
+                             nonmembers=cfg.nonmembers,
+                             max_samples=cfg.max_samples)
 
 
 def check_data(cfg: AuditConfig, sets, reference):
@@ -322,8 +277,8 @@ def resolve_reference(cfg: AuditConfig, metadata: dict):
     return runner.SampleSet(source, np.arange(len(source), dtype=np.int64), 0)
   if recorded.get("public"):
     source = data.parse_spec(recorded["source"])
-    return runner.SampleSet(
-        source, positions_of(source, recorded["public"], "public"), 0)
+    public = sample_sets.positions_of(source, recorded["public"], "public")
+    return runner.SampleSet(source, public, 0)
   return None
 
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mia_jax import compute
+
 CPU_BATCH = 64
 MAX_BATCH = 1024
 # XLA's per-program estimate misses allocator fragmentation and the buffers
@@ -87,11 +89,10 @@ def forward_bytes(eps_fn, params, shape: tuple[int, ...], cond=None,
     cond: conditioning for one probe batch (or None).
     probe_batch: the batch compiled for the measurement.
   """
-  from mia_jax.analysis.run import memory_stats  # pylint: disable=g-import-not-at-top
   x = jax.ShapeDtypeStruct((probe_batch, *shape), jnp.float32)
   t = jax.ShapeDtypeStruct((probe_batch,), jnp.int32)
   compiled = jax.jit(eps_fn).lower(params, x, t, cond).compile()
-  mem = memory_stats(compiled)
+  mem = compute.memory_stats(compiled)
   param_bytes = float(sum(np.prod(p.shape) * p.dtype.itemsize
                           for p in jax.tree.leaves(params)))
   if not mem:

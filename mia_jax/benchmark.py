@@ -6,7 +6,7 @@ In one process, on the same weights, batch, thread count and inputs:
   compiled program per OMS depth, on the Flax `DDPMUNet` with weights
   converted from the PyTorch reference UNet (`mia_jax.convert.ddpm_unet`);
 * PyTorch eager: the same formulas written directly in torch on the
-  reference UNet (tests/reference/torch_ddpm_unet.py, pytorch-ddpm layout).
+  reference UNet (`mia_jax.convert.torch_ddpm_unet`, pytorch-ddpm layout).
 
 Repetitions are interleaved (JAX, torch, JAX, torch, ...), so machine load
 hits both alike; the ratio of medians is the figure to trust on a shared
@@ -86,12 +86,27 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def torch_device():
+  """CUDA when torch sees it and JAX runs on a GPU, else CPU."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if torch.cuda.is_available() and jax.default_backend() == "gpu":
+    return torch.device("cuda")
+  return torch.device("cpu")
+
+
+def torch_sync(dev) -> None:
+  """Waits for PyTorch's queued work on ``dev`` (timings must include it)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if dev.type == "cuda":
+    torch.cuda.synchronize()
+
+
 def build_models(cfg: BenchConfig):
   """(torch UNet, Flax module, params, schedule, model config) on shared weights."""
   import torch  # pylint: disable=g-import-not-at-top
   from mia_jax import models  # pylint: disable=g-import-not-at-top
   from mia_jax.convert import ddpm_unet as convert  # pylint: disable=g-import-not-at-top
-  from tests.reference import torch_ddpm_unet  # pylint: disable=g-import-not-at-top
+  from mia_jax.convert import torch_ddpm_unet  # pylint: disable=g-import-not-at-top
   spec = MODELS[cfg.model]
   torch.manual_seed(cfg.seed)
   tmodel = torch_ddpm_unet.UNet(T=1000, dropout=0.0, **spec["unet"]).eval()
@@ -290,8 +305,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
                   "load_start": _load()}}
   tmodel, module, params, sched, model_config = build_models(cfg)
   # PyTorch on JAX's device (CUDA when JAX runs on a GPU); CPU: unchanged.
-  from mia_jax import benchmark_accel  # pylint: disable=g-import-not-at-top
-  dev = benchmark_accel.torch_device()
+  dev = torch_device()
   result["machine"]["torch_device"] = str(dev)
   res = MODELS[cfg.model]["resolution"]
   b = cfg.batch_size
@@ -327,7 +341,7 @@ def run_benchmark(cfg: BenchConfig, log=print) -> dict:
     exact = jax.config.jax_default_matmul_precision in ("highest", "float32")
     torch.backends.cudnn.allow_tf32 = not exact
     torch.backends.cuda.matmul.allow_tf32 = not exact
-  sync = lambda: benchmark_accel._sync(dev)  # pylint: disable=protected-access,unnecessary-lambda-assignment
+  sync = lambda: torch_sync(dev)  # pylint: disable=unnecessary-lambda-assignment
 
   # Forward pass alone, interleaved (the quantity the ceiling bounds).
   t_j = jnp.full((b,), 100, jnp.int32)

@@ -57,20 +57,6 @@ class AccelConfig:
   time_budget_s: float = 150.0
 
 
-def torch_device():
-  """CUDA when torch sees it and JAX runs on a GPU, else CPU."""
-  import torch  # pylint: disable=g-import-not-at-top
-  if torch.cuda.is_available() and jax.default_backend() == "gpu":
-    return torch.device("cuda")
-  return torch.device("cpu")
-
-
-def _sync(dev) -> None:
-  import torch  # pylint: disable=g-import-not-at-top
-  if dev.type == "cuda":
-    torch.cuda.synchronize()
-
-
 def median_seconds(fn: Callable[[], Any], reps: int) -> float:
   """Median wall time of ``fn()`` over ``reps`` calls after one warm-up
   (``fn`` must block until its work is done)."""
@@ -105,7 +91,7 @@ def ceilings(n: int, dev, reps: int) -> dict[str, float]:
 
     def run(x=x, y=y):
       torch.mm(x, y)
-      _sync(dev)
+      benchmark.torch_sync(dev)
     out[label] = flop / median_seconds(run, reps) / 1e12
   return out
 
@@ -176,7 +162,7 @@ def _torch_forward(tmodel, batch: int, res: int, reps: int, dev,
     with torch.inference_mode(), torch.autocast(
         dev.type, dtype=torch.bfloat16, enabled=compiled_bf16):
       model(x, t)
-    _sync(dev)
+    benchmark.torch_sync(dev)
   if compiled_bf16:
     s = time.perf_counter()
     run()  # compiles
@@ -191,7 +177,7 @@ def run_suite(cfg: AccelConfig, write: Callable[[dict], None],
   import torch  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   over = lambda: time.perf_counter() - start > cfg.time_budget_s  # pylint: disable=unnecessary-lambda-assignment
-  dev = torch_device()
+  dev = benchmark.torch_device()
   result: dict[str, Any] = {
       "config": {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks)},
       "machine": {"jax_devices": [str(d) for d in jax.devices()],
@@ -305,4 +291,4 @@ def _eps_fn(module, sched):
 
 
 __all__ = ["AccelConfig", "run_suite", "ceilings", "agreement", "spearman",
-           "synthetic_leak_labels", "torch_device", "median_seconds"]
+           "synthetic_leak_labels", "median_seconds"]

@@ -30,7 +30,7 @@ import logging as std_logging
 import os
 import shutil
 import sys
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from absl import logging
 import jax
@@ -348,9 +348,8 @@ def load_denoiser(directory: str) -> Denoiser:
   family = metadata["family"]
   sched = schedules.from_config(metadata["schedule"])
   spec = InputSpec.from_config(metadata["spec"])
-  if family == "sd":
-    from mia_jax.models.sd import pipeline  # SD has several components.
-    return pipeline.load_sd_denoiser(directory, metadata)
+  if family == "sd":  # three networks and a tokenizer: see load_sd_denoiser.
+    return load_sd_denoiser(directory, metadata)
   module = models.build_module(family, metadata["model_config"])
   abstract = models.abstract_params(family, module, spec)
   params = restore_params(directory, abstract, metadata)
@@ -359,6 +358,93 @@ def load_denoiser(directory: str) -> Denoiser:
       schedule=sched, spec=spec, family=family,
       model_config=metadata["model_config"],
       provenance=metadata.get("provenance") or {})
+
+
+# ---------------------------------------------------------- Stable Diffusion
+# The SD denoiser is built from three networks and a tokenizer
+# (`mia_jax.models.sd.pipeline`, pure); saving and loading it is file work,
+# so it lives here, on the io floor, not in the pipeline.
+
+
+def save_sd_denoiser(directory: str, converted: Mapping[str, Any], *,
+                     guidance_scale: float = 1.0,
+                     image_resolution: Optional[int] = None) -> str:
+  """Writes a converted SD model as a mia-jax checkpoint directory.
+
+  The three parameter trees go into ``params/`` (orbax), the module configs
+  into ``model.json`` (family ``"sd"``) and the tokenizer files are copied to
+  ``tokenizer/``, so the checkpoint no longer needs the diffusers folder.
+
+  Args:
+    directory: the checkpoint directory to write.
+    converted: the dict of `mia_jax.convert.sd.convert_stable_diffusion`.
+    guidance_scale, image_resolution: recorded defaults of the denoiser
+      (see `pipeline.make_sd_denoiser`).
+  Returns:
+    ``directory``.
+  """
+  from mia_jax.models.sd import pipeline  # flax modules: keep this lazy.
+  den = pipeline.make_sd_denoiser(converted, guidance_scale=guidance_scale,
+                                  image_resolution=image_resolution,
+                                  tokenize=lambda c: None)
+  cfg = dict(den.model_config, schedule_source=converted.get(
+      "scheduler_config"))
+  directory = save_denoiser(
+      directory, family=pipeline.FAMILY, model_config=cfg,
+      schedule=den.schedule, spec=den.spec, params=den.params,
+      provenance=den.provenance)
+  shutil.copytree(converted["tokenizer_dir"],
+                  os.path.join(directory, "tokenizer"), dirs_exist_ok=True)
+  return directory
+
+
+def load_sd_denoiser(directory: str, metadata: Optional[Mapping[str, Any]]
+                     = None, **kwargs) -> Denoiser:
+  """Reads a checkpoint written by `save_sd_denoiser` (see `load_denoiser`).
+
+  Args:
+    directory: the checkpoint directory.
+    metadata: its `read_metadata` (read here when None).
+    **kwargs: for `pipeline.make_sd_denoiser` (e.g. ``guidance_scale``,
+      ``text_cache_path``); the checkpoint's tokenizer is used.
+  """
+  from mia_jax.convert import sd as convert_sd  # transformers, lazily.
+  from mia_jax.models.sd import clip as clip_lib
+  from mia_jax.models.sd import unet as unet_lib
+  from mia_jax.models.sd import vae as vae_lib
+  if metadata is None:
+    metadata = read_metadata(directory)
+  cfg = metadata["model_config"]
+  key = jax.random.key(0)
+  abstract = {
+      "unet": unet_lib.init_params(unet_lib.UNet2DCondition(**_tuples(
+          cfg["unet"])), key, abstract=True),
+      "vae": vae_lib.init_params(vae_lib.AutoencoderKL(**_tuples(
+          cfg["vae"])), key, abstract=True),
+      "text_encoder": clip_lib.init_params(clip_lib.CLIPTextEncoder(
+          **cfg["text_encoder"]), key, abstract=True)}
+  # Shapes, integrity (sha256) and corrupt files: one checked path for all
+  # families.
+  params = restore_params(directory, abstract, metadata)
+  converted = dict(
+      unet=(params["unet"], _tuples(cfg["unet"])),
+      vae=(params["vae"], _tuples(cfg["vae"])),
+      text_encoder=(params["text_encoder"], cfg["text_encoder"]),
+      schedule=metadata["schedule"], prediction_type=cfg["prediction_type"],
+      latent_scaling=cfg["latent_scaling"],
+      text_skip_last_layers=cfg.get("text_skip_last_layers", 0),
+      tokenizer_dir=os.path.join(directory, "tokenizer"),
+      scheduler_config=cfg.get("schedule_source"),
+      provenance=metadata.get("provenance") or {})
+  opts = dict(guidance_scale=cfg.get("guidance_scale", 1.0),
+              image_resolution=cfg.get("image_resolution"))
+  opts.update(kwargs)
+  return convert_sd.make_denoiser(converted, **opts)
+
+
+def _tuples(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """JSON lists back to tuples (Flax module fields must be hashable)."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 
 
 def params_fingerprint(params: Any) -> str:

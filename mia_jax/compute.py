@@ -20,6 +20,9 @@ every model built afterwards follows them, whatever its family:
   a resumed run loads compiled programs instead of compiling again. The time
   spent compiling (and the cache hits) is counted from JAX's monitoring
   events and reported by `compile_stats`.
+
+`memory_stats` reads XLA's memory analysis of a compiled program (for
+`mia_jax.autobatch` and the analysis' memory report).
 """
 
 from __future__ import annotations
@@ -215,7 +218,28 @@ def compile_stats() -> dict[str, Any]:
   return out
 
 
+def memory_stats(compiled) -> dict[str, int]:
+  """Bytes of a compiled program's buffers (memory_analysis()), or {}."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend has it.
+    return {}
+  if stats is None:
+    return {}
+  out = {}
+  for field in ("argument_size_in_bytes", "output_size_in_bytes",
+                "alias_size_in_bytes", "temp_size_in_bytes",
+                "generated_code_size_in_bytes"):
+    out[field] = int(getattr(stats, field, 0))
+  # Arguments + outputs + temporaries, minus donated (aliased) buffers.
+  out["peak_estimate_bytes"] = (out["argument_size_in_bytes"]
+                                + out["output_size_in_bytes"]
+                                + out["temp_size_in_bytes"]
+                                - out["alias_size_in_bytes"])
+  return out
+
+
 __all__ = ["BF16_TOLERANCE", "BF16_MEASURED", "bfloat16_warnings",
            "ComputeConfig", "DTYPES", "PRECISIONS", "DEFAULT_CACHE_DIR",
            "configure", "current", "compute_dtype", "apply_dtype", "settings",
-           "compile_stats"]
+           "compile_stats", "memory_stats"]

@@ -76,7 +76,7 @@ def saved(tmp_path_factory):
 def ddpm_source(tmp_path_factory):
   """A valid tiny pytorch-ddpm .pt and its --model_config JSON."""
   from tests.convert.pytorch_ddpm_test import FLAX_SMALL, TORCH_SMALL
-  from tests.reference import torch_ddpm_unet as ref
+  from mia_jax.convert import torch_ddpm_unet as ref
   d = tmp_path_factory.mktemp("src")
   model = ref.randomize_(ref.UNet(**TORCH_SMALL), seed=1).eval()
   torch.save({"ema_model": model.state_dict()}, str(d / "ckpt.pt"))

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from mia_jax import metrics, memorization, recipes, report
+from mia_jax import metrics, recipes, report
+from mia_jax.recipes import memorization
 from tests import toy_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from mia_jax import attacks, checkpoints, fixed_point, metrics, recipes
-from mia_jax import report, train
+from mia_jax import report, runner, train
+from mia_jax.recipes import common, sweeps
+from mia_jax.recipes import timesteps as timesteps_kind
 from tests import toy_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -275,14 +277,14 @@ def test_sweep_report_on_fixed_scores(tmp_path):
             "naive_t50_oms1": np.array([0.9, 0.8, 0.7, 0.65] + non),  # 16/16
             "naive_t70_oms0": np.array([0.1, 0.8, 0.7, 0.4] + non),  # 10/16
             "naive_t70_oms1": np.array([0.1, 0.8, 0.7, 0.65] + non)}  # 12/16
-  table = recipes.runner.ScoreTable(ids=np.arange(8), labels=labels,
-                                    scores=scores)
+  table = runner.ScoreTable(ids=np.arange(8), labels=labels,
+                            scores=scores)
   attack = attacks.base.Attack(
       name="naive", score_fn=None, oms_steps=1, timestep=50,
       queries_per_sample=4, config={"timesteps": [50, 70], "start_queries": 0},
       variants=tuple(scores))
-  rows = recipes._sweep_rows(table, [attack], recipes._parse_sweep,
-                             bootstrap=0, seed=0)
+  rows = sweeps.sweep_rows(table, [attack], timesteps_kind.parse_variant,
+                           bootstrap=0, seed=0)
   assert [r["auc"] for r in rows] == [0.875, 1.0, 0.625, 0.75]
   assert [r["queries_per_sample"] for r in rows] == [1, 2, 1, 2]
   run = str(tmp_path)
@@ -291,7 +293,7 @@ def test_sweep_report_on_fixed_scores(tmp_path):
   report.write_report(run, rows, os.path.join(run, "scores.npz"), {}, {},
                       bootstrap=0)
   recipes.timestep_figure(rows, os.path.join(run, "figure2b.png"))
-  recipes._append_figure(run, "figure2b.png", "OMS gain over timesteps")
+  common.append_figure(run, "figure2b.png", "OMS gain over timesteps")
   md = open(os.path.join(run, "report.md")).read()
   # Base vs OMS per timestep: +0.1250 at both t.
   assert md.count("| +0.1250 |") == 2

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from mia_jax import errors, recipes, t2i_recipe
+from mia_jax import errors, recipes
+from mia_jax.recipes import finetune_t2i as t2i_recipe
 from mia_jax.data import sources
 
 CONFIG = "experiments/configs/finetune_t2i.py"

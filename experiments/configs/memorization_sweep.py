@@ -4,7 +4,7 @@ Trains one digits DDPM per member count (the demo's recipe,
 `train_digits.py:demo`: batch 64, Adam 1e-3; ``data.max_members`` members,
 the rest of the 40/40/20 split's members join the non-members) and exports
 EMA snapshots of that ONE run at each epoch count; audits every snapshot with
-Naive, SecMI, PIA and PIAN at OMS depths 0..2 (`mia_jax.memorization`):
+Naive, SecMI, PIA and PIAN at OMS depths 0..2 (`mia_jax.recipes.memorization`):
 
     python experiments/recipe.py --config experiments/configs/memorization_sweep.py:reduced \
         --workdir runs/memorization

@@ -62,6 +62,9 @@ from mia_jax.analysis import (contraction, convergence, jacobian, krylov,
 # re-exported: callers (recipes, tests) reach them as run.<name>.
 from mia_jax.analysis.summary import (GROUPS, NORMALISATION, derive,  # pylint: disable=unused-import
                                       format_summary, prob_smaller, summarize)
+# memory_stats lives with the compile settings (autobatch, below this module,
+# needs it too); callers reach it as run.memory_stats.
+from mia_jax.compute import memory_stats
 from mia_jax.denoiser import EpsFn
 
 # Timesteps of the paper's Figure 1 are not legible in our copy; the paper
@@ -283,27 +286,6 @@ class AnalysisResult:
   seconds: float
   x0: Optional[np.ndarray] = None
   dtype: str = "float32"
-
-
-def memory_stats(compiled) -> dict[str, int]:
-  """Bytes of a compiled program's buffers (memory_analysis()), or {}."""
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:  # pylint: disable=broad-except  # not every backend has it.
-    return {}
-  if stats is None:
-    return {}
-  out = {}
-  for field in ("argument_size_in_bytes", "output_size_in_bytes",
-                "alias_size_in_bytes", "temp_size_in_bytes",
-                "generated_code_size_in_bytes"):
-    out[field] = int(getattr(stats, field, 0))
-  # Arguments + outputs + temporaries, minus donated (aliased) buffers.
-  out["peak_estimate_bytes"] = (out["argument_size_in_bytes"]
-                                + out["output_size_in_bytes"]
-                                + out["temp_size_in_bytes"]
-                                - out["alias_size_in_bytes"])
-  return out
 
 
 def analysis_key(seed: int, name: str = "noise_search_analysis") -> jax.Array:

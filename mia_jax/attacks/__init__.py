@@ -75,13 +75,14 @@ def build(name: str, eps_fn, **overrides) -> Attack:
 
 
 def option_names(name: str) -> set[str]:
-  """The keys ``--attack_option NAME.KEY=VALUE`` accepts for attack ``name``."""
-  from mia_jax.attacks import fitted
-  if fitted.is_fitted(name):
-    return fitted.option_names(name)
+  """The keys ``--attack_option NAME.KEY=VALUE`` accepts for preset ``name``.
+
+  Per-sample presets only: the fitted attacks (`attacks.fitted`) sit above
+  this registry and answer for themselves (`fitted.option_names`).
+  """
   if name not in PRESETS:
     raise errors.UserError(f"unknown attack {name!r}", "--attacks",
-                           f"expected some of {sorted(PRESETS) + sorted(fitted.FITTED)}")
+                           f"expected some of {sorted(PRESETS)}")
   params = inspect.signature(PRESETS[name][0]).parameters
   return {k for k, p in params.items()
           if p.kind == inspect.Parameter.KEYWORD_ONLY and k != "name"}

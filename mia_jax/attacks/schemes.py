@@ -371,14 +371,13 @@ class SweepConfig:
 
 def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> list[dict]:
   """Scores the sweep (resumably) and writes sweep.json and sweep.md."""
-  from mia_jax import audit, checkpoints, report, runner
+  from mia_jax import checkpoints, report, runner, sample_sets
 
   metadata = checkpoints.read_metadata(cfg.checkpoint)
   denoiser = checkpoints.load_denoiser(cfg.checkpoint)
-  sets = audit.resolve_sets(
-      audit.AuditConfig(checkpoint=cfg.checkpoint, output=cfg.output,
-                        members=cfg.members, nonmembers=cfg.nonmembers,
-                        max_samples=cfg.max_samples), metadata)
+  sets = sample_sets.resolve(metadata, members=cfg.members,
+                             nonmembers=cfg.nonmembers,
+                             max_samples=cfg.max_samples)
   schemes = [fixed_point.parse_scheme(s) for s in cfg.schemes]
   built = [make_sweep_attack(a, denoiser.eps_fn, schemes, max(cfg.budgets))
            for a in cfg.attacks]

@@ -82,11 +82,10 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
   """`convert_to_checkpoint` after its boundary checks."""
   if fmt == "stable_diffusion":
     from mia_jax.convert import sd  # heavy; only when asked for
-    from mia_jax.models.sd import pipeline
     converted = sd.convert_stable_diffusion(source, lora=lora)
-    return pipeline.save_sd_denoiser(output, converted,
-                                     guidance_scale=guidance_scale,
-                                     image_resolution=resolution)
+    return checkpoints.save_sd_denoiser(output, converted,
+                                        guidance_scale=guidance_scale,
+                                        image_resolution=resolution)
   if fmt == "pytorch_ddpm":
     from mia_jax.convert import ddpm_unet
     params, config, prov = ddpm_unet.convert_pytorch_ddpm(

@@ -427,7 +427,27 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike, max_length: int = 77
   return tokenize
 
 
+def make_denoiser(converted: Mapping[str, Any], **kwargs):
+  """`pipeline.make_sd_denoiser` with the converted folder's own tokenizer.
+
+  The pipeline reads no files, so its ``tokenize`` is an argument; this
+  supplies the CLIPTokenizer saved at ``converted["tokenizer_dir"]``, padded
+  to the text encoder's positions. A ``tokenize`` in ``kwargs`` is used as
+  given; the other ``kwargs`` are `make_sd_denoiser`'s.
+
+  Returns:
+    The latent-space `mia_jax.denoiser.Denoiser` (family ``"sd"``).
+  """
+  from mia_jax.models.sd import clip, pipeline  # pylint: disable=g-import-not-at-top
+  if kwargs.get("tokenize") is None:
+    text = clip.CLIPTextEncoder(**converted["text_encoder"][1])
+    kwargs["tokenize"] = load_tokenizer(converted["tokenizer_dir"],
+                                        text.max_position_embeddings)
+  return pipeline.make_sd_denoiser(converted, **kwargs)
+
+
 __all__ = ["COMPONENTS", "MissingComponentError", "torch_key", "key_table",
            "convert_unet", "convert_vae", "convert_text_encoder",
            "schedule_config", "convert_stable_diffusion", "load_tokenizer",
+           "make_denoiser",
            "PREDICTION_TYPES"]

@@ -14,8 +14,8 @@ NeurIPS 2020 (arXiv 2006.11239). Layouts reproduced:
   ``PRESETS["ddpm_cifar10_32_diffusers"]``.
 
 The two are bijective in tensor names and shapes but not numerically
-interchangeable; every difference is a field of `DDPMUNet` (see
-/work/shared/reference/peer-implementations.md, sections 1.1 and 1.2).
+interchangeable; every difference is a field of `DDPMUNet`, named after the
+layout it follows (pytorch-ddpm's ``model.py`` or diffusers' ``UNet2DModel``).
 
 Submodules are named after the pytorch-ddpm state-dict paths with ``.`` +
 index turned into ``_`` + index (``downblocks.3.attn.proj_q`` ->

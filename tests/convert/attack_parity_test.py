@@ -17,7 +17,7 @@ import torch
 from mia_jax import attacks, checkpoints
 from mia_jax.attacks import base
 from mia_jax.convert import export
-from tests.reference import torch_ddpm_unet as ref
+from mia_jax.convert import torch_ddpm_unet as ref
 
 B, RES = 3, 8
 

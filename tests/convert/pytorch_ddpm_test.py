@@ -19,7 +19,7 @@ from mia_jax.convert import common
 from mia_jax.convert import ddpm_unet as ddpm_convert
 from mia_jax.convert import io as ckpt_io
 from mia_jax.models import ddpm_unet
-from tests.reference import torch_ddpm_unet as ref
+from mia_jax.convert import torch_ddpm_unet as ref
 
 REFERENCE_DIR = "/work/shared/reference"
 TORCH_SMALL = dict(T=1000, ch=32, ch_mult=(1, 2), attn=(1,),

@@ -14,7 +14,7 @@ from mia_jax.convert import common
 from mia_jax.convert import export
 from mia_jax.convert import io as ckpt_io
 from tests.convert.pytorch_ddpm_test import FLAX_SMALL, TORCH_SMALL
-from tests.reference import torch_ddpm_unet as ref
+from mia_jax.convert import torch_ddpm_unet as ref
 
 
 def _one_line(e: BaseException) -> str:

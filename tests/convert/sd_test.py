@@ -97,7 +97,7 @@ def converted(sd_folder):
 
 @pytest.fixture(scope="module")
 def denoiser(converted):
-  return pipeline.make_sd_denoiser(converted)
+  return convert_sd.make_denoiser(converted)
 
 
 def _torch_text(sd_folder, captions):
@@ -243,9 +243,9 @@ def test_pia_with_oms_on_latents_matches_pytorch(sd_folder, denoiser):
 def test_guidance_and_v_prediction_match_formula(sd_folder, converted):
   s = 3.0
   # Also runs the UNet's attention in query chunks (64 tokens -> 4 x 16).
-  den = pipeline.make_sd_denoiser(dict(converted,
-                                       prediction_type="v_prediction"),
-                                  guidance_scale=s, attention_query_chunk=16)
+  den = convert_sd.make_denoiser(dict(converted,
+                                     prediction_type="v_prediction"),
+                                guidance_scale=s, attention_query_chunk=16)
   assert den.model_config["unet"]["attention_query_chunk"] == 16
   cond = den.cond_fn(_CAPTIONS[:2])
   assert set(cond) == {"text", "uncond"}
@@ -285,7 +285,7 @@ def test_text_embeddings_are_cached(converted, tmp_path):
 
 
 def test_checkpoint_round_trip(converted, denoiser, tmp_path):
-  directory = pipeline.save_sd_denoiser(str(tmp_path / "ckpt"), converted)
+  directory = checkpoints.save_sd_denoiser(str(tmp_path / "ckpt"), converted)
   loaded = checkpoints.load_denoiser(directory)
   assert loaded.family == "sd" and loaded.spec == denoiser.spec
   jax.tree.map(np.testing.assert_array_equal, loaded.params, denoiser.params)

@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tests.reference import torch_ddpm_unet
+from mia_jax.convert import torch_ddpm_unet
 
 
 @dataclasses.dataclass

@@ -1,10 +1,9 @@
 """A PyTorch U-ViT written for parity tests (not part of mia_jax).
 
 Written by this project from the documented architecture and state-dict
-layout of baofff/U-ViT ``libs/uvit.py`` (see
-/work/shared/reference/peer-implementations.md section 1.3), independently of
-the Flax port: NCHW, torch's own LayerNorm / GELU / Conv2d / softmax, and
-exactly the released checkpoints' state-dict keys:
+layout of baofff/U-ViT ``libs/uvit.py``, independently of the Flax port:
+NCHW, torch's own LayerNorm / GELU / Conv2d / softmax, and exactly the
+released checkpoints' state-dict keys:
 
   patch_embed.proj.{weight,bias}            Conv2d(C, D, p, stride=p)
   time_embed.{0,2}.{weight,bias}            only with mlp_time_embed

@@ -28,7 +28,7 @@ def build_module(model_config: Mapping[str, Any] | str) -> UNet2DCondition:
   Args:
     model_config: a preset name (``"sd15"``, ``"sd21"``, ``"sd21_base"``),
       UNet keyword arguments, or a full SD denoiser config with a ``"unet"``
-      entry (as saved by `pipeline.save_sd_denoiser`).
+      entry (as saved by `mia_jax.checkpoints.save_sd_denoiser`).
   """
   if isinstance(model_config, str):
     if model_config not in PRESETS:

@@ -15,9 +15,10 @@
   ``[B, H, W, 3]`` -> the VAE posterior mean (or a sample
   ``mean + exp(logvar / 2) N(0, I)``) times the VAE's ``scaling_factor``
   (after subtracting ``shift_factor``, 0 for SD);
-* ``cond_fn(captions)``: tokenizes on the host (transformers' CLIPTokenizer)
-  and runs the Flax text encoder once per distinct caption; results are kept
-  in a `TextEmbeddingCache` (optionally an ``.npz`` file) for the whole run;
+* ``cond_fn(captions)``: tokenizes on the host (the ``tokenize`` given:
+  transformers' CLIPTokenizer of the folder or checkpoint) and runs the Flax
+  text encoder once per distinct caption; results are kept in a
+  `TextEmbeddingCache` (optionally an ``.npz`` file) for the whole run;
 * the schedule from the scheduler config (``scaled_linear`` for SD).
 
 The attacks in `mia_jax.attacks` then run unchanged on latents: their ``x0``
@@ -29,8 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -230,19 +230,22 @@ def _dict_config(converted: Mapping[str, Any], guidance_scale: float,
 
 
 def make_sd_denoiser(converted: Mapping[str, Any], *,
+                     tokenize: Callable[[Sequence[str]], Any],
                      guidance_scale: float = 1.0,
                      image_resolution: Optional[int] = None,
                      text_cache_path: Optional[str] = None,
                      text_skip_last_layers: Optional[int] = None,
-                     attention_query_chunk: Optional[int] = None,
-                     tokenize=None) -> Denoiser:
+                     attention_query_chunk: Optional[int] = None) -> Denoiser:
   """A latent-space `Denoiser` for a converted Stable Diffusion folder.
 
   Args:
     converted: the dict of `convert_stable_diffusion` (or of
-      `load_sd_denoiser`), with ``unet``/``vae``/``text_encoder`` =
-      ``(params, module_config)``, ``schedule``, ``prediction_type``,
+      `mia_jax.checkpoints.load_sd_denoiser`), with ``unet``, ``vae``,
+      ``text_encoder`` = ``(params, module_config)``, ``schedule``, ``prediction_type``,
       ``latent_scaling``, ``tokenizer_dir`` and ``provenance``.
+    tokenize: ``captions -> [N, 77] int32`` token ids. This module reads no
+      files: `mia_jax.convert.sd.make_denoiser` passes the folder's
+      CLIPTokenizer, `mia_jax.checkpoints.load_denoiser` the checkpoint's.
     guidance_scale: classifier-free guidance scale s (1 = plain conditional
       eps, what SecMI-LDM uses; PIA's SD code defaults to 7.5).
     image_resolution: pixel size of the candidate images (default: the UNet's
@@ -255,8 +258,6 @@ def make_sd_denoiser(converted: Mapping[str, Any], *,
     attention_query_chunk: UNet attention in query chunks of this size (a
       memory option with identical outputs; e.g. 1024 for 512 px images,
       whose first level has 4096 tokens). None keeps the converted value.
-    tokenize: optional ``captions -> [N, 77] int32`` (default: the folder's
-      CLIPTokenizer through `mia_jax.convert.sd.load_tokenizer`).
   Returns:
     A `Denoiser` (family ``"sd"``) whose ``cond_fn(captions)`` returns
     ``[N, L, D]`` embeddings, or ``{"text", "uncond"}`` when ``s != 1``.
@@ -286,10 +287,6 @@ def make_sd_denoiser(converted: Mapping[str, Any], *,
                    image_channels=vae.in_channels)
   eps_fn = make_eps_fn(unet, sched, cfg["prediction_type"], guidance_scale)
   encode_fn = make_encode_fn(vae, spec, **cfg["latent_scaling"])
-  if tokenize is None:
-    from mia_jax.convert import sd as convert_sd  # lazy: transformers
-    tokenize = convert_sd.load_tokenizer(converted["tokenizer_dir"],
-                                         text.max_position_embeddings)
   # The cache is only valid for the same text encoder read at the same layer.
   fingerprint = json.dumps(
       {"skip_last_layers": cfg["text_skip_last_layers"],
@@ -429,75 +426,7 @@ def make_cond_fn(cache: TextEmbeddingCache, guidance_scale: float = 1.0):
   return cond_fn
 
 
-# ------------------------------------------------------------ checkpoints
-
-
-def save_sd_denoiser(directory: str, converted: Mapping[str, Any], *,
-                     guidance_scale: float = 1.0,
-                     image_resolution: Optional[int] = None) -> str:
-  """Writes a converted SD model as a mia-jax checkpoint directory.
-
-  The three parameter trees go into ``params/`` (orbax), the module configs
-  into ``model.json`` (family ``"sd"``) and the tokenizer files are copied to
-  ``tokenizer/``, so the checkpoint no longer needs the diffusers folder.
-  """
-  from mia_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  den = make_sd_denoiser(converted, guidance_scale=guidance_scale,
-                         image_resolution=image_resolution,
-                         tokenize=lambda c: None)
-  cfg = dict(den.model_config, schedule_source=converted.get(
-      "scheduler_config"))
-  directory = checkpoints.save_denoiser(
-      directory, family=FAMILY, model_config=cfg, schedule=den.schedule,
-      spec=den.spec, params=den.params, provenance=den.provenance)
-  shutil.copytree(converted["tokenizer_dir"],
-                  os.path.join(directory, "tokenizer"), dirs_exist_ok=True)
-  return directory
-
-
-def load_sd_denoiser(directory: str, metadata: Optional[Mapping[str, Any]]
-                     = None, **kwargs) -> Denoiser:
-  """Reads a checkpoint written by `save_sd_denoiser` (see
-  `mia_jax.checkpoints.load_denoiser`); ``kwargs`` go to `make_sd_denoiser`
-  (e.g. ``guidance_scale``, ``text_cache_path``)."""
-  from mia_jax import checkpoints  # pylint: disable=g-import-not-at-top
-  if metadata is None:
-    metadata = checkpoints.read_metadata(directory)
-  cfg = metadata["model_config"]
-  key = jax.random.key(0)
-  abstract = {
-      "unet": unet_lib.init_params(unet_lib.UNet2DCondition(**_tuples(
-          cfg["unet"])), key, abstract=True),
-      "vae": vae_lib.init_params(vae_lib.AutoencoderKL(**_tuples(
-          cfg["vae"])), key, abstract=True),
-      "text_encoder": clip_lib.init_params(clip_lib.CLIPTextEncoder(
-          **cfg["text_encoder"]), key, abstract=True)}
-  # Shapes, integrity (sha256) and corrupt files: one checked path for all
-  # families.
-  params = checkpoints.restore_params(directory, abstract, metadata)
-  converted = dict(
-      unet=(params["unet"], _tuples(cfg["unet"])),
-      vae=(params["vae"], _tuples(cfg["vae"])),
-      text_encoder=(params["text_encoder"], cfg["text_encoder"]),
-      schedule=metadata["schedule"], prediction_type=cfg["prediction_type"],
-      latent_scaling=cfg["latent_scaling"],
-      text_skip_last_layers=cfg.get("text_skip_last_layers", 0),
-      tokenizer_dir=os.path.join(directory, "tokenizer"),
-      scheduler_config=cfg.get("schedule_source"),
-      provenance=metadata.get("provenance") or {})
-  opts = dict(guidance_scale=cfg.get("guidance_scale", 1.0),
-              image_resolution=cfg.get("image_resolution"))
-  opts.update(kwargs)
-  return make_sd_denoiser(converted, **opts)
-
-
-def _tuples(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """JSON lists back to tuples (Flax module fields must be hashable)."""
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-
-
 __all__ = ["FAMILY", "MissingCaptionError", "ImageResolutionError",
            "load_captions", "captions_for_ids", "TextEmbeddingCache",
            "make_sd_denoiser", "make_eps_fn", "make_encode_fn",
-           "make_text_embed_fn", "make_cond_fn", "save_sd_denoiser",
-           "load_sd_denoiser"]
+           "make_text_embed_fn", "make_cond_fn"]

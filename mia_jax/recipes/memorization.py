@@ -5,7 +5,7 @@ leakage depends on how often each member was seen (epochs) AND on how many
 members there are (fewer members, as in fine-tuning, leak more), so this
 recipe kind (``"memorization"``, `experiments/configs/memorization_sweep.py`)
 trains one target per member count and, from that one training run, exports
-EMA snapshots at several epoch counts (`recipes.train_with_snapshots`). Every
+EMA snapshots at several epoch counts (`epochs.train_with_snapshots`). Every
 snapshot is audited (`audit.run_audit`: Naive, SecMI, PIA, PIAN at OMS
 depths 0..N), and
 
@@ -31,7 +31,9 @@ from typing import Any, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from mia_jax import audit, metrics, plots, recipes, report
+from mia_jax import audit, metrics, plots, report
+from mia_jax.recipes import common
+from mia_jax.recipes.epochs import train_with_snapshots
 
 GAIN_METRICS = (("auc", metrics.AUC),
                 ("tpr_at_1pct_fpr", metrics.tpr_at_fpr_metric(0.01)))
@@ -49,7 +51,7 @@ def member_train_config(cfg: ml_collections.ConfigDict, members: int
 
   Trains exactly long enough for the largest epoch count.
   """
-  tcfg = recipes.train_config(cfg)
+  tcfg = common.train_config(cfg)
   tcfg.data.max_members = int(members)
   steps = snapshot_steps(members, cfg.memorization.epochs,
                          tcfg.train.batch_size)
@@ -199,7 +201,7 @@ def _gain_point(s: dict, key: str):
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *,
-        progress: bool = True) -> "recipes.RecipeResult":
+        progress: bool = True) -> common.RecipeResult:
   """Runs a ``"memorization"`` recipe in ``workdir`` (see module docstring)."""
   mem = cfg.memorization
   counts = [int(m) for m in mem.member_counts]
@@ -211,11 +213,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *,
   for m in counts:
     tcfg = member_train_config(cfg, m)
     steps = snapshot_steps(m, epochs, tcfg.train.batch_size)
-    snaps = dict(recipes.train_with_snapshots(
+    snaps = dict(train_with_snapshots(
         tcfg, os.path.join(workdir, f"train_m{m}"), steps))
     for e, s in zip(epochs, steps):
       out = os.path.join(workdir, f"audit_m{m}_e{e:g}")
-      rows = audit.run_audit(recipes.audit_config(cfg, snaps[s], out),
+      rows = audit.run_audit(common.audit_config(cfg, snaps[s], out),
                              progress=progress)
       summary += summarize_cell(m, e, rows, out,
                                 bootstrap=int(cfg.audit.bootstrap),
@@ -232,8 +234,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *,
       "Percent; gains are OMS depth n minus depth 0 with paired 95% bootstrap "
       "intervals (positive: OMS helps). Each cell's full report is in "
       "audit_m<M>_e<E>/.\n\n" + markdown_table(summary))
-  return recipes.RecipeResult("memorization", [], dirs,
-                              {"summary": summary, "figure": fig})
+  return common.RecipeResult("memorization", [], dirs,
+                             {"summary": summary, "figure": fig})
 
 
 def format_summary(summary: Sequence[dict]) -> str:

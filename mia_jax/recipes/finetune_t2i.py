@@ -41,12 +41,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from mia_jax import errors, recipes, report, runner, schedules, train_sd
+from mia_jax import errors, report, runner, schedules, train_sd
 from mia_jax.convert import sd_export
 from mia_jax.data import sources
 from mia_jax.models.sd import clip as clip_lib
 from mia_jax.models.sd import unet as unet_lib
 from mia_jax.models.sd import vae as vae_lib
+from mia_jax.recipes import common
 
 FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
                    "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -268,14 +269,14 @@ def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
 def _run_binary(args: list[str], log_path: str) -> None:
   """Runs an experiments/ binary as a user would; its output goes to a log."""
   env = dict(os.environ)
-  env["PYTHONPATH"] = recipes.REPO_ROOT + (
+  env["PYTHONPATH"] = common.REPO_ROOT + (
       os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
   cmd = [sys.executable] + args
   logging.info("running %s", " ".join(cmd))
   with open(log_path, "a") as log:
     log.write("$ " + " ".join(cmd) + "\n")
     log.flush()
-    rc = subprocess.call(cmd, cwd=recipes.REPO_ROOT, env=env, stdout=log,
+    rc = subprocess.call(cmd, cwd=common.REPO_ROOT, env=env, stdout=log,
                          stderr=subprocess.STDOUT)
   if rc != 0:
     raise RuntimeError(f"{' '.join(args[:1])} exited {rc}; see {log_path}")
@@ -389,7 +390,7 @@ def write_report(workdir: str, tables: dict[str, list[dict]],
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
-        ) -> "recipes.RecipeResult":
+        ) -> common.RecipeResult:
   """Runs the recipe (see the module docstring)."""
   del progress  # the binaries print their own progress into commands.log
   t0 = time.time()
@@ -420,9 +421,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   seconds = time.time() - t0
   path = write_report(workdir, tables, seconds)
   dirs = [os.path.join(workdir, m, "audit") for m in models]
-  return recipes.RecipeResult("finetune_t2i", tables["finetuned"], dirs,
-                              {"tables": tables, "report": path,
-                               "seconds": seconds})
+  return common.RecipeResult("finetune_t2i", tables["finetuned"], dirs,
+                             {"tables": tables, "report": path,
+                              "seconds": seconds})
 
 
 __all__ = ["FASHION_CLASSES", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",

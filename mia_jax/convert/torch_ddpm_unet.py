@@ -1,12 +1,15 @@
 """A PyTorch reference of the pytorch-ddpm UNet, written from its documented layout.
 
-Written by us from the description in
-/work/shared/reference/peer-implementations.md section 1.1 and the state-dict
-key list pytorch-ddpm-unet-keys.txt (the network of
-github.com/w86763777/pytorch-ddpm ``model.py``, used by SecMI and PIA); it is
-not a copy of that file. For the CIFAR-10 config it produces exactly those 329
-state-dict keys and shapes, so state dicts saved from it look like real
-pytorch-ddpm checkpoints. Test-only; mia_jax never imports torch here.
+Written by us from the published description of the network of
+github.com/w86763777/pytorch-ddpm (``model.py``, the target of SecMI and PIA)
+and its state-dict key list; it is not a copy of that file. For the CIFAR-10
+config it produces exactly those 329 state-dict keys and shapes, so state
+dicts saved from it look like real pytorch-ddpm checkpoints.
+
+Used by the benchmark (`mia_jax.benchmark`: PyTorch eager on the same
+weights) and by the converter's parity tests. It imports torch at its top,
+so import it inside the function that needs it; nothing else in mia_jax
+imports it.
 """
 
 from __future__ import annotations

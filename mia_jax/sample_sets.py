@@ -1,0 +1,91 @@
+"""The sample sets a run scores: data specs, or the ids a checkpoint records.
+
+Every driver that scores members against non-members (the audit, the scheme
+sweeps, the fitted attacks, the analysis, the recipes) resolves its sets
+here, so ``--members`` / ``--nonmembers`` and a checkpoint's recorded split
+mean the same thing everywhere. This sits with the engine (`runner`), whose
+`runner.SampleSet`s it returns, below every driver.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from mia_jax import data, errors, runner
+
+# `--members recorded` / `--nonmembers recorded`: the side recorded in the
+# checkpoint by training, named explicitly (see `resolve`).
+RECORDED = "recorded"
+
+
+def positions_of(source, ids: Sequence[Any], what: str) -> np.ndarray:
+  """Positions in ``source`` of the given ids (errors name missing ones)."""
+  lookup = {str(v): i for i, v in enumerate(np.asarray(source.ids).tolist())}
+  missing = [i for i in ids if str(i) not in lookup]
+  if missing:
+    raise errors.UserError(
+        f"{len(missing)} recorded {what} ids are not in the data source "
+        f"(first: {missing[:5]})", getattr(source, "name", what),
+        "the data changed since training; pass the sets explicitly")
+  return np.asarray([lookup[str(i)] for i in ids], np.int64)
+
+
+def resolve(metadata: dict, *, members: Optional[str] = None,
+            nonmembers: Optional[str] = None,
+            max_samples: Optional[int] = None) -> list[runner.SampleSet]:
+  """The member and non-member `runner.SampleSet`s of a run.
+
+  Args:
+    metadata: the checkpoint's metadata (`checkpoints.read_metadata`); its
+      ``data`` entry holds the split recorded by training, if any.
+    members / nonmembers: data specs (`mia_jax.data.parse_spec`). A side left
+      out (both left out) or given as ``recorded`` takes the ids recorded in
+      the checkpoint.
+    max_samples: keep at most this many of each side (the first ones).
+  Returns:
+    [members (label 1), non-members (label 0)]. Overlap by content is checked
+    later, by the audit (`data.integrity`), for every combination.
+  """
+  recorded = metadata.get("data") or {}
+  given_specs = {k: v for k, v in (("members", members),
+                                   ("nonmembers", nonmembers))
+                 if v not in (None, RECORDED)}
+  given = {}
+  if len(given_specs) == 2:
+    # The data layer checks the image shapes and, for two parts of one base
+    # data set, that no id is on both sides.
+    given["members"], given["nonmembers"] = data.parse_member_specs(
+        members, nonmembers)
+  sets = []
+  for label, key in ((1, "members"), (0, "nonmembers")):
+    if key not in given_specs:
+      if key not in recorded:
+        raise errors.UserError(
+            f"the checkpoint records no {key}", f"--{key}",
+            "pass an .npz, an image folder or a tfds spec (only targets "
+            "trained by mia_jax record their sets)")
+      source = data.parse_spec(recorded["source"])
+      indices = positions_of(source, recorded[key], key)
+    else:
+      source = given.get(key) or data.parse_spec(given_specs[key])
+      indices = np.arange(len(source), dtype=np.int64)
+    if max_samples is not None:
+      indices = indices[:max_samples]
+    if not len(indices):
+      raise errors.UserError(f"the {key} set is empty", f"--{key}",
+                             "give a data set with at least one image")
+    sets.append(runner.SampleSet(source, indices, label))
+  member_ids = np.asarray(sets[0].source.ids)[sets[0].indices]
+  nonmember_ids = np.asarray(sets[1].source.ids)[sets[1].indices]
+  if sets[0].source is sets[1].source or (members == nonmembers):
+    try:
+      data.check_disjoint(member_ids, nonmember_ids)
+    except ValueError as e:
+      raise errors.UserError(str(e), "--members / --nonmembers",
+                             "give disjoint sets") from None
+  return sets
+
+
+__all__ = ["RECORDED", "positions_of", "resolve"]
