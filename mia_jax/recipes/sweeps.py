@@ -12,10 +12,9 @@ import os
 from typing import Optional, Sequence
 
 import ml_collections
-import numpy as np
 
 from mia_jax import attacks as attacks_lib
-from mia_jax import audit, checkpoints, metrics, report, runner
+from mia_jax import audit, checkpoints, metrics, report, rundir, runner
 from mia_jax.attacks import base, naive, pia, schemes
 from mia_jax.recipes import common
 
@@ -95,26 +94,26 @@ def score_custom(cfg: ml_collections.ConfigDict, checkpoint: str, output: str,
               "attack_configs": {a.name: a.config for a in built},
               "schedule": denoiser.schedule.to_config(),
               "family": denoiser.family}
-  report.atomic_write_text(os.path.join(output, "config.json"),
-                           report.to_json(resolved))
+  run_fingerprint = {"config": json.loads(report.to_json(resolved)),
+                     "params": manifest["checkpoint_params_sha256"],
+                     "split": manifest["split_sha256"]}
+  shard_dir = os.path.join(output, "shards")
+  # Refuse a mismatched rerun before config.json is touched.
+  runner.check_shards(shard_dir, runner.shard_fingerprint(
+      run_fingerprint, batch_size=acfg.batch_size, seed=acfg.seed,
+      variants=[v for a in built for v in a.variant_names()],
+      total=sum(len(s.indices) for s in sets)))
+  rundir.write_config(output, resolved)
   table = runner.score_samples(
       denoiser, built, sets, batch_size=acfg.batch_size, seed=acfg.seed,
-      shard_dir=os.path.join(output, "shards"),
-      run_fingerprint={"config": json.loads(report.to_json(resolved)),
-                       "params": manifest["checkpoint_params_sha256"],
-                       "split": manifest["split_sha256"]},
+      shard_dir=shard_dir, run_fingerprint=run_fingerprint,
       progress=progress)
-  scores_path = os.path.join(output, "scores.npz")
-  tmp = os.path.join(output, f".scores.tmp-{os.getpid()}.npz")
-  np.savez(tmp, ids=table.ids, labels=table.labels, **table.scores)
-  os.replace(tmp, scores_path)
   rows = sweep_rows(table, built, parse, bootstrap=acfg.bootstrap,
                     seed=acfg.seed)
-  report.atomic_write_text(os.path.join(output, "metrics.json"),
-                           json.dumps(rows, indent=2))
-  report.write_report(output, rows, scores_path, resolved,
-                      report.environment_manifest(manifest), title=title,
-                      bootstrap=acfg.bootstrap, seed=acfg.seed)
+  rundir.write_results(output, ids=table.ids, labels=table.labels,
+                       scores=table.scores, rows=rows, config=resolved,
+                       manifest=manifest, bootstrap=acfg.bootstrap,
+                       seed=acfg.seed, title=title)
   return rows
 
 
