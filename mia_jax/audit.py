@@ -368,7 +368,7 @@ def metric_rows(table: runner.ScoreTable, built, *, bootstrap: int,
                       bootstrap=bootstrap, seed=seed)
 
 
-def _manifest(cfg: AuditConfig, denoiser: Denoiser, sets) -> dict:
+def run_manifest(cfg: AuditConfig, denoiser: Denoiser, sets) -> dict:
   import jax
   ids_hash = runner.fingerprint(
       {"members": np.asarray(sets[0].source.ids)[sets[0].indices].tolist(),
@@ -429,7 +429,7 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
   # The public reference set serves the fitted attacks and the blind baseline.
   reference = resolve_reference(cfg, metadata)
   sets, reference = check_data(cfg, sets, reference)
-  manifest = _manifest(cfg, denoiser, sets)
+  manifest = run_manifest(cfg, denoiser, sets)
   resolved = {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
               "attack_configs": {a.name: a.config for a in built},
               "schedule": denoiser.schedule.to_config(), "family": denoiser.family,

@@ -50,6 +50,7 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
 _RESERVED_SCORE_KEYS = ("ids", "labels", "pvalues", "pvalue_variants")
 
 ScoresArg = Union[str, os.PathLike, Mapping[str, Any], None]
+SECTION_KINDS = ("markdown", "figure")
 
 
 # ----------------------------------------------------------------------------
@@ -397,7 +398,7 @@ def _html_table(header, body) -> str:
 
 
 def _sections(rows, comparison, config, manifest, images, title,
-              verdict=None):
+              verdict=None, extra=()):
   """The report as a list of (kind, payload) blocks, shared by both renderers."""
   blocks = [("h1", title)]
   if verdict is not None:
@@ -414,6 +415,14 @@ def _sections(rows, comparison, config, manifest, images, title,
     blocks.append(("h2", "Plots"))
     for caption, filename in images:
       blocks.append(("image", (caption, filename)))
+  for section in extra:
+    kind, heading, payload = section
+    if kind not in SECTION_KINDS:
+      raise ValueError(f"report section kind {kind!r}; expected one of "
+                       f"{SECTION_KINDS}")
+    blocks.append(("h2", heading))
+    blocks.append(("image", (heading, payload)) if kind == "figure"
+                  else ("text", payload))
   blocks += [("h2", "Manifest"), ("code", to_json(manifest or {})),
              ("h2", "Config"), ("code", to_json(config or {}))]
   return blocks
@@ -437,6 +446,8 @@ def render_markdown(blocks) -> str:
       out.append(f"![{caption}]({filename})")
     elif kind == "code":
       out.append(f"```json\n{payload}\n```")
+    elif kind == "text":
+      out.append(payload)
   return "\n\n".join(out) + "\n"
 
 
@@ -474,7 +485,7 @@ def render_html(blocks, run_dir: str) -> str:
           f'<figure><img alt="{html.escape(caption)}" '
           f'src="data:image/png;base64,{data}"><figcaption>'
           f"{html.escape(caption)}</figcaption></figure>")
-    elif kind == "code":
+    elif kind in ("code", "text"):
       out.append(f"<pre>{html.escape(payload)}</pre>")
   return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
           f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
@@ -491,7 +502,8 @@ def write_report(run_dir: str, rows: Optional[Sequence[Mapping[str, Any]]],
                  manifest: Optional[Mapping[str, Any]] = None, *,
                  title: Optional[str] = None, bootstrap: int = 200,
                  seed: int = 0, plots_enabled: bool = True,
-                 verdict: Optional[Mapping[str, Any]] = None
+                 verdict: Optional[Mapping[str, Any]] = None,
+                 sections: Sequence[tuple[str, str, str]] = ()
                  ) -> dict[str, str]:
   """Writes the plots, report.md and report.html of a run directory.
 
@@ -514,6 +526,10 @@ def write_report(run_dir: str, rows: Optional[Sequence[Mapping[str, Any]]],
     seed: bootstrap seed.
     plots_enabled: write and include roc.png, roc_log.png, score_hist.png.
     verdict: the run's `verdict.build_verdict` result, or None.
+    sections: extra sections after the plots, each ``(kind, heading,
+      payload)``: ``("markdown", heading, text)`` (shown as is in report.md,
+      preformatted in the HTML) or ``("figure", caption, filename)`` (a PNG
+      in ``run_dir``).
 
   Returns:
     dict name -> path of every file written.
@@ -559,7 +575,7 @@ def write_report(run_dir: str, rows: Optional[Sequence[Mapping[str, Any]]],
       verdict = None
   blocks = _sections(rows, comparison, config, manifest, images,
                      title or f"mia-jax report: {os.path.basename(os.path.abspath(run_dir))}",
-                     verdict)
+                     verdict, sections)
   written["report_md"] = atomic_write_text(
       os.path.join(run_dir, "report.md"), render_markdown(blocks))
   written["report_html"] = atomic_write_text(

@@ -144,6 +144,10 @@ def _short(value: Any, width: int = 60) -> str:
 
 CONFIG, SCORES, METRICS, VERDICT = ("config.json", "scores.npz",
                                     "metrics.json", "verdict.json")
+# The manifest shown in the report, and what renders the report (bootstrap,
+# seed, title, extra sections): kept so the report can be re-rendered with
+# more sections (`add_report_sections`) from the run directory's own files.
+MANIFEST, REPORT_INPUTS = "manifest.json", "report.json"
 
 
 def write_config(run_dir: str, resolved: Any) -> str:
@@ -158,7 +162,8 @@ def write_results(run_dir: str, *, ids: Any, labels: Any,
                   config: Any, manifest: dict, bootstrap: int, seed: int,
                   blind: Optional[dict] = None, title: Optional[str] = None
                   ) -> dict:
-  """scores.npz, metrics.json, verdict.json, the plots and the report.
+  """scores.npz, metrics.json, verdict.json, manifest.json, the plots and
+  the report.
 
   Every writer of an audit-shaped run directory (the audit, the recipes'
   custom sweeps) goes through here, so the files always agree: the verdict
@@ -191,7 +196,38 @@ def write_results(run_dir: str, *, ids: Any, labels: Any,
                                  bootstrap=bootstrap, seed=seed)
   atomic.write_text(os.path.join(run_dir, VERDICT),
                     json.dumps(result, indent=2))
-  report.write_report(run_dir, rows, scores_path, config,
-                      report.environment_manifest(manifest), title=title,
-                      bootstrap=bootstrap, seed=seed, verdict=result)
+  manifest = report.environment_manifest(manifest)
+  atomic.write_text(os.path.join(run_dir, MANIFEST), report.to_json(manifest))
+  atomic.write_json(os.path.join(run_dir, REPORT_INPUTS),
+                    {"bootstrap": bootstrap, "seed": seed, "title": title,
+                     "sections": []})
+  report.write_report(run_dir, rows, scores_path, config, manifest,
+                      title=title, bootstrap=bootstrap, seed=seed,
+                      verdict=result)
   return result
+
+
+def add_report_sections(run_dir: str,
+                        sections: list[tuple[str, str, str]]) -> None:
+  """Re-renders a run's report with extra sections (see
+  `report.write_report`'s ``sections``), from the run directory's files.
+
+  A section whose heading the report already has replaces it, so a rerun
+  of the recipe that adds it does not add it twice.
+  """
+  from mia_jax import report  # pylint: disable=g-import-not-at-top
+
+  def read_json(name):
+    with open(os.path.join(run_dir, name)) as f:
+      return json.load(f)
+
+  inputs = read_json(REPORT_INPUTS)
+  new = {heading for _, heading, _ in sections}
+  kept = [tuple(s) for s in inputs["sections"] if s[1] not in new]
+  inputs["sections"] = kept + [tuple(s) for s in sections]
+  report.write_report(
+      run_dir, read_json(METRICS), os.path.join(run_dir, SCORES),
+      read_json(CONFIG), read_json(MANIFEST), title=inputs["title"],
+      bootstrap=inputs["bootstrap"], seed=inputs["seed"],
+      verdict=read_json(VERDICT), sections=inputs["sections"])
+  atomic.write_json(os.path.join(run_dir, REPORT_INPUTS), inputs)

@@ -118,3 +118,38 @@ def test_pooled_summary_mean_and_spread():
   assert (out[1]["auc_min"], out[1]["auc_max"]) == pytest.approx((0.75, 0.95))
   assert out[1]["tpr_at_0.1pct_fpr_mean"] == pytest.approx(0.016)
   json.dumps(out)
+
+
+def test_extra_sections_are_a_parameter_and_rerender_from_the_run_dir(tmp_path):
+  """Recipes add sections by re-rendering (rundir.add_report_sections), not by
+  patching HTML: a repeated heading replaces its section."""
+  import json
+  from mia_jax import plots, rundir
+  run = str(tmp_path)
+  rng = np.random.default_rng(0)
+  labels = np.r_[np.ones(50), np.zeros(50)].astype(np.int64)
+  scores = {"pia_oms0": rng.normal(size=100) + labels,
+            "pia_oms1": rng.normal(size=100) + labels}
+  rows = [dict(variant=k, attack="pia", oms_steps=int(k[-1]), timestep=200,
+               **metrics.summarize(v, labels, bootstrap=0))
+          for k, v in scores.items()]
+  rundir.write_config(run, {"a": 1})
+  rundir.write_results(run, ids=np.arange(100), labels=labels, scores=scores,
+                       rows=rows, config={"a": 1}, manifest={"m": 2},
+                       bootstrap=0, seed=0, title="T")
+  for name in ("config.json", "scores.npz", "metrics.json", "verdict.json",
+               "manifest.json", "report.json", "report.md", "report.html"):
+    assert os.path.exists(os.path.join(run, name)), name
+  plots.atomic_write_bytes(os.path.join(run, "fig.png"),
+                           open(os.path.join(run, "roc.png"), "rb").read())
+  rundir.add_report_sections(run, [("markdown", "Extra", "| a |\n|---|\n| 1 |")])
+  rundir.add_report_sections(run, [("figure", "A figure", "fig.png"),
+                                   ("markdown", "Extra", "replaced")])
+  md = open(os.path.join(run, "report.md")).read()
+  assert md.count("## Extra") == 1 and "replaced" in md and "| a |" not in md
+  assert "![A figure](fig.png)" in md
+  html = open(os.path.join(run, "report.html")).read()
+  assert html.count("<h2>Extra</h2>") == 1 and "data:image/png;base64" in html
+  assert md.index("## Extra") < md.index("## Manifest")
+  with open(os.path.join(run, "report.json")) as f:
+    assert [s[1] for s in json.load(f)["sections"]] == ["A figure", "Extra"]

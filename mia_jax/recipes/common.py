@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
-from mia_jax import audit, errors, report
+from mia_jax import audit, errors, rundir
 
 # The repository root (recipe config paths are relative to it).
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -191,36 +191,11 @@ def line_figure(path: str, xs, series: dict, *, xlabel: str, ylabels,
 
 def append_section(run_dir: str, heading: str, markdown: str) -> None:
   """Adds a Markdown section (shown preformatted in the HTML) to a report."""
-  import html as html_lib
-  md = os.path.join(run_dir, "report.md")
-  with open(md) as f:
-    text = f.read()
-  report.atomic_write_text(md, text + f"\n## {heading}\n\n{markdown}")
-  page = os.path.join(run_dir, "report.html")
-  with open(page) as f:
-    text = f.read()
-  block = (f"<h2>{html_lib.escape(heading)}</h2><pre>"
-           f"{html_lib.escape(markdown)}</pre>\n</body>")
-  report.atomic_write_text(page, text.replace("</body>", block, 1))
+  rundir.add_report_sections(run_dir, [("markdown", heading, markdown)])
 
 
 def append_figure(run_dir: str, filename: str, caption: str) -> None:
-  """Adds a recipe figure to the run's report.md and report.html."""
-  import base64
-  import html as html_lib
-  md = os.path.join(run_dir, "report.md")
-  with open(md) as f:
-    text = f.read()
-  report.atomic_write_text(md, text + f"\n## {caption}\n\n![{caption}]"
-                                      f"({filename})\n")
-  page = os.path.join(run_dir, "report.html")
-  with open(page) as f:
-    text = f.read()
-  with open(os.path.join(run_dir, filename), "rb") as f:
-    data = base64.b64encode(f.read()).decode("ascii")
-  block = (f"<h2>{html_lib.escape(caption)}</h2><figure><img alt=\""
-           f"{html_lib.escape(caption)}\" src=\"data:image/png;base64,{data}\">"
-           "</figure>\n</body>")
-  report.atomic_write_text(page, text.replace("</body>", block, 1))
+  """Adds a recipe figure (a PNG in ``run_dir``) to the run's report."""
+  rundir.add_report_sections(run_dir, [("figure", caption, filename)])
 
 

@@ -89,7 +89,7 @@ def score_custom(cfg: ml_collections.ConfigDict, checkpoint: str, output: str,
   if callable(built):
     built = built(denoiser)
   os.makedirs(output, exist_ok=True)
-  manifest = audit._manifest(acfg, denoiser, sets)  # pylint: disable=protected-access
+  manifest = audit.run_manifest(acfg, denoiser, sets)
   resolved = {"recipe": common.plain(cfg), "checkpoint": checkpoint,
               "attack_configs": {a.name: a.config for a in built},
               "schedule": denoiser.schedule.to_config(),
