@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mia_jax import attacks, checkpoints, fixed_point, metrics, recipes
-from mia_jax import report, runner, train
+from mia_jax import report, rundir, runner, train
 from mia_jax.recipes import common, sweeps
 from mia_jax.recipes import timesteps as timesteps_kind
 from tests import toy_models
@@ -288,10 +288,11 @@ def test_sweep_report_on_fixed_scores(tmp_path):
   assert [r["auc"] for r in rows] == [0.875, 1.0, 0.625, 0.75]
   assert [r["queries_per_sample"] for r in rows] == [1, 2, 1, 2]
   run = str(tmp_path)
-  np.savez(os.path.join(run, "scores.npz"), ids=np.arange(8), labels=labels,
-           **scores)
-  report.write_report(run, rows, os.path.join(run, "scores.npz"), {}, {},
-                      bootstrap=0)
+  # The run directory's one writer (what score_custom uses), then a figure
+  # added by re-rendering from the directory's files.
+  rundir.write_config(run, {})
+  rundir.write_results(run, ids=np.arange(8), labels=labels, scores=scores,
+                       rows=rows, config={}, manifest={}, bootstrap=0, seed=0)
   recipes.timestep_figure(rows, os.path.join(run, "figure2b.png"))
   common.append_figure(run, "figure2b.png", "OMS gain over timesteps")
   md = open(os.path.join(run, "report.md")).read()
