@@ -368,7 +368,8 @@ def load_denoiser(directory: str) -> Denoiser:
 
 def save_sd_denoiser(directory: str, converted: Mapping[str, Any], *,
                      guidance_scale: float = 1.0,
-                     image_resolution: Optional[int] = None) -> str:
+                     image_resolution: Optional[int] = None,
+                     data: Optional[dict] = None) -> str:
   """Writes a converted SD model as a mia-jax checkpoint directory.
 
   The three parameter trees go into ``params/`` (orbax), the module configs
@@ -380,6 +381,7 @@ def save_sd_denoiser(directory: str, converted: Mapping[str, Any], *,
     converted: the dict of `mia_jax.convert.sd.convert_stable_diffusion`.
     guidance_scale, image_resolution: recorded defaults of the denoiser
       (see `pipeline.make_sd_denoiser`).
+    data: optional training split record (see `save_denoiser`).
   Returns:
     ``directory``.
   """
@@ -392,7 +394,7 @@ def save_sd_denoiser(directory: str, converted: Mapping[str, Any], *,
   directory = save_denoiser(
       directory, family=pipeline.FAMILY, model_config=cfg,
       schedule=den.schedule, spec=den.spec, params=den.params,
-      provenance=den.provenance)
+      provenance=den.provenance, data=data)
   shutil.copytree(converted["tokenizer_dir"],
                   os.path.join(directory, "tokenizer"), dirs_exist_ok=True)
   return directory

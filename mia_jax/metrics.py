@@ -419,10 +419,92 @@ def tpr_at_fpr_metric(target: float, rule: str = "le") -> BatchedMetric:
       lambda pos, neg: _tpr_at_fpr_from_counts(pos, neg, target, rule))
 
 
+def _fit_thresholds_rows(fit_scores: np.ndarray, fit_labels: np.ndarray
+                         ) -> np.ndarray:
+  """`_fit_threshold` of every row at once.
+
+  Args:
+    fit_scores: [R, F] fitting scores of R resamples.
+    fit_labels: [F] their labels (the same for every row).
+  Returns:
+    [R] thresholds, equal to `_fit_threshold` on each row's grouped counts:
+    cuts are allowed only between distinct values, the first (highest) best
+    cut wins, and the threshold is the midpoint of the values at the cut.
+  """
+  rows, width = fit_scores.shape
+  # Order within a run of ties does not matter: cuts inside it are masked.
+  order = np.argsort(-fit_scores, axis=1)
+  v = np.take_along_axis(fit_scores, order, axis=1)  # descending
+  lab = fit_labels[order].astype(np.float64)
+  zero = np.zeros((rows, 1))
+  tpr = np.concatenate([zero, np.cumsum(lab, 1) / fit_labels.sum()], 1)
+  fpr = np.concatenate([zero, np.cumsum(1.0 - lab, 1)
+                        / (width - fit_labels.sum())], 1)
+  bacc = 0.5 * (1.0 + tpr - fpr)
+  between_ties = np.zeros((rows, width + 1), bool)
+  between_ties[:, 1:width] = v[:, :-1] == v[:, 1:]
+  bacc[between_ties] = -np.inf
+  k = np.argmax(bacc, axis=1)
+  r = np.arange(rows)
+  inner = (k > 0) & (k < width)
+  upper = v[r, np.maximum(k - 1, 0)]
+  lower = v[r, np.minimum(k, width - 1)]
+  mid = 0.5 * (upper + lower)
+  mid = np.where(mid > lower, mid, upper)  # see `_fit_threshold`
+  return np.where(inner, mid, np.where(k == 0, np.inf, -np.inf))
+
+
+def _asr_rows(resampled: np.ndarray, labels: np.ndarray, fit_fraction: float,
+              repeats: int, seed: int) -> np.ndarray:
+  """`asr(...)["mean"]` of every row of ``resampled`` [R, N] at once.
+
+  The ASR splits depend only on the labels (`asr_splits`), and a stratified
+  bootstrap keeps the labels' layout, so every resample shares them.
+  """
+  splits = asr_splits(labels, fit_fraction, repeats, seed)
+  by_class = [resampled[:, labels == c] for c in (0, 1)]
+  values = np.empty((resampled.shape[0], repeats))
+  for j, fit_idx in enumerate(splits):
+    fs, fy = resampled[:, fit_idx], labels[fit_idx]
+    thr = _fit_thresholds_rows(fs, fy)[:, None]
+    rates = []
+    for c in (0, 1):
+      n_eval = by_class[c].shape[1] - int((fy == c).sum())
+      n_pred = ((by_class[c] >= thr).sum(1)
+                - (fs[:, fy == c] >= thr).sum(1))
+      rates.append(n_pred / n_eval)
+    values[:, j] = 0.5 * (rates[1] + 1.0 - rates[0])
+  # Row-wise means of contiguous rows: the same summation as `asr`'s.
+  return np.ascontiguousarray(values).mean(axis=1)
+
+
+class ResampledMetric:
+  """A scalar metric with a twin over whole resamples [R, N] (same labels).
+
+  `bootstrap_ci` calls `rows(resampled_scores, labels)` once per chunk
+  instead of the metric once per resample.
+  """
+
+  def __init__(self, name: str, fn: Callable[..., float],
+               rows: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+    self.name = name
+    self._fn = fn
+    self.rows = rows
+
+  def __call__(self, scores, labels) -> float:
+    return self._fn(scores, labels)
+
+  def __repr__(self) -> str:
+    return f"ResampledMetric({self.name})"
+
+
 def asr_metric(fit_fraction: float = 0.1, repeats: int = 10,
-               seed: int = 0) -> Callable[[Any, Any], float]:
-  """`asr(...)["mean"]` as a plain metric (no batched path)."""
-  return lambda s, y: asr(s, y, fit_fraction, repeats, seed)["mean"]
+               seed: int = 0) -> ResampledMetric:
+  """`asr(...)["mean"]` as a metric with a vectorised bootstrap path."""
+  return ResampledMetric(
+      f"asr({fit_fraction}, {repeats}, {seed})",
+      lambda s, y: asr(s, y, fit_fraction, repeats, seed)["mean"],
+      lambda rs, y: _asr_rows(rs, y, fit_fraction, repeats, seed))
 
 
 def _stratified_indices(rng: np.random.Generator, pos_idx: np.ndarray,
@@ -443,8 +525,9 @@ def bootstrap_ci(scores: Any, labels: Any,
   resample keeps both class counts. The same seed draws the same resamples
   for any metric, so intervals of different metrics are computed on the same
   resamples. A `BatchedMetric` (`AUC`, `tpr_at_fpr_metric`) is evaluated for
-  all resamples from one sort of the scores; any other callable is called once
-  per resample.
+  all resamples from one sort of the scores, a `ResampledMetric`
+  (`asr_metric`) on a chunk of resamples at once; any other callable is
+  called once per resample.
 
   Args:
     scores: [N] higher = more likely member.
@@ -463,41 +546,74 @@ def bootstrap_ci(scores: Any, labels: Any,
     raise ValueError(f"level must be in (0, 1), got {level}")
   if num_resamples < 1:
     raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
+  return bootstrap_many(scores, labels, {"metric": metric_fn},
+                        num_resamples, seed, level, chunk)["metric"]
+
+
+def bootstrap_many(scores: Any, labels: Any,
+                   metric_fns: dict[str, Callable[[Any, Any], float]],
+                   num_resamples: int = 1000, seed: int = 0,
+                   level: float = 0.95, chunk: int = 32
+                   ) -> dict[str, dict[str, Any]]:
+  """`bootstrap_ci` of several metrics on the same resamples, drawn once.
+
+  Each chunk of resamples is drawn once and its per-value count tables are
+  built once for all `BatchedMetric`s, so the result for each metric equals
+  its own `bootstrap_ci` with the same seed, at a fraction of the cost.
+
+  Returns:
+    ``{name: bootstrap_ci's dict}``.
+  """
+  if not 0.0 < level < 1.0:
+    raise ValueError(f"level must be in (0, 1), got {level}")
+  if num_resamples < 1:
+    raise ValueError(f"num_resamples must be >= 1, got {num_resamples}")
   s, y = validate(scores, labels)
   pos_idx, neg_idx = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
   rng = np.random.default_rng(seed)
-  batched = getattr(metric_fn, "batched", None)
-  out = np.empty(num_resamples, dtype=np.float64)
-  if batched is not None:
+  out = {name: np.empty(num_resamples, dtype=np.float64)
+         for name in metric_fns}
+  if any(getattr(fn, "batched", None) is not None
+         for fn in metric_fns.values()):
     _, inverse, _, _ = _grouped_counts(s, y)
     num_values = int(inverse.max()) + 1
   for start in range(0, num_resamples, chunk):
     count = min(chunk, num_resamples - start)
     idx = _stratified_indices(rng, pos_idx, neg_idx, count)
-    if batched is not None:
-      # Counts of each resample at each distinct value: one bincount over
-      # row-offset value ids gives the [count, U] tables without a loop.
-      row = np.arange(count)[:, None] * num_values
-      n_pos = pos_idx.shape[0]
-      pos = np.bincount((inverse[idx[:, :n_pos]] + row).ravel(),
-                        minlength=count * num_values).reshape(count, -1)
-      neg = np.bincount((inverse[idx[:, n_pos:]] + row).ravel(),
-                        minlength=count * num_values).reshape(count, -1)
-      out[start:start + count] = batched(pos.astype(np.float64),
-                                         neg.astype(np.float64))
-    else:
-      for r in range(count):
-        out[start + r] = metric_fn(s[idx[r]], y[idx[r]])
+    tables = None
+    for name, metric_fn in metric_fns.items():
+      batched = getattr(metric_fn, "batched", None)
+      rows = getattr(metric_fn, "rows", None)
+      part = out[name][start:start + count]
+      if batched is not None:
+        if tables is None:
+          # Counts of each resample at each distinct value: one bincount
+          # over row-offset value ids gives the [count, U] tables.
+          row = np.arange(count)[:, None] * num_values
+          n_pos = pos_idx.shape[0]
+          tables = [np.bincount((inverse[side] + row).ravel(),
+                                minlength=count * num_values
+                                ).reshape(count, -1).astype(np.float64)
+                    for side in (idx[:, :n_pos], idx[:, n_pos:])]
+        part[:] = batched(*tables)
+      elif rows is not None:  # stratified: every row has labels y[idx[0]]
+        part[:] = rows(s[idx], y[idx[0]])
+      else:
+        for r in range(count):
+          part[r] = metric_fn(s[idx[r]], y[idx[r]])
   alpha = 0.5 * (1.0 - level)
-  lo, hi = np.quantile(out, [alpha, 1.0 - alpha])
-  return {
-      "lo": float(lo),
-      "hi": float(hi),
-      "level": float(level),
-      "num_resamples": int(num_resamples),
-      "std": float(out.std(ddof=1)) if num_resamples > 1 else 0.0,
-      "values": out,
-  }
+  result = {}
+  for name, values in out.items():
+    lo, hi = np.quantile(values, [alpha, 1.0 - alpha])
+    result[name] = {
+        "lo": float(lo),
+        "hi": float(hi),
+        "level": float(level),
+        "num_resamples": int(num_resamples),
+        "std": float(values.std(ddof=1)) if num_resamples > 1 else 0.0,
+        "values": values,
+    }
+  return result
 
 
 def paired_bootstrap_diff(scores_a: Any, scores_b: Any, labels: Any,
@@ -584,12 +700,10 @@ def summarize(scores: Any, labels: Any, *, bootstrap: int = 200,
       # in both the fitting and the evaluation part of that resample.
       "asr_ci": asr_metric(asr_fit_fraction, asr_repeats, seed),
   }
-  for key, fn in fns.items():
-    if bootstrap > 0:
-      ci = bootstrap_ci(s, y, fn, bootstrap, seed, level)
-      row[key] = [ci["lo"], ci["hi"]]
-    else:
-      row[key] = None
+  cis = (bootstrap_many(s, y, fns, bootstrap, seed, level)
+         if bootstrap > 0 else {})
+  for key in fns:
+    row[key] = [cis[key]["lo"], cis[key]["hi"]] if key in cis else None
   return row
 
 

@@ -425,9 +425,13 @@ def headline(v: Mapping[str, Any]) -> list[str]:
     lines.append(
         f"Blind baseline (model-free, {b['method']}): AUC "
         f"{float(b['auc']):.4f}{ci(b.get('auc_ci'), False)}" +
-        (f". WARNING: above {BLIND_WARN_AUC}: the member and non-member "
-         "images differ without the model, so attack AUCs may measure that "
-         "data shift, not memorization." if b.get("warn") else
+        (f". WARNING: further than {BLIND_WARN_AUC - 0.5:.2f} from chance "
+         f"(outside [{1 - BLIND_WARN_AUC:.2f}, {BLIND_WARN_AUC:.2f}]): the "
+         "member and non-member images differ without the model, so attack "
+         "AUCs may measure that data shift, not memorization."
+         + (" (Below 0.5 the classifier separates them the other way round; "
+            "with few images it can also be noise: see the interval.)"
+            if float(b["auc"]) < 0.5 else "") if b.get("warn") else
          " (at chance: the two image sets look alike without the model)."))
   d = v["dataset_test"]
   lines.append(

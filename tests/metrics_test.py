@@ -1,7 +1,6 @@
 """mia_jax.metrics against sklearn, brute-force enumeration and closed cases."""
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -274,15 +273,31 @@ def test_bootstrap_contains_estimate_and_shrinks_with_n():
   assert widths[1] < widths[0] / 3
 
 
-def test_bootstrap_auc_fast_at_50k():
-  rng = np.random.default_rng(0)
-  y = np.concatenate([np.ones(25000, int), np.zeros(25000, int)])
-  s = rng.normal(size=50000) + 0.3 * y
-  t0 = time.perf_counter()
-  ci = metrics.bootstrap_ci(s, y, metrics.AUC, 200, seed=0)
-  elapsed = time.perf_counter() - t0
-  assert ci["lo"] < metrics.auc(s, y) < ci["hi"]
-  assert elapsed < 5.0, elapsed
+def test_bootstrap_asr_rows_path_equals_the_protocol_per_resample():
+  """The vectorised ASR (all resamples at once) is the same number as the
+  protocol rerun on each resample, ties and uneven classes included."""
+  for seed, (n_pos, n_neg, levels) in enumerate([(120, 180, 300),
+                                                 (37, 91, 7), (60, 60, 2)]):
+    s, y = _tied_data(seed, n_pos, n_neg, levels=levels)
+    metric = metrics.asr_metric(0.1, 10, seed)
+    fast = metrics.bootstrap_ci(s, y, metric, 40, seed=seed)
+    slow = metrics.bootstrap_ci(s, y, lambda a, b: metric(a, b), 40,
+                                seed=seed)
+    np.testing.assert_array_equal(fast["values"], slow["values"])
+
+
+def test_bootstrap_many_draws_once_and_equals_each_metric_alone():
+  s, y = _tied_data(3, 80, 150)
+  calls = []
+  counted = lambda a, b: calls.append(1) or metrics.auc(a, b)
+  fns = {"auc": metrics.AUC, "tpr": metrics.tpr_at_fpr_metric(0.05),
+         "asr": metrics.asr_metric(), "plain": counted}
+  many = metrics.bootstrap_many(s, y, fns, 70, seed=2)
+  assert len(calls) == 70  # only the plain metric loops per resample
+  for name, fn in fns.items():
+    alone = metrics.bootstrap_ci(s, y, fn, 70, seed=2)
+    np.testing.assert_array_equal(many[name]["values"], alone["values"])
+    assert (many[name]["lo"], many[name]["hi"]) == (alone["lo"], alone["hi"])
 
 
 def test_summarize_keys_values_and_json():

@@ -7,14 +7,14 @@ import os
 import numpy as np
 import pytest
 
-from mia_jax import errors, recipes
+from mia_jax import checkpoints, errors, recipes
 from mia_jax.recipes import finetune_t2i as t2i_recipe
 from mia_jax.data import sources
 
 CONFIG = "experiments/configs/finetune_t2i.py"
 
 
-def _write_idx(directory, n=120, seed=0):
+def _write_idx(directory, n=160, seed=0):
   """A small Fashion-MNIST look-alike in the IDX format (gzip)."""
   rng = np.random.RandomState(seed)
   labels = rng.randint(0, 10, n).astype(np.uint8)
@@ -46,6 +46,11 @@ def test_idx_labels_and_data_preparation(tmp_path):
   ids = {k: set(v[1].tolist()) for k, v in out.items()}
   assert not ids["members"] & ids["nonmembers"]
   assert not ids["public"] & (ids["members"] | ids["nonmembers"])
+  # GSA's shadow pool (tiny audits gsa): public images kept out of
+  # pretraining and out of the audit, twice the member count.
+  assert len(ids["shadow_pool"]) == 32
+  assert not ids["shadow_pool"] & (ids["public"] | ids["members"]
+                                   | ids["nonmembers"])
   imgs, pos, caps = out["members"]
   assert imgs.shape == (16, 32, 32, 3) and imgs.dtype == np.uint8
   # Padded by 2 pixels, grey replicated to RGB.
@@ -58,7 +63,7 @@ def test_idx_labels_and_data_preparation(tmp_path):
   assert src.captions(np.arange(3)) == caps[:3]
   with open(tmp_path / "data" / "captions.jsonl") as f:
     rows = [json.loads(line) for line in f]
-  assert len(rows) == 64 + 16 + 16
+  assert len(rows) == 64 + 16 + 16 + 32
 
 
 def test_missing_fashion_mnist_is_a_user_error(tmp_path):
@@ -107,9 +112,21 @@ def test_recipe_end_to_end_tiny(tmp_path):
     with open(os.path.join(work, model, "audit", "metrics.json")) as f:
       variants = {r["variant"] for r in json.load(f)}
     assert {"naive_oms0", "naive_oms2", "pian_oms2", "probe",
-            "probe_forward"} <= variants
+            "probe_forward", "gsa1_oms0", "gsa2_oms1"} <= variants
     log = open(os.path.join(work, model, "commands.log")).read()
     assert "experiments/convert.py --format stable_diffusion" in log
+    assert "--shadow_checkpoints " + os.path.join(
+        work, "shadow0", "checkpoint") in log
+  # The shadow fine-tune records its split of the held-out public pool.
+  shadow = checkpoints.read_metadata(os.path.join(work, "shadow0",
+                                                  "checkpoint"))["data"]
+  pool = np.load(os.path.join(work, "data", "shadow_pool.npz"))
+  assert shadow["source"] == os.path.join(work, "data", "shadow_pool.npz")
+  assert sorted(shadow["members"] + shadow["nonmembers"]) == sorted(
+      pool["ids"].tolist())
+  assert len(shadow["members"]) == len(shadow["nonmembers"]) == 16
+  public = np.load(os.path.join(work, "data", "public.npz"))["ids"]
+  assert not set(public.tolist()) & set(pool["ids"].tolist())
   assert "--lora" in open(os.path.join(work, "finetuned_lora",
                                        "commands.log")).read()
   assert set(result.extra["tables"]) == {"pretrained", "finetuned",

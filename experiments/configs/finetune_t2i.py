@@ -16,7 +16,9 @@ writes W/data (members/nonmembers/public .npz, captions.jsonl), W/tokenizer,
 W/pretrained/diffusers and W/finetuned/diffusers (StableDiffusionPipeline
 folders), W/<model>/checkpoint (experiments/convert.py), W/<model>/audit
 (experiments/attack.py: Naive, SecMI, PIA, PIAN with OMS 0..2, probe and
-probe_forward with the captions) and W/report.md. The exact commands run are
+probe_forward with the captions, GSA with shadow.count shadow fine-tunes
+W/shadow<i> of the pretrained model on public images held out of
+pretraining) and W/report.md. The exact commands run are
 in W/<model>/commands.log. Re-running resumes. ``:tiny`` is the test size.
 
 Full (a real SD1.5 / SD2.1 model and your own captioned fine-tuning set, on
@@ -28,10 +30,16 @@ a GPU). Nothing is trained; give the two diffusers folders and the data:
         --config.models.finetuned=/models/my-finetune \
         --config.audit.members=data/members.npz \
         --config.audit.nonmembers=data/nonmembers.npz \
-        --config.audit.captions=data/captions.jsonl
+        --config.audit.captions=data/captions.jsonl \
+        --config.audit.shadow_checkpoints="('ckpts/shadow0','ckpts/shadow1')"
 
 (members / non-members: .npz with images [N, 512, 512, 3], ids, or image
-folders; captions: id -> caption). GPU notes: one 40-80 GB accelerator runs
+folders; captions: id -> caption). GSA needs shadow fine-tunes: copies of
+the pretrained model fine-tuned with your recipe on public images, each
+converted with ``experiments/convert.py --format stable_diffusion --source
+SHADOW --trained_on pool.npz:members:seed=1 --held_out
+pool.npz:nonmembers:seed=1 --output ckpts/shadow0``; or drop gsa from
+``--config.audit.attacks``. GPU notes: one 40-80 GB accelerator runs
 batch 4-8 at 512 px in float32; ``--config.audit.attack_options`` can add
 ``probe.sample_steps=50`` etc.; the probe costs inversion + sampling steps
 (100 UNet calls per image at the defaults), the loss attacks 2-4.
@@ -109,9 +117,13 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   c.finetune.lora_alpha = 8.0
   c.finetune.lora_train = _train(1e-3, 32, 1500)
 
+  # GSA shadows: fine-tunes of the pretrained UNet on seeded halves of a
+  # pool of 2 x num_members public images held out of pretraining.
+  c.shadow = ml_collections.ConfigDict(dict(count=1, split_seed=100))
+
   c.audit = ml_collections.ConfigDict()
   c.audit.attacks = ("naive", "secmi", "pia", "pian", "probe",
-                     "probe_forward")
+                     "probe_forward", "gsa")
   c.audit.oms_steps = 2
   c.audit.seed = 0
   c.audit.batch_size = 50
@@ -120,6 +132,8 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   c.audit.members = config_dict.placeholder(str)
   c.audit.nonmembers = config_dict.placeholder(str)
   c.audit.captions = config_dict.placeholder(str)
+  # User models (full) with gsa: converted shadow checkpoints.
+  c.audit.shadow_checkpoints = ()
   c.audit.attack_options = ()
 
   if variant == "tiny":
@@ -147,7 +161,8 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
     c.audit.bootstrap = 10
     c.audit.attack_options = ("probe.inversion_steps=2",
                               "probe.sample_steps=2",
-                              "probe_forward.sample_steps=2")
+                              "probe_forward.sample_steps=2",
+                              "gsa.timesteps=[499,999]", "gsa.oms_steps=1")
   return c
 
 

@@ -403,11 +403,15 @@ def _check_compatible(target: Denoiser, shadow: ShadowData, mask) -> None:
 
 def _same_network(a: Denoiser, b: Denoiser) -> bool:
   """Whether b's eps_fn computes a's with other params (same family,
-  model config and schedule), so a's compiled feature function serves b."""
+  model config and schedule), so a's compiled feature function serves b.
+
+  The feature function only calls ``eps_fn``; encoding (VAE) and
+  conditioning (text encoder) run in the engine with each model's own
+  ``encode_fn`` / ``cond_fn`` and params, so latent and text-conditioned
+  models share it too (a shadow fine-tune of Stable Diffusion compiles
+  nothing new)."""
   return (a.family == b.family and a.model_config == b.model_config
-          and a.schedule.to_config() == b.schedule.to_config()
-          and a.encode_fn is None and b.encode_fn is None
-          and a.cond_fn is None and b.cond_fn is None)
+          and a.schedule.to_config() == b.schedule.to_config())
 
 
 def _fingerprint(payload: dict) -> str:
@@ -452,6 +456,20 @@ _DEFAULTS = dict(oms_steps=1, timesteps=DEFAULT_TIMESTEPS, classifier="hgb",
 OPTIONS = tuple(_DEFAULTS)  # the keys of --attack_option gsa.KEY=VALUE
 
 
+def _timesteps_option(value, num_timesteps: int) -> tuple[int, ...]:
+  """``gsa.timesteps``: a list of ints or a comma-separated string."""
+  items = value.split(",") if isinstance(value, str) else (
+      [value] if isinstance(value, (int, float)) else list(value))
+  try:
+    steps = tuple(int(str(t).strip()) for t in items)
+  except ValueError:
+    steps = ()
+  if not steps or any(not 0 <= t < num_timesteps for t in steps):
+    raise ValueError(f"gsa.timesteps={value!r}: expected timesteps in "
+                     f"[0, {num_timesteps}), e.g. gsa.timesteps=[499,999]")
+  return steps
+
+
 def _setup(ctx: fitted.FittedContext, overrides: dict):
   """(options, target feature function, trainable mask, cache key parts)."""
   unknown = sorted(set(overrides) - set(_DEFAULTS))
@@ -466,8 +484,9 @@ def _setup(ctx: fitted.FittedContext, overrides: dict):
     raise ValueError(f"unknown scaling {opts['scaling']!r}; expected one of "
                      f"{SCALINGS}")
   oms_steps = int(opts["oms_steps"])
-  timesteps = tuple(int(t) for t in opts["timesteps"])
   target = ctx.denoiser
+  timesteps = _timesteps_option(opts["timesteps"],
+                                target.schedule.num_timesteps)
   mask = trainable_mask(target.params, target.family, tuple(opts["exclude"]))
   feature_fn = make_feature_fn(target.eps_fn, timesteps=timesteps,
                                oms_steps=oms_steps, mask=mask,

@@ -6,6 +6,10 @@ r"""Converts a PyTorch diffusion checkpoint into a mia-jax checkpoint.
     python experiments/convert.py --format stable_diffusion --source sd-folder/ --output ckpts/sd
     python experiments/convert.py --format stable_diffusion --source sd-folder/ \
         --lora pytorch_lora_weights.safetensors --output ckpts/sd_lora
+    # a shadow fine-tune for GSA: record what it was fine-tuned on
+    python experiments/convert.py --format stable_diffusion --source shadow0/ \
+        --trained_on pool.npz:members:seed=1 --held_out pool.npz:nonmembers:seed=1 \
+        --output ckpts/shadow0
 
 Checkpoints are untrusted input: safetensors are read directly and pickles
 only with torch.load(weights_only=True); a pickle that needs code to load is
@@ -44,6 +48,14 @@ _LORA = flags.DEFINE_string(
 _GUIDANCE = flags.DEFINE_float(
     "guidance_scale", 1.0, "Stable Diffusion: classifier-free guidance scale "
     "of the attacks (1 = conditional eps only).")
+_TRAINED_ON = flags.DEFINE_string(
+    "trained_on", None, "Data spec of the images the model was trained or "
+    "fine-tuned on (e.g. pool.npz:members:seed=1); with --held_out, recorded "
+    "in model.json so the checkpoint can be a GSA shadow "
+    "(attack.py --shadow_checkpoints).")
+_HELD_OUT = flags.DEFINE_string(
+    "held_out", None, "Data spec of images of the same data set held out "
+    "from training (e.g. pool.npz:nonmembers:seed=1); with --trained_on.")
 
 
 def main(argv):
@@ -60,7 +72,8 @@ def main(argv):
       _FORMAT.value, _SOURCE.value, _OUTPUT.value,
       use_ema=_WEIGHTS.value == "ema", model_config=model_config,
       resolution=_RESOLUTION.value, guidance_scale=_GUIDANCE.value,
-      lora=_LORA.value)
+      lora=_LORA.value, trained_on=_TRAINED_ON.value,
+      held_out=_HELD_OUT.value)
   print(f"wrote {out}")
 
 

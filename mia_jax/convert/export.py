@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-from mia_jax import checkpoints, errors, schedules
+from mia_jax import checkpoints, data, errors, schedules
 from mia_jax.denoiser import InputSpec
 
 FORMATS = ("pytorch_ddpm", "diffusers", "uvit", "stable_diffusion")
@@ -29,7 +29,9 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
                           model_config: Optional[Any] = None,
                           resolution: Optional[int] = None,
                           guidance_scale: float = 1.0,
-                          lora: Optional[str] = None) -> str:
+                          lora: Optional[str] = None,
+                          trained_on: Optional[str] = None,
+                          held_out: Optional[str] = None) -> str:
   """Converts ``source`` of format ``fmt`` and writes ``output``.
 
   Args:
@@ -46,6 +48,11 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
       the attacks (1 = plain conditional eps, as SecMI-LDM).
     lora: Stable Diffusion only: a diffusers / peft LoRA file fused into the
       converted weights (`mia_jax.convert.lora`).
+    trained_on, held_out: data specs of the images the model was trained
+      (fine-tuned) on and of images of the same data set held out from it;
+      recorded in ``model.json`` (`data.training_record`), so the
+      checkpoint can be a GSA shadow (``--shadow_checkpoints``). Both or
+      neither.
   Returns:
     The absolute output directory.
   """
@@ -62,12 +69,21 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
   if lora is not None and not os.path.isfile(lora):
     raise errors.UserError("the LoRA file does not exist", lora,
                            "give pytorch_lora_weights.safetensors")
-  # Before the (slow) conversion: an --output that cannot take a checkpoint.
+  if (trained_on is None) != (held_out is None):
+    raise errors.UserError(
+        "--trained_on and --held_out go together",
+        f"--trained_on {trained_on} --held_out {held_out}",
+        "give both (the images the model was trained on and images of the "
+        "same data set held out from it) or neither")
+  # Before the (slow) conversion: bad split specs, an --output that cannot
+  # take a checkpoint.
+  record = (data.training_record(trained_on, held_out)
+            if trained_on is not None else None)
   checkpoints.check_writable(os.path.abspath(output))
   try:
     return _convert(fmt, source, output, use_ema=use_ema,
                     model_config=model_config, resolution=resolution,
-                    guidance_scale=guidance_scale, lora=lora)
+                    guidance_scale=guidance_scale, lora=lora, record=record)
   except FileNotFoundError as e:
     # A file inside --source that the format needs (config.json, a weights
     # file, nnet_ema.pth, ...): the message names it.
@@ -78,14 +94,16 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
 
 def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
              model_config: Optional[Any], resolution: Optional[int],
-             guidance_scale: float, lora: Optional[str] = None) -> str:
+             guidance_scale: float, lora: Optional[str] = None,
+             record: Optional[dict] = None) -> str:
   """`convert_to_checkpoint` after its boundary checks."""
   if fmt == "stable_diffusion":
     from mia_jax.convert import sd  # heavy; only when asked for
     converted = sd.convert_stable_diffusion(source, lora=lora)
     return checkpoints.save_sd_denoiser(output, converted,
                                         guidance_scale=guidance_scale,
-                                        image_resolution=resolution)
+                                        image_resolution=resolution,
+                                        data=record)
   if fmt == "pytorch_ddpm":
     from mia_jax.convert import ddpm_unet
     params, config, prov = ddpm_unet.convert_pytorch_ddpm(
@@ -116,4 +134,4 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
                      int(config["in_chans"]))
   return checkpoints.save_denoiser(
       output, family=family, model_config=config, schedule=sched, spec=spec,
-      params=params, provenance={"converted_from": fmt, **prov})
+      params=params, provenance={"converted_from": fmt, **prov}, data=record)

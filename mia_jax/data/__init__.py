@@ -19,8 +19,10 @@ from mia_jax.data.sources import NpzSource
 from mia_jax.data.sources import SubsetSource
 from mia_jax.data.sources import TfdsSource
 from mia_jax.data.sources import universe_of
+from mia_jax.data.spec import base_spec
 from mia_jax.data.spec import parse_member_specs
 from mia_jax.data.spec import parse_spec
+from mia_jax.data.spec import training_record
 from mia_jax.data.spec import SpecError
 from mia_jax.data.splits import check_disjoint
 from mia_jax.data.splits import digits_parts

@@ -45,6 +45,8 @@ import os
 import pathlib
 from typing import Optional
 
+import numpy as np
+
 from mia_jax import errors
 from mia_jax.data import sources as sources_lib
 from mia_jax.data import splits as splits_lib
@@ -204,6 +206,34 @@ def parse_spec(spec: str):
   return select(base, spec=spec, kind=kind, options=options)
 
 
+_SELECTION_KEYS = {"part", "split_file", "seed", "fraction", "limit"}
+
+
+def base_spec(spec: str) -> str:
+  """The spec of the whole data set ``spec`` selects from.
+
+  Drops the selection options (part, split_file, seed, fraction, limit) and
+  makes a path absolute, so the result names the same images from any
+  working directory: ``data/pool.npz:members:seed=3`` ->
+  ``/abs/data/pool.npz``; ``tfds:cifar10:train:data_dir=D:part=members`` ->
+  ``tfds:cifar10:train:data_dir=D``. Positions in `parse_spec` of the result
+  are positions in the selection's base (`universe_of`).
+  """
+  if not isinstance(spec, str) or not spec.strip():
+    raise SpecError(f"data spec must be a non-empty string, got {spec!r}.")
+  tokens = split_spec(spec.strip())
+  if tokens[0] == "digits":
+    head, rest = ["digits"], tokens[1:]
+  elif tokens[0] == "tfds":
+    head, rest = tokens[:3], tokens[3:]
+  else:
+    head = [str(pathlib.Path(os.path.expanduser(tokens[0])).resolve())]
+    rest = tokens[1:]
+  options = _parse_options(spec, rest)
+  kept = [f"{k}={v}" for k, v in options.items() if k not in _SELECTION_KEYS]
+  return ":".join(head + kept)
+
+
 def parse_member_specs(members_spec: str, nonmembers_spec: str):
   """Parses both sides of an audit and checks they do not overlap.
 
@@ -300,3 +330,38 @@ def select(base, *, spec: str, kind: str, options: dict[str, str]):
     return base
   return sources_lib.SubsetSource(base, indices, name=spec,
                                   provenance=provenance)
+
+
+def training_record(members_spec: str, nonmembers_spec: str) -> dict:
+  """The ``data`` record of a checkpoint trained on one side of a split.
+
+  For a model trained elsewhere (e.g. a shadow fine-tune exported as a
+  diffusers folder): ``members_spec`` selects the images it was trained on,
+  ``nonmembers_spec`` images of the same data set held out from it. The
+  record (``{"source": base spec, "members": ids, "nonmembers": ids}``) is
+  the one `experiments/train.py` writes, so the checkpoint can serve as a
+  GSA shadow or be audited with ``--members recorded``.
+
+  Raises:
+    SpecError: the sides come from different data sets, overlap, or one
+      is empty.
+  """
+  source = base_spec(members_spec)
+  if base_spec(nonmembers_spec) != source:
+    raise SpecError(
+        f"--trained_on {members_spec!r} and --held_out {nonmembers_spec!r} "
+        "must select from one data set (the same file, folder or split); "
+        f"they name {source!r} and {base_spec(nonmembers_spec)!r}.")
+  try:
+    members, nonmembers = parse_member_specs(members_spec, nonmembers_spec)
+  except SpecError as e:
+    raise SpecError(str(e).replace("--members", "--trained_on").replace(
+        "--nonmembers", "--held_out")) from None
+  ids = {}
+  for name, side, text in (("members", members, members_spec),
+                           ("nonmembers", nonmembers, nonmembers_spec)):
+    if len(side) == 0:
+      raise SpecError(f"data spec {text!r} selects no images.")
+    ids[name] = [v.item() if hasattr(v, "item") else v
+                 for v in np.asarray(side.ids)]
+  return {"source": source, **ids}

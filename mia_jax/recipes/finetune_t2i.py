@@ -23,7 +23,13 @@ Diffusion tables, offline and at a small size
    diffusers folder would (``W/<model>/checkpoint``, ``W/<model>/audit``);
    the pretrained model is the negative control (its "members" were never
    trained on);
-6. ``W/report.md``: both tables, the strongest base attack per model, and
+6. GSA (with ``gsa`` in ``audit.attacks``): ``shadow.count`` shadow
+   fine-tunes of the pretrained UNet, each on a seeded half of
+   ``W/data/shadow_pool.npz`` (public images held out of pretraining), with
+   the target's fine-tuning recipe (``W/shadow<i>/``); each converted with
+   ``convert.py --trained_on/--held_out`` and passed to every audit as
+   ``--shadow_checkpoints``;
+7. ``W/report.md``: both tables, the strongest base attack per model, and
    what the initial-noise probe paper claims next to what its rows show.
 """
 
@@ -44,6 +50,7 @@ import numpy as np
 from mia_jax import errors, report, runner, schedules, train_sd
 from mia_jax.convert import sd_export
 from mia_jax.data import sources
+from mia_jax.data import spec as data_spec
 from mia_jax.models.sd import clip as clip_lib
 from mia_jax.models.sd import unet as unet_lib
 from mia_jax.models.sd import vae as vae_lib
@@ -120,14 +127,19 @@ def split_positions(num: int, sizes: dict[str, int], seed: int
 def prepare_data(cfg: ml_collections.ConfigDict, data_dir: str) -> dict:
   """Writes ``{public,members,nonmembers}.npz`` + ``captions.jsonl``.
 
+  With GSA shadows (`shadow_count`), also ``shadow_pool.npz``: public
+  images held out of pretraining (twice the member count), from which each
+  shadow fine-tune takes a seeded half as its members.
+
   Returns ``{name: (images uint8 [N, r, r, 3], ids [N], captions)}``.
   """
   d = cfg.data
   images, labels = load_fashion_mnist(d.dir)
-  pos = split_positions(len(images), {"public": d.num_public,
-                                      "members": d.num_members,
-                                      "nonmembers": d.num_nonmembers},
-                        d.split_seed)
+  sizes = {"public": d.num_public, "members": d.num_members,
+           "nonmembers": d.num_nonmembers}
+  if shadow_count(cfg):  # last, so the other splits do not move
+    sizes["shadow_pool"] = 2 * d.num_members
+  pos = split_positions(len(images), sizes, d.split_seed)
   captions = make_captions(labels, tuple(d.templates), d.split_seed)
   os.makedirs(data_dir, exist_ok=True)
   out, lines = {}, []
@@ -187,9 +199,35 @@ def _export(folder, unet, vae, text, params, scaling, tok_dir, sched):
       schedule=sched.to_config())
 
 
+def shadow_count(cfg: ml_collections.ConfigDict) -> int:
+  """How many GSA shadow fine-tunes the recipe trains (0 without gsa)."""
+  if "gsa" not in tuple(cfg.audit.attacks):
+    return 0
+  count = int(cfg.get("shadow", {}).get("count") or 0)
+  if count < 1:
+    raise errors.UserError("gsa needs at least one shadow fine-tune",
+                           f"shadow.count={count}",
+                           "set shadow.count >= 1 or drop gsa from "
+                           "audit.attacks")
+  return count
+
+
+def shadow_specs(cfg: ml_collections.ConfigDict, data_dir: str, i: int
+                 ) -> tuple[str, str]:
+  """Data specs of shadow ``i``'s members and held-out images."""
+  pool = os.path.join(data_dir, "shadow_pool.npz")
+  seed = int(cfg.shadow.split_seed) + i
+  return f"{pool}:members:seed={seed}", f"{pool}:nonmembers:seed={seed}"
+
+
 def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
-                 ) -> dict[str, str]:
-  """Pretrains, fine-tunes and exports; returns ``{model: diffusers dir}``."""
+                 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+  """Pretrains, fine-tunes and exports.
+
+  Returns:
+    ``({model: diffusers dir or (dir, LoRA file)}, shadows)``; each shadow
+    is ``{"diffusers": dir, "trained_on": spec, "held_out": spec}``.
+  """
   from mia_jax.convert import sd as convert_sd  # lazy: transformers
   unet, vae, text = build_modules(cfg)
   sched = schedules.from_config(dict(cfg.schedule))
@@ -259,8 +297,26 @@ def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
           ft.get("lora_train") or ft.train, seed=cfg.seed + 3)
       sd_export.export_lora(lora_file, factors["lora"], rank, alpha)
     out["finetuned_lora"] = (out["pretrained"], lora_file)
-  logging.info("exported %s", out)
-  return out
+  # GSA shadows: the attacker's copies of the fine-tuning, on public images
+  # the pretraining never saw, with the target's fine-tuning recipe.
+  shadows = []
+  for i in range(shadow_count(cfg)):
+    trained_on, held_out = shadow_specs(cfg, os.path.join(workdir, "data"), i)
+    members = data_spec.parse_spec(trained_on).indices
+    shadow_dir = os.path.join(workdir, f"shadow{i}")
+    shadow_unet = train_sd.fit(
+        os.path.join(shadow_dir, "train_unet"), f"shadow{i} finetune", loss,
+        {"unet": pre_params["unet"]},
+        {"uncond_ids": uncond, "text_encoder": pre_params["text_encoder"]},
+        {"latents": latents["shadow_pool"][members],
+         "input_ids": ids["shadow_pool"][members]},
+        ft.train, seed=cfg.seed + 10 + i)["unet"]
+    shadows.append({"diffusers": _export(
+        os.path.join(shadow_dir, "diffusers"), unet, vae, text,
+        {**params, "unet": shadow_unet}, scaling, tok_dir, sched),
+        "trained_on": trained_on, "held_out": held_out})
+  logging.info("exported %s; shadows %s", out, shadows)
+  return out, shadows
 
 
 # ------------------------------------------------------------ auditing
@@ -282,8 +338,21 @@ def _run_binary(args: list[str], log_path: str) -> None:
     raise RuntimeError(f"{' '.join(args[:1])} exited {rc}; see {log_path}")
 
 
+def convert_shadow(shadow: dict[str, str], shadow_dir: str) -> str:
+  """convert.py on a shadow folder, recording its fine-tuning split."""
+  ckpt = os.path.join(shadow_dir, "checkpoint")
+  if not os.path.isfile(os.path.join(ckpt, "model.json")):
+    _run_binary(["experiments/convert.py", "--format", "stable_diffusion",
+                 "--source", shadow["diffusers"], "--output", ckpt,
+                 "--trained_on", shadow["trained_on"],
+                 "--held_out", shadow["held_out"]],
+                os.path.join(shadow_dir, "commands.log"))
+  return ckpt
+
+
 def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
-                model_dir: str, data: dict[str, str]) -> list[dict]:
+                model_dir: str, data: dict[str, str],
+                shadow_checkpoints: tuple[str, ...] = ()) -> list[dict]:
   """convert.py + attack.py on a diffusers folder; the metric rows.
 
   Args:
@@ -292,6 +361,7 @@ def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
     model_dir: gets ``checkpoint/`` (converted), ``audit/`` (the run
       directory) and ``commands.log`` (the exact commands and their output).
     data: ``members``, ``nonmembers``, ``captions`` paths.
+    shadow_checkpoints: converted shadow fine-tunes (GSA).
   """
   ckpt = os.path.join(model_dir, "checkpoint")
   log = os.path.join(model_dir, "commands.log")
@@ -315,6 +385,8 @@ def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
     args += ["--max_samples", str(a.max_samples)]
   for option in a.get("attack_options", ()) or ():
     args += ["--attack_option", option]
+  if "gsa" in a.attacks:
+    args += ["--shadow_checkpoints", ",".join(shadow_checkpoints)]
   _run_binary(args, log)
   with open(os.path.join(out, "metrics.json")) as f:
     return json.load(f)
@@ -367,10 +439,18 @@ def probe_verdict(tables: dict[str, list[dict]]) -> str:
 
 
 def write_report(workdir: str, tables: dict[str, list[dict]],
-                 seconds: float) -> str:
+                 seconds: float, num_shadows: int = 0) -> str:
   parts = ["# Fine-tuned text-to-image model: membership audit\n",
            f"Time taken (training, export, conversion, audits): "
            f"{seconds / 60:.1f} min.\n"]
+  if num_shadows:
+    parts.append(
+        f"GSA rows: a classifier on per-tensor gradient norms, fitted on "
+        f"{num_shadows} shadow fine-tune(s) of the pretrained model "
+        f"(W/shadow*/: the target's fine-tuning recipe on public images "
+        f"held out of pretraining, half as shadow members); the same "
+        f"shadows serve every audited model. The shadows are full "
+        f"fine-tunes, also for the LoRA target.\n")
   for model, rows in tables.items():
     best = best_base(rows)
     role = ("negative control: pretrained only, its members were never "
@@ -409,17 +489,29 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
           "audit.nonmembers and audit.captions")
     models = given
     data = {k: cfg.audit[k] for k in ("members", "nonmembers", "captions")}
+    shadow_ckpts = tuple(cfg.audit.get("shadow_checkpoints") or ())
+    if "gsa" in tuple(cfg.audit.attacks) and not shadow_ckpts:
+      raise errors.UserError(
+          "gsa on user models needs converted shadow fine-tunes",
+          "audit.shadow_checkpoints",
+          "fine-tune copies of the pretrained model on public images, "
+          "convert each with experiments/convert.py --trained_on SPEC "
+          "--held_out SPEC, and list them; or drop gsa from audit.attacks")
   else:
     data_dir = os.path.join(workdir, "data")
     arrays = prepare_data(cfg, data_dir)
-    models = train_models(cfg, workdir, arrays)
+    models, shadows = train_models(cfg, workdir, arrays)
+    shadow_ckpts = tuple(
+        convert_shadow(sh, os.path.join(workdir, f"shadow{i}"))
+        for i, sh in enumerate(shadows))
     data = {"members": os.path.join(data_dir, "members.npz"),
             "nonmembers": os.path.join(data_dir, "nonmembers.npz"),
             "captions": os.path.join(data_dir, "captions.jsonl")}
-  tables = {m: audit_model(cfg, folder, os.path.join(workdir, m), data)
+  tables = {m: audit_model(cfg, folder, os.path.join(workdir, m), data,
+                          shadow_ckpts)
             for m, folder in models.items()}
   seconds = time.time() - t0
-  path = write_report(workdir, tables, seconds)
+  path = write_report(workdir, tables, seconds, len(shadow_ckpts))
   dirs = [os.path.join(workdir, m, "audit") for m in models]
   return common.RecipeResult("finetune_t2i", tables["finetuned"], dirs,
                              {"tables": tables, "report": path,
@@ -428,5 +520,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 
 __all__ = ["FASHION_CLASSES", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",
            "make_captions", "split_positions", "prepare_data",
-           "build_modules", "train_models", "audit_model", "best_base",
+           "build_modules", "shadow_count", "shadow_specs", "train_models",
+           "convert_shadow", "audit_model", "best_base",
            "probe_verdict", "write_report", "run"]

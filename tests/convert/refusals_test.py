@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 import torch
 
-from mia_jax import errors
+from mia_jax import data, errors
 from mia_jax.convert import common
 from mia_jax.convert import export
 from mia_jax.convert import io as ckpt_io
@@ -133,3 +133,37 @@ def test_missing_file_inside_source_is_a_user_error(tmp_path):
   with pytest.raises(errors.UserError, match="holds no diffusers UNet"):
     export.convert_to_checkpoint("diffusers", str(tmp_path / "empty_dir"),
                                  str(tmp_path / "out"))
+
+
+def test_training_split_is_recorded_for_gsa_shadows(tmp_path, ddpm_ckpt):
+  """--trained_on / --held_out: the record train.py writes, read back by
+  GSA's shadow loader at the same images; bad pairs refused before work."""
+  from mia_jax.attacks import gsa
+  pool = tmp_path / "pool.npz"
+  np.savez(pool, images=np.random.RandomState(0).randint(
+      0, 256, (10, 32, 32, 3), dtype=np.uint8), ids=np.arange(100, 110))
+  trained_on, held_out = f"{pool}:members:seed=4", f"{pool}:nonmembers:seed=4"
+  out = export.convert_to_checkpoint(
+      "pytorch_ddpm", ddpm_ckpt, str(tmp_path / "shadow"),
+      model_config=FLAX_SMALL, trained_on=trained_on, held_out=held_out)
+  shadow = gsa.load_shadow(out)
+  ids = np.asarray(shadow.source.ids)[shadow.positions]
+  members = ids[shadow.labels == 1]
+  assert len(members) == 5 and len(ids) == 10
+  assert set(members.tolist()) == set(
+      data.parse_spec(trained_on).ids.tolist())
+  bad = [
+      (dict(trained_on=trained_on), "go together"),
+      (dict(trained_on=trained_on, held_out=trained_on), "overlap"),
+      (dict(trained_on=trained_on, held_out="digits:nonmembers"),
+       "one data set"),
+      (dict(trained_on=f"{pool}:members:seed=4",
+            held_out=str(tmp_path / "missing.npz")), "missing.npz"),
+  ]
+  for i, (kwargs, match) in enumerate(bad):
+    with pytest.raises(errors.UserError, match=match) as e:
+      export.convert_to_checkpoint("pytorch_ddpm", ddpm_ckpt,
+                                   str(tmp_path / f"bad{i}"),
+                                   model_config=FLAX_SMALL, **kwargs)
+    _one_line(e.value)
+    assert not (tmp_path / f"bad{i}").exists()

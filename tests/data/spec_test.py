@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mia_jax import data
 from mia_jax.data import sources
 from mia_jax.data import spec as spec_lib
 from mia_jax.data import splits
@@ -181,3 +182,21 @@ def test_tfds_spec_with_split_file(fake_tfds_dir, tmp_path):
   assert len(subset) == 4
   with pytest.raises(ValueError, match="outside the dataset of 12"):
     spec_lib.parse_spec(f"{base}:split_file=cifar10:members")
+
+
+def test_base_spec_drops_the_selection_and_resolves_paths(tmp_path,
+                                                          monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  np.savez(tmp_path / "pool.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
+  assert data.base_spec("pool.npz:members:seed=3:limit=2") == str(
+      tmp_path / "pool.npz")
+  assert data.base_spec("pool.npz:range=-1,1:part=nonmembers:fraction=0.2"
+                        ) == f"{tmp_path / 'pool.npz'}:range=-1,1"
+  assert data.base_spec("digits:public") == "digits"
+  assert data.base_spec("tfds:cifar10:train[:10]:data_dir=/d:members:seed=1"
+                        ) == "tfds:cifar10:train[:10]:data_dir=/d"
+  record = data.training_record("pool.npz:members:seed=3",
+                                "pool.npz:nonmembers:seed=3")
+  source = data.parse_spec(record["source"])
+  assert len(source) == 4 and sorted(record["members"] +
+                                     record["nonmembers"]) == [0, 1, 2, 3]
