@@ -24,7 +24,7 @@ Conventions (ARCHITECTURE.md):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -392,14 +392,20 @@ class BatchedMetric:
 
   `batched(pos, neg)` takes [R, U] member / non-member counts at the distinct
   score values (descending) of R bootstrap resamples and returns [R] values.
-  `bootstrap_ci` uses it when present: one sort for all resamples.
+  `bootstrap_ci` uses it when present: one sort for all resamples. A metric
+  that needs the samples themselves gives `rows(resampled [R, N], labels
+  [N])` instead (stratified resamples share the labels' layout).
   """
 
   def __init__(self, name: str, fn: Callable[..., float],
-               batched: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+               batched: Optional[Callable[[np.ndarray, np.ndarray],
+                                          np.ndarray]] = None, *,
+               rows: Optional[Callable[[np.ndarray, np.ndarray],
+                                       np.ndarray]] = None):
     self.name = name
     self._fn = fn
     self.batched = batched
+    self.rows = rows
 
   def __call__(self, scores, labels) -> float:
     return self._fn(scores, labels)
@@ -478,33 +484,13 @@ def _asr_rows(resampled: np.ndarray, labels: np.ndarray, fit_fraction: float,
   return np.ascontiguousarray(values).mean(axis=1)
 
 
-class ResampledMetric:
-  """A scalar metric with a twin over whole resamples [R, N] (same labels).
-
-  `bootstrap_ci` calls `rows(resampled_scores, labels)` once per chunk
-  instead of the metric once per resample.
-  """
-
-  def __init__(self, name: str, fn: Callable[..., float],
-               rows: Callable[[np.ndarray, np.ndarray], np.ndarray]):
-    self.name = name
-    self._fn = fn
-    self.rows = rows
-
-  def __call__(self, scores, labels) -> float:
-    return self._fn(scores, labels)
-
-  def __repr__(self) -> str:
-    return f"ResampledMetric({self.name})"
-
-
 def asr_metric(fit_fraction: float = 0.1, repeats: int = 10,
-               seed: int = 0) -> ResampledMetric:
+               seed: int = 0) -> BatchedMetric:
   """`asr(...)["mean"]` as a metric with a vectorised bootstrap path."""
-  return ResampledMetric(
+  return BatchedMetric(
       f"asr({fit_fraction}, {repeats}, {seed})",
       lambda s, y: asr(s, y, fit_fraction, repeats, seed)["mean"],
-      lambda rs, y: _asr_rows(rs, y, fit_fraction, repeats, seed))
+      rows=lambda rs, y: _asr_rows(rs, y, fit_fraction, repeats, seed))
 
 
 def _stratified_indices(rng: np.random.Generator, pos_idx: np.ndarray,
@@ -525,8 +511,8 @@ def bootstrap_ci(scores: Any, labels: Any,
   resample keeps both class counts. The same seed draws the same resamples
   for any metric, so intervals of different metrics are computed on the same
   resamples. A `BatchedMetric` (`AUC`, `tpr_at_fpr_metric`) is evaluated for
-  all resamples from one sort of the scores, a `ResampledMetric`
-  (`asr_metric`) on a chunk of resamples at once; any other callable is
+  all resamples from one sort of the scores, one with ``rows`` (`asr_metric`)
+  on a chunk of resamples at once; any other callable is
   called once per resample.
 
   Args:

@@ -278,7 +278,7 @@ def check_shards(shard_dir: str, fp: dict) -> None:
   else:
     changed = "config, checkpoint or samples"
   raise errors.UserError(
-      "the run directory holds scores of a different run",
+      "the run directory holds results (shards) of a different run",
       os.path.dirname(shard_dir.rstrip(os.sep)) or shard_dir,
       f"changed: {changed}. Rerun with the old settings, use a new --output, "
       "or delete its shards/ to recompute")

@@ -134,7 +134,10 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   c.audit.captions = config_dict.placeholder(str)
   # User models (full) with gsa: converted shadow checkpoints.
   c.audit.shadow_checkpoints = ()
-  c.audit.attack_options = ()
+  # GSA at its own default depths 0..1 (30 forward + 30 backward UNet
+  # passes per sample over 10 timesteps), not the loss attacks' 0..2 (60 +
+  # 60).
+  c.audit.attack_options = ("gsa.oms_steps=1",)
 
   if variant == "tiny":
     c.data.num_public, c.data.num_members, c.data.num_nonmembers = 64, 16, 16
