@@ -355,9 +355,9 @@ def summary_rows(scores: dict, labels, info: dict, *, bootstrap: int,
     info: variant -> the row's leading fields (`variant_info`).
     bootstrap, seed: as `mia_jax.metrics.summarize`.
   """
-  return [{"variant": variant, **fields,
-           **metrics.summarize(scores[variant], labels, bootstrap=bootstrap,
-                               seed=seed)}
+  rows = metrics.summarize_many({v: scores[v] for v in info}, labels,
+                                bootstrap=bootstrap, seed=seed)
+  return [{"variant": variant, **fields, **rows[variant]}
           for variant, fields in info.items()]
 
 

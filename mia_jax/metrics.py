@@ -23,7 +23,9 @@ Conventions (ARCHITECTURE.md):
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -691,6 +693,31 @@ def summarize(scores: Any, labels: Any, *, bootstrap: int = 200,
   for key in fns:
     row[key] = [cis[key]["lo"], cis[key]["hi"]] if key in cis else None
   return row
+
+
+def summarize_many(scores: dict[str, Any], labels: Any, *,
+                   workers: Optional[int] = None, **kwargs
+                   ) -> dict[str, dict[str, Any]]:
+  """`summarize` of every score vector of ``scores``, in threads.
+
+  The work is NumPy sorting and counting, which releases the GIL, so the
+  variants of a large audit (16 variants x 50,000 samples) share the host's
+  cores. Each row equals its own `summarize` call (the same seed, the same
+  resamples); the result keeps ``scores``' order.
+
+  Args:
+    scores: name -> [N] scores.
+    labels: [N] 1 = member.
+    workers: threads (default: the host's cores, at most one per variant).
+    **kwargs: `summarize`'s keyword arguments.
+  """
+  names = list(scores)
+  workers = workers or min(len(names), os.cpu_count() or 1)
+  if workers <= 1 or len(names) <= 1:
+    return {n: summarize(scores[n], labels, **kwargs) for n in names}
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    rows = pool.map(lambda n: summarize(scores[n], labels, **kwargs), names)
+    return dict(zip(names, rows))
 
 
 def jsonable(obj: Any) -> Any:

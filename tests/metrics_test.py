@@ -337,3 +337,13 @@ def test_paired_bootstrap_diff_uses_the_same_records():
   d = metrics.paired_bootstrap_diff(s, better, y, metrics.AUC, 100, seed=2)
   assert d["diff"] == pytest.approx(metrics.auc(better, y) - metrics.auc(s, y))
   assert 0.0 < d["lo"] < d["diff"] < d["hi"]
+
+
+def test_summarize_many_equals_summarize_per_variant_in_order():
+  s, y = _tied_data(5, 90, 140)
+  rng = np.random.default_rng(0)
+  scores = {f"v{i}": s + rng.normal(size=s.shape) * i for i in range(5)}
+  many = metrics.summarize_many(scores, y, workers=3, bootstrap=30, seed=2)
+  assert list(many) == list(scores)
+  for name, row in many.items():
+    assert row == metrics.summarize(scores[name], y, bootstrap=30, seed=2)
