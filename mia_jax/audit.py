@@ -479,7 +479,8 @@ def run_fitted_attacks(cfg: AuditConfig, denoiser: Denoiser, sets,
         denoiser=denoiser, eval_sets=sets, reference_set=reference,
         shadow_checkpoints=list(cfg.shadow_checkpoints),
         batch_size=cfg.batch_size, seed=cfg.seed,
-        work_dir=os.path.join(cfg.output, "fitted", name))
+        work_dir=os.path.join(cfg.output, "fitted", name),
+        latent_sample=cfg.latent_sample)
     os.makedirs(ctx.work_dir, exist_ok=True)
     overrides = dict(cfg.attack_overrides.get(name, {}))
     overrides.setdefault("oms_steps", cfg.oms_steps)

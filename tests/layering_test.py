@@ -25,8 +25,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("errors",)),
     ("data", ("data", "data.*")),
-    ("base", ("compute", "parallel", "metrics", "residual_weights", "atomic",
-              "variants")),
+    ("base", ("compute", "parallel", "roc", "metrics", "residual_weights",
+              "atomic", "variants")),
     ("core", ("schedules", "diffusion", "denoiser", "fixed_point",
               "models", "models.*",
               "attacks", "attacks.base", "attacks.naive", "attacks.pia",

@@ -70,6 +70,8 @@ class FittedContext:
     batch_size, seed: as in the run.
     work_dir: a directory of the run for caches (features, fitted models);
       write atomically there so a killed run resumes.
+    latent_sample: latent models: the run encodes images with a posterior
+      sample (``--latent_sample``); shadow models must encode the same way.
   """
 
   denoiser: Denoiser
@@ -79,6 +81,7 @@ class FittedContext:
   batch_size: int
   seed: int
   work_dir: str
+  latent_sample: bool = False
 
   def num_eval(self) -> int:
     return int(sum(len(s.indices) for s in self.eval_sets))

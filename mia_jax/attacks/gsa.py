@@ -73,7 +73,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import checkpoints, data, fixed_point, runner, sample_sets
+from mia_jax import (checkpoints, compute, data, fixed_point, runner,
+                     sample_sets)
 from mia_jax.attacks import fitted
 from mia_jax.attacks.gsa_classifier import (  # pylint: disable=unused-import
     CLASSIFIERS, SCALINGS, fit_and_score, make_classifier, scale_features,
@@ -357,9 +358,12 @@ class ShadowData:
             runner.SampleSet(self.source, self.positions[~members], 0)]
 
 
-def load_shadow(directory: str, max_per_side: Optional[int] = None
-                ) -> ShadowData:
-  """A shadow checkpoint with its recorded members / non-members."""
+def load_shadow(directory: str, max_per_side: Optional[int] = None,
+                latent_sample: bool = False) -> ShadowData:
+  """A shadow checkpoint with its recorded members / non-members.
+
+  ``latent_sample``: encode with a posterior sample, as the run does.
+  """
   _check_shadow_record(directory)
   recorded = checkpoints.read_metadata(directory)["data"]
   source = data.parse_spec(recorded["source"])
@@ -369,8 +373,12 @@ def load_shadow(directory: str, max_per_side: Optional[int] = None
                                         f"shadow {directory} non-member")
   if max_per_side is not None:
     members, nonmembers = members[:max_per_side], nonmembers[:max_per_side]
+  denoiser = checkpoints.load_denoiser(directory)
+  if latent_sample and denoiser.encode_fn is not None:
+    denoiser = dataclasses.replace(denoiser, encode_fn=functools.partial(
+        denoiser.encode_fn, sample=True))
   return ShadowData(
-      directory=directory, denoiser=checkpoints.load_denoiser(directory),
+      directory=directory, denoiser=denoiser,
       source=source, positions=np.concatenate([members, nonmembers]),
       labels=np.concatenate([np.ones(len(members), np.int64),
                              np.zeros(len(nonmembers), np.int64)]))
@@ -452,7 +460,8 @@ def _check_shadow_record(directory: str) -> None:
 
 _DEFAULTS = dict(oms_steps=1, timesteps=DEFAULT_TIMESTEPS, classifier="hgb",
                  scaling="shadow", feature_batch_size=16, exclude=(),
-                 max_shadow_samples=None, validate=True, vmap_width=1)
+                 max_shadow_samples=None, validate=True, vmap_width=1,
+                 shadow_cache_dir=None)
 OPTIONS = tuple(_DEFAULTS)  # the keys of --attack_option gsa.KEY=VALUE
 
 
@@ -491,7 +500,11 @@ def _setup(ctx: fitted.FittedContext, overrides: dict):
   feature_fn = make_feature_fn(target.eps_fn, timesteps=timesteps,
                                oms_steps=oms_steps, mask=mask,
                                vmap_width=opts["vmap_width"])
+  settings = compute.current()
   common = {"timesteps": timesteps, "oms_steps": oms_steps, "seed": ctx.seed,
+            # What else sets the features: network precision, encoding.
+            "compute": [settings.dtype, settings.matmul_precision],
+            "latent_sample": bool(ctx.latent_sample),
             "mask": _fingerprint({"m": mask}),
             "batch": int(opts["feature_batch_size"]),
             "exclude": list(opts["exclude"])}
@@ -518,7 +531,11 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
       (samples per compiled gradient call, default 16), ``exclude`` (regexes
       of frozen parameter paths), ``max_shadow_samples`` (per side and
       shadow, for quick runs), ``validate`` (shadow validation AUC),
-      ``vmap_width`` (samples per vmapped gradient, see `make_feature_fn`).
+      ``vmap_width`` (samples per vmapped gradient, see `make_feature_fn`),
+      ``shadow_cache_dir`` (where shadow features are cached, default the
+      run's ``features/``; audits of several targets against the same
+      shadows can share one, since each cache is named by the fingerprint
+      of everything that determines its features).
   Returns:
     Variants ``gsa1_oms<n>``, ``gsa2_oms<n>`` for n = 0..N.
   """
@@ -530,6 +547,7 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
   batch_size = common["batch"]
   target = ctx.denoiser
   feature_dir = os.path.join(ctx.work_dir, "features")
+  shadow_dir = opts["shadow_cache_dir"] or feature_dir
   eval_ids = {str(v) for v in ctx.eval_ids()}
 
   for directory in ctx.shadow_checkpoints:  # fail before the long part
@@ -545,7 +563,8 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
 
   shadow_x, shadow_y, shadow_g = [], [], []
   for i, directory in enumerate(ctx.shadow_checkpoints):
-    shadow = load_shadow(directory, opts["max_shadow_samples"])
+    shadow = load_shadow(directory, opts["max_shadow_samples"],
+                         latent_sample=ctx.latent_sample)
     _check_compatible(target, shadow, mask)
     shadow_ids = {str(v) for v in
                   np.asarray(shadow.source.ids)[shadow.positions].tolist()}
@@ -568,7 +587,7 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
         shadow.denoiser, shadow.sample_sets(), feature_fn=shadow_fn,
         seed=ctx.seed, key_name=f"gsa/{tag}",
         encode_key_name=f"gsa/{tag}/encode", batch_size=batch_size,
-        cache_dir=os.path.join(feature_dir, f"{tag}-{_fingerprint(payload)}"),
+        cache_dir=os.path.join(shadow_dir, f"{tag}-{_fingerprint(payload)}"),
         run_fingerprint=payload, label=f"gsa {tag} features ({directory})")
     shadow_x.append(feats)
     shadow_y.append(shadow.labels)

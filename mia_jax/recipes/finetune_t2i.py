@@ -386,7 +386,10 @@ def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
   for option in a.get("attack_options", ()) or ():
     args += ["--attack_option", option]
   if "gsa" in a.attacks:
-    args += ["--shadow_checkpoints", ",".join(shadow_checkpoints)]
+    # The shadows' features are the same for every audited model: one cache.
+    args += ["--shadow_checkpoints", ",".join(shadow_checkpoints),
+             "--attack_option", "gsa.shadow_cache_dir=" + os.path.join(
+                 os.path.dirname(model_dir), "gsa_shadow_features")]
   _run_binary(args, log)
   with open(os.path.join(out, "metrics.json")) as f:
     return json.load(f)
