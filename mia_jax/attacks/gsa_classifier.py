@@ -15,12 +15,16 @@ CLASSIFIERS = ("hgb", "xgboost", "logistic")
 SCALINGS = ("shadow", "per_model", "none")
 
 
-def make_classifier(name: str, seed: int):
-  """An unfitted binary classifier with ``fit`` / ``predict_proba``."""
+def make_classifier(name: str, seed: int, balance: bool = True):
+  """An unfitted binary classifier with ``fit`` / ``predict_proba``.
+
+  ``balance``: weight the classes inversely to their counts (hgb, logistic).
+  """
+  weight = "balanced" if balance else None
   if name == "hgb":
     from sklearn.ensemble import HistGradientBoostingClassifier
     return HistGradientBoostingClassifier(random_state=seed,
-                                          class_weight="balanced")
+                                          class_weight=weight)
   if name == "xgboost":
     try:
       import xgboost  # pylint: disable=g-import-not-at-top
@@ -31,8 +35,22 @@ def make_classifier(name: str, seed: int):
     return xgboost.XGBClassifier(n_estimators=200, random_state=seed)
   if name == "logistic":
     from sklearn.linear_model import LogisticRegression
-    return LogisticRegression(max_iter=2000, class_weight="balanced")
+    return LogisticRegression(max_iter=2000, class_weight=weight)
   raise ValueError(f"unknown classifier {name!r}; expected one of {CLASSIFIERS}")
+
+
+def fit_classifier(name: str, seed: int, x: np.ndarray, y: np.ndarray):
+  """`make_classifier` fitted on (x, y).
+
+  Classes are weighted only when their counts differ: with equal counts the
+  balanced weights are all 1, the fit is the same (checked bit for bit in
+  tests/attacks/gsa_test.py), and scikit-learn's weighted histogram path
+  would cost about 5x the time (measured: 40 s vs 8 s for 400 x 286 on this
+  2-core machine).
+  """
+  counts = np.bincount(np.asarray(y, np.int64), minlength=2)
+  return make_classifier(name, seed, balance=bool(counts[0] != counts[1])
+                         ).fit(x, y)
 
 
 def _standardize(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -86,13 +104,13 @@ def validation_auc(x: np.ndarray, y: np.ndarray, groups: np.ndarray, *,
   if len(np.unique(groups)) >= 2:
     for g in np.unique(groups):
       test = groups == g
-      clf = make_classifier(classifier, seed).fit(x[~test], y[~test])
+      clf = fit_classifier(classifier, seed, x[~test], y[~test])
       aucs.append(_auc(y[test], clf.predict_proba(x[test])[:, 1]))
   else:
     from sklearn.model_selection import train_test_split
     tr, te = train_test_split(np.arange(len(y)), test_size=0.3,
                               random_state=seed, stratify=y)
-    clf = make_classifier(classifier, seed).fit(x[tr], y[tr])
+    clf = fit_classifier(classifier, seed, x[tr], y[tr])
     aucs.append(_auc(y[te], clf.predict_proba(x[te])[:, 1]))
   return float(np.mean(aucs))
 
@@ -127,7 +145,7 @@ def fit_and_score(shadow_x: np.ndarray, shadow_y: np.ndarray,
     info["shadow_validation_auc"] = validation_auc(
         sx, shadow_y, np.asarray(shadow_groups), classifier=classifier,
         seed=seed)
-  clf = make_classifier(classifier, seed).fit(sx, shadow_y)
+  clf = fit_classifier(classifier, seed, sx, shadow_y)
   return np.asarray(clf.predict_proba(tx)[:, 1], np.float64), info
 
 
