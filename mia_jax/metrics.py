@@ -4,23 +4,9 @@ The exact ROC primitives (`auc`, `tpr_at_fpr`, `asr`, ...) live in
 `mia_jax.roc` and are re-exported here; this module adds the bootstrap
 intervals and the headline `summarize`.
 
-Conventions (ARCHITECTURE.md):
+Scores, labels, thresholds, TPR@FPR and ASR follow `mia_jax.roc`'s
+conventions (higher score = more likely member; 1 = member). Here:
 
-- `scores`: [N] float, HIGHER = MORE LIKELY MEMBER. No function here ever flips a
-  sign or looks at the labels to choose a direction.
-- `labels`: [N] in {0, 1}, 1 = member (the positive class).
-- A threshold `thr` predicts "member" for every sample with `score >= thr`. So the
-  threshold +inf predicts nobody (the ROC point (0, 0)) and the lowest score
-  predicts everybody (the point (1, 1)).
-- ROC curves are exact: one vertex per distinct score value (tied scores move
-  together, so a tie is a single diagonal step), never a threshold grid.
-- TPR at a fixed FPR uses the rule "le" by default: the largest TPR over ROC
-  vertices whose FPR <= target (ML Privacy Meter's rule; a deterministic
-  threshold achieves it). `rule="lt"` gives LiRA's / PIA's "FPR < target".
-- ASR is the OMS paper's protocol (its Appendix, "The threshold tau"): fit the
-  balanced-accuracy-maximising threshold on a random 10% of the samples, report
-  the balanced accuracy of that threshold on the other 90%, average 10 repeats.
-  The threshold never sees the evaluation part.
 - Bootstrap intervals resample members and non-members separately (stratified),
   so every resample keeps the class counts, and use percentile intervals.
 """
