@@ -11,7 +11,6 @@ then returns the metric rows.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Optional, Sequence
@@ -23,6 +22,7 @@ from mia_jax import attacks as attacks_lib
 from mia_jax import autobatch, checkpoints, compute, data, errors, fixed_point
 from mia_jax import metrics
 from mia_jax import parallel, rundir, runner, sample_sets, schedules, verdict
+from mia_jax import denoiser as denoiser_lib
 from mia_jax import variants as variants_lib
 from mia_jax.attacks import fitted
 from mia_jax.data import integrity
@@ -322,7 +322,9 @@ def build_attacks(cfg: AuditConfig, denoiser: Denoiser):
   for name in cfg.attacks:  # fitted attacks' timesteps, before any work
     if fitted.is_fitted(name):
       options = cfg.attack_overrides.get(name, {})
-      steps = list(options.get("timesteps", ())) + (
+      steps = (list(schedules.validate_timesteps(
+          denoiser.schedule, options["timesteps"], f"{name} timesteps"))
+               if "timesteps" in options else []) + (
           [options["timestep"]] if "timestep" in options else [])
       if cfg.timestep is not None:
         steps.append(cfg.timestep)
@@ -412,11 +414,11 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
   sets = resolve_sets(cfg, metadata)
   if cfg.captions is not None:
     sets = attach_captions(sets, cfg.captions)
-  if cfg.latent_sample and denoiser.encode_fn is not None:
-    denoiser = dataclasses.replace(
-        denoiser, encode_fn=functools.partial(denoiser.encode_fn, sample=True))
+  if cfg.latent_sample:
+    denoiser = denoiser_lib.with_latent_sample(denoiser)
   check_resolution(denoiser, sets)
   built = build_attacks(cfg, denoiser)
+
   import jax
   if cfg.batch_size == "auto":
     needed = -(-sum(len(s.indices) for s in sets) // jax.process_count())

@@ -11,6 +11,7 @@ conditioning (text embeddings for Stable Diffusion), passed through untouched.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -89,3 +90,12 @@ class Denoiser:
   provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
   encode_fn: Optional[Callable[..., jax.Array]] = None
   cond_fn: Optional[Callable[..., Any]] = None
+
+
+def with_latent_sample(denoiser: Denoiser) -> Denoiser:
+  """``denoiser`` encoding images with a posterior sample instead of the
+  mean (``--latent_sample``); pixel models are returned unchanged."""
+  if denoiser.encode_fn is None:
+    return denoiser
+  return dataclasses.replace(denoiser, encode_fn=functools.partial(
+      denoiser.encode_fn, sample=True))

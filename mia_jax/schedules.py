@@ -206,6 +206,20 @@ def validate_timestep(sched: Schedule, t, what: str = "timestep") -> int:
   return int(t)
 
 
+def validate_timesteps(sched: Schedule, value, what: str) -> tuple[int, ...]:
+  """A non-empty list of timesteps (or ``"499,999"``), each checked by
+  `validate_timestep`."""
+  from mia_jax import errors
+  items = ([v.strip() for v in value.split(",")] if isinstance(value, str)
+           else list(value) if isinstance(value, (list, tuple)) else [value])
+  if not items or items == [""]:
+    raise errors.UserError("no timesteps given", what,
+                           "give a list, e.g. [499,999]")
+  return tuple(validate_timestep(sched, int(v) if isinstance(v, str)
+                                 and v.lstrip("-").isdigit() else v, what)
+               for v in items)
+
+
 __all__ = ["Schedule", "linear", "scaled_linear", "cosine", "vp_sde",
            "from_config", "abar_at", "model_time_input", "continuous_time",
            "linear_betas_np", "vp_sde_alpha_bar_np", "validate_timestep"]

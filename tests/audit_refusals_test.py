@@ -375,3 +375,14 @@ def test_analyze_refuses_bad_flags_in_one_line(ckpt, tmp_path, args, match):
   import re
   assert re.search(match, cli.stderr.strip().splitlines()[-1]), cli.stderr
   assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["[5000]", "[1,x]", "[]"])
+def test_bad_gsa_timesteps_refused_before_any_write(ckpt, tmp_path, value):
+  """Checked against the model's schedule before scoring, so the run
+  directory stays untouched (not refused after the loss attacks ran)."""
+  cfg = _cfg(ckpt, tmp_path / "run", attacks=("naive", "gsa"),
+             shadow_checkpoints=(ckpt,))
+  name, key, parsed = audit.parse_attack_option(f"gsa.timesteps={value}")
+  cfg.attack_overrides[name] = {key: parsed}
+  _refuses(cfg, "timestep")

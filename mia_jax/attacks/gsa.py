@@ -74,7 +74,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mia_jax import (checkpoints, compute, data, fixed_point, runner,
-                     sample_sets)
+                     sample_sets, schedules)
+from mia_jax import denoiser as denoiser_lib
 from mia_jax.attacks import fitted
 from mia_jax.attacks.gsa_classifier import (  # pylint: disable=unused-import
     CLASSIFIERS, SCALINGS, fit_and_score, make_classifier, scale_features,
@@ -374,9 +375,8 @@ def load_shadow(directory: str, max_per_side: Optional[int] = None,
   if max_per_side is not None:
     members, nonmembers = members[:max_per_side], nonmembers[:max_per_side]
   denoiser = checkpoints.load_denoiser(directory)
-  if latent_sample and denoiser.encode_fn is not None:
-    denoiser = dataclasses.replace(denoiser, encode_fn=functools.partial(
-        denoiser.encode_fn, sample=True))
+  if latent_sample:
+    denoiser = denoiser_lib.with_latent_sample(denoiser)
   return ShadowData(
       directory=directory, denoiser=denoiser,
       source=source, positions=np.concatenate([members, nonmembers]),
@@ -465,20 +465,6 @@ _DEFAULTS = dict(oms_steps=1, timesteps=DEFAULT_TIMESTEPS, classifier="hgb",
 OPTIONS = tuple(_DEFAULTS)  # the keys of --attack_option gsa.KEY=VALUE
 
 
-def _timesteps_option(value, num_timesteps: int) -> tuple[int, ...]:
-  """``gsa.timesteps``: a list of ints or a comma-separated string."""
-  items = value.split(",") if isinstance(value, str) else (
-      [value] if isinstance(value, (int, float)) else list(value))
-  try:
-    steps = tuple(int(str(t).strip()) for t in items)
-  except ValueError:
-    steps = ()
-  if not steps or any(not 0 <= t < num_timesteps for t in steps):
-    raise ValueError(f"gsa.timesteps={value!r}: expected timesteps in "
-                     f"[0, {num_timesteps}), e.g. gsa.timesteps=[499,999]")
-  return steps
-
-
 def _setup(ctx: fitted.FittedContext, overrides: dict):
   """(options, target feature function, trainable mask, cache key parts)."""
   unknown = sorted(set(overrides) - set(_DEFAULTS))
@@ -494,8 +480,8 @@ def _setup(ctx: fitted.FittedContext, overrides: dict):
                      f"{SCALINGS}")
   oms_steps = int(opts["oms_steps"])
   target = ctx.denoiser
-  timesteps = _timesteps_option(opts["timesteps"],
-                                target.schedule.num_timesteps)
+  timesteps = schedules.validate_timesteps(target.schedule, opts["timesteps"],
+                                          "--attack_option gsa.timesteps")
   mask = trainable_mask(target.params, target.family, tuple(opts["exclude"]))
   feature_fn = make_feature_fn(target.eps_fn, timesteps=timesteps,
                                oms_steps=oms_steps, mask=mask,

@@ -346,12 +346,12 @@ def training_record(members_spec: str, nonmembers_spec: str) -> dict:
     SpecError: the sides come from different data sets, overlap, or one
       is empty.
   """
-  source = base_spec(members_spec)
-  if base_spec(nonmembers_spec) != source:
+  source, other = base_spec(members_spec), base_spec(nonmembers_spec)
+  if other != source:
     raise SpecError(
         f"--trained_on {members_spec!r} and --held_out {nonmembers_spec!r} "
         "must select from one data set (the same file, folder or split); "
-        f"they name {source!r} and {base_spec(nonmembers_spec)!r}.")
+        f"they name {source!r} and {other!r}.")
   try:
     members, nonmembers = parse_member_specs(members_spec, nonmembers_spec)
   except SpecError as e:
