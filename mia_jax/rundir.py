@@ -27,6 +27,7 @@ import sys
 import time
 from typing import Any, Iterator, Optional
 
+from absl import logging
 import numpy as np
 
 from mia_jax import atomic
@@ -108,6 +109,27 @@ def lock(run_dir: str, *, enabled: bool = True) -> Iterator[None]:
         os.remove(path)
         os.rmdir(run_dir)
       raise
+  finally:
+    os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str) -> Iterator[None]:
+  """Holds an exclusive ``flock`` on file ``path``, waiting for it if needed.
+
+  For caches that several runs may fill at once (GSA's shared shadow
+  features): the first fills it while the others wait, then find it full
+  and read it instead of computing the same features again.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info("waiting for %s: another process holds it", path)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
   finally:
     os.close(fd)  # releases the flock
 

@@ -9,6 +9,7 @@ import pytest
 
 from mia_jax import checkpoints, errors, recipes
 from mia_jax.recipes import finetune_t2i as t2i_recipe
+from mia_jax.recipes import processes
 from mia_jax.data import sources
 
 CONFIG = "experiments/configs/finetune_t2i.py"
@@ -131,6 +132,10 @@ def test_recipe_end_to_end_tiny(tmp_path):
                                        "commands.log")).read()
   assert set(result.extra["tables"]) == {"pretrained", "finetuned",
                                          "finetuned_lora"}
+  if len(processes.available_cpus()) >= 2:  # the fine-tunes ran in parallel
+    for job in ("finetuned", "finetuned_lora", "shadow0"):
+      assert "mia_jax.recipes.finetune_t2i" in open(
+          os.path.join(work, job, "train.log")).read()
   assert "initial-noise probe" in open(os.path.join(work, "report.md")).read()
 
 
@@ -144,6 +149,18 @@ def test_config_variants_load_and_document_the_command():
     assert cfg.kind in recipes.KINDS and cfg.variant == variant
   with pytest.raises(ValueError, match="unknown variant"):
     recipes.load_config_file(CONFIG + ":nope")
+
+
+def test_finetune_jobs_follow_the_config():
+  cfg = recipes.load_config_file(CONFIG + ":reduced")
+  assert t2i_recipe.finetune_jobs(cfg) == ["finetuned", "shadow0"]
+  assert cfg.workers == 2
+  assert recipes.load_config_file(CONFIG + ":full").workers == 1
+  cfg.finetune.lora_rank, cfg.shadow.count = 8, 2
+  assert t2i_recipe.finetune_jobs(cfg) == ["finetuned", "finetuned_lora",
+                                          "shadow0", "shadow1"]
+  cfg.audit.attacks = ("naive", "probe")  # no gsa: no shadows
+  assert t2i_recipe.finetune_jobs(cfg) == ["finetuned", "finetuned_lora"]
 
 
 def test_user_models_without_data_are_refused_before_work(tmp_path):

@@ -73,8 +73,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import (checkpoints, compute, data, fixed_point, runner,
-                     sample_sets, schedules)
+from mia_jax import (checkpoints, compute, data, fixed_point, rundir,
+                     runner, sample_sets, schedules)
 from mia_jax import denoiser as denoiser_lib
 from mia_jax.attacks import fitted
 from mia_jax.attacks.gsa_classifier import (  # pylint: disable=unused-import
@@ -569,12 +569,16 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
       shadow_fn = make_feature_fn(shadow.denoiser.eps_fn, timesteps=timesteps,
                                   oms_steps=oms_steps, mask=mask,
                                   vmap_width=opts["vmap_width"])
-    feats = extract_features(
-        shadow.denoiser, shadow.sample_sets(), feature_fn=shadow_fn,
-        seed=ctx.seed, key_name=f"gsa/{tag}",
-        encode_key_name=f"gsa/{tag}/encode", batch_size=batch_size,
-        cache_dir=os.path.join(shadow_dir, f"{tag}-{_fingerprint(payload)}"),
-        run_fingerprint=payload, label=f"gsa {tag} features ({directory})")
+    cache = os.path.join(shadow_dir, f"{tag}-{_fingerprint(payload)}")
+    # Audits sharing shadow_cache_dir may run at once: one fills the cache,
+    # the others wait and then read it (no duplicate work, no mixed shards).
+    with rundir.waiting_lock(cache + ".lock"):
+      feats = extract_features(
+          shadow.denoiser, shadow.sample_sets(), feature_fn=shadow_fn,
+          seed=ctx.seed, key_name=f"gsa/{tag}",
+          encode_key_name=f"gsa/{tag}/encode", batch_size=batch_size,
+          cache_dir=cache, run_fingerprint=payload,
+          label=f"gsa {tag} features ({directory})")
     shadow_x.append(feats)
     shadow_y.append(shadow.labels)
     shadow_g.append(np.full(len(shadow.labels), i))

@@ -35,10 +35,10 @@ Diffusion tables, offline and at a small size
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
-import subprocess
-import sys
 import time
 from typing import Any, Optional
 
@@ -47,14 +47,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from mia_jax import errors, report, runner, schedules, train_sd
+from mia_jax import compute, errors, report, runner, schedules, train_sd
 from mia_jax.convert import sd_export
 from mia_jax.data import sources
 from mia_jax.data import spec as data_spec
 from mia_jax.models.sd import clip as clip_lib
 from mia_jax.models.sd import unet as unet_lib
 from mia_jax.models.sd import vae as vae_lib
-from mia_jax.recipes import common
+from mia_jax.recipes import common, processes
 
 FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
                    "sandal", "shirt", "sneaker", "bag", "ankle boot")
@@ -220,13 +220,29 @@ def shadow_specs(cfg: ml_collections.ConfigDict, data_dir: str, i: int
   return f"{pool}:members:seed={seed}", f"{pool}:nonmembers:seed={seed}"
 
 
-def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
-                 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-  """Pretrains, fine-tunes and exports.
+@dataclasses.dataclass
+class Pretrained:
+  """The pretrained pipeline and the encoded data every fine-tune starts from."""
 
-  Returns:
-    ``({model: diffusers dir or (dir, LoRA file)}, shadows)``; each shadow
-    is ``{"diffusers": dir, "trained_on": spec, "held_out": spec}``.
+  unet: Any
+  vae: Any
+  text: Any
+  sched: schedules.Schedule
+  tok_dir: str
+  latents: dict[str, np.ndarray]  # split -> scaled VAE latents
+  ids: dict[str, np.ndarray]      # split -> token ids
+  uncond: np.ndarray              # the empty caption's token ids
+  loss: Any                       # train_sd.unet_loss
+  params: dict[str, Any]          # vae, unet, text_encoder
+  scaling: float
+  export_dir: str
+
+
+def pretrain(cfg: ml_collections.ConfigDict, workdir: str, data: dict
+             ) -> Pretrained:
+  """Tokenizer, VAE, UNet + text encoder on the public data; exported.
+
+  Resumable: finished parts are restored, not retrained.
   """
   from mia_jax.convert import sd as convert_sd  # lazy: transformers
   unet, vae, text = build_modules(cfg)
@@ -267,56 +283,141 @@ def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
       {"latents": latents["public"], "input_ids": ids["public"]},
       cfg.unet.train, seed=cfg.seed + 1)
   params = {"vae": vae_params, **pre_params}
-  out = {"pretrained": _export(os.path.join(pre, "diffusers"), unet, vae,
-                               text, params, scaling, tok_dir, sched)}
-  fine = os.path.join(workdir, "finetuned")
-  ft = cfg.finetune
-  ft_unet = train_sd.fit(
-      os.path.join(fine, "train_unet"), "finetune", loss,
-      {"unet": pre_params["unet"]},
-      {"uncond_ids": uncond, "text_encoder": pre_params["text_encoder"]},
-      {"latents": latents["members"], "input_ids": ids["members"]},
-      ft.train, seed=cfg.seed + 2)["unet"]
-  out["finetuned"] = _export(os.path.join(fine, "diffusers"), unet, vae, text,
-                             {**params, "unet": ft_unet}, scaling, tok_dir,
-                             sched)
-  rank = int(ft.get("lora_rank") or 0)
-  if rank > 0:  # LoRA fine-tune of the same UNet: a LoRA file on the base
+  export_dir = _export(os.path.join(pre, "diffusers"), unet, vae, text,
+                       params, scaling, tok_dir, sched)
+  return Pretrained(unet, vae, text, sched, tok_dir, latents, ids, uncond,
+                    loss, params, scaling, export_dir)
+
+
+def finetune_jobs(cfg: ml_collections.ConfigDict) -> list[str]:
+  """The fine-tunes of the pretrained model, in order: ``finetuned``,
+  ``finetuned_lora`` (with ``finetune.lora_rank > 0``), ``shadow<i>``."""
+  jobs = ["finetuned"]
+  if int(cfg.finetune.get("lora_rank") or 0) > 0:
+    jobs.append("finetuned_lora")
+  return jobs + [f"shadow{i}" for i in range(shadow_count(cfg))]
+
+
+def _job_output(workdir: str, job: str) -> str:
+  """The file whose presence marks fine-tune ``job`` as exported."""
+  if job == "finetuned_lora":
+    return os.path.join(workdir, job, "pytorch_lora_weights.safetensors")
+  return os.path.join(workdir, job, "diffusers", "model_index.json")
+
+
+def finetune(cfg: ml_collections.ConfigDict, workdir: str, pre: Pretrained,
+             job: str) -> Any:
+  """Trains and exports fine-tune ``job`` (one of `finetune_jobs`).
+
+  Returns:
+    ``finetuned``: its diffusers folder; ``finetuned_lora``: (the pretrained
+    folder, the LoRA file); ``shadow<i>``: ``{"diffusers": dir,
+    "trained_on": spec, "held_out": spec}``.
+  """
+  ft, key, p = cfg.finetune, jax.random.key(cfg.seed), pre.params
+  job_dir = os.path.join(workdir, job)
+  done = os.path.isfile(_job_output(workdir, job))
+  common_frozen = {"uncond_ids": pre.uncond,
+                   "text_encoder": p["text_encoder"]}
+  if job == "finetuned_lora":  # a LoRA file on the pretrained folder
+    rank = int(ft.lora_rank)
     alpha = float(ft.get("lora_alpha") or rank)
-    lora_dir = os.path.join(workdir, "finetuned_lora")
-    lora_file = os.path.join(lora_dir, "pytorch_lora_weights.safetensors")
-    if not os.path.isfile(lora_file):
+    lora_file = _job_output(workdir, job)
+    if not done:
       factors = train_sd.fit(
-          os.path.join(lora_dir, "train_lora"), "finetune-lora",
-          train_sd.lora_loss(loss, alpha / rank),
-          {"lora": train_sd.lora_init(pre_params["unet"], rank,
+          os.path.join(job_dir, "train_lora"), "finetune-lora",
+          train_sd.lora_loss(pre.loss, alpha / rank),
+          {"lora": train_sd.lora_init(p["unet"], rank,
                                       jax.random.fold_in(key, 4))},
-          {"uncond_ids": uncond, "text_encoder": pre_params["text_encoder"],
-           "unet_base": pre_params["unet"]},
-          {"latents": latents["members"], "input_ids": ids["members"]},
+          {**common_frozen, "unet_base": p["unet"]},
+          {"latents": pre.latents["members"],
+           "input_ids": pre.ids["members"]},
           ft.get("lora_train") or ft.train, seed=cfg.seed + 3)
       sd_export.export_lora(lora_file, factors["lora"], rank, alpha)
-    out["finetuned_lora"] = (out["pretrained"], lora_file)
-  # GSA shadows: the attacker's copies of the fine-tuning, on public images
-  # the pretraining never saw, with the target's fine-tuning recipe.
-  shadows = []
-  for i in range(shadow_count(cfg)):
-    trained_on, held_out = shadow_specs(cfg, os.path.join(workdir, "data"), i)
-    members = data_spec.parse_spec(trained_on).indices
-    shadow_dir = os.path.join(workdir, f"shadow{i}")
-    shadow_unet = train_sd.fit(
-        os.path.join(shadow_dir, "train_unet"), f"shadow{i} finetune", loss,
-        {"unet": pre_params["unet"]},
-        {"uncond_ids": uncond, "text_encoder": pre_params["text_encoder"]},
-        {"latents": latents["shadow_pool"][members],
-         "input_ids": ids["shadow_pool"][members]},
-        ft.train, seed=cfg.seed + 10 + i)["unet"]
-    shadows.append({"diffusers": _export(
-        os.path.join(shadow_dir, "diffusers"), unet, vae, text,
-        {**params, "unet": shadow_unet}, scaling, tok_dir, sched),
-        "trained_on": trained_on, "held_out": held_out})
+    return (pre.export_dir, lora_file)
+  if job == "finetuned":
+    rows, name, seed, extra = None, "finetune", cfg.seed + 2, {}
+    split = "members"
+  elif job.startswith("shadow") and job[6:].isdigit():
+    # GSA shadows: the attacker's copies of the fine-tuning, on public
+    # images the pretraining never saw, with the target's recipe.
+    i = int(job[6:])
+    trained_on, held_out = shadow_specs(cfg, os.path.join(workdir, "data"),
+                                        i)
+    rows = data_spec.parse_spec(trained_on).indices
+    name, seed, split = f"shadow{i} finetune", cfg.seed + 10 + i, \
+        "shadow_pool"
+    extra = {"trained_on": trained_on, "held_out": held_out}
+  else:
+    raise ValueError(f"unknown fine-tune {job!r}; expected one of "
+                     f"{finetune_jobs(cfg)}")
+  folder = os.path.join(job_dir, "diffusers")
+  if not done:
+    take = (lambda a: a) if rows is None else (lambda a: a[rows])
+    unet = train_sd.fit(
+        os.path.join(job_dir, "train_unet"), name, pre.loss,
+        {"unet": p["unet"]}, common_frozen,
+        {"latents": take(pre.latents[split]),
+         "input_ids": take(pre.ids[split])},
+        ft.train, seed=seed)["unet"]
+    _export(folder, pre.unet, pre.vae, pre.text, {**p, "unet": unet},
+            pre.scaling, pre.tok_dir, pre.sched)
+  return {"diffusers": folder, **extra} if extra else folder
+
+
+def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
+                 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
+  """Pretrains, fine-tunes and exports.
+
+  The fine-tunes (`finetune_jobs`) run as ``cfg.workers`` parallel
+  processes (`processes.run_parallel`; each: ``python -m
+  mia_jax.recipes.finetune_t2i WORKDIR JOB``, log ``W/<job>/train.log``).
+
+  Returns:
+    ``({model: diffusers dir or (dir, LoRA file)}, shadows)``; each shadow
+    is ``{"diffusers": dir, "trained_on": spec, "held_out": spec}``.
+  """
+  pre = pretrain(cfg, workdir, data)
+  jobs = finetune_jobs(cfg)
+  pending = [j for j in jobs if not os.path.isfile(_job_output(workdir, j))]
+  workers = int(cfg.get("workers") or 1)
+  if workers > 1 and len(pending) > 1:
+    logging.info("fine-tuning %s as %d parallel processes (progress in "
+                 "W/<job>/train.log)", pending, workers)
+
+    def step(job):
+      def run_job():
+        os.makedirs(os.path.join(workdir, job), exist_ok=True)
+        settings = compute.current()
+        _run_binary(["-m", "mia_jax.recipes.finetune_t2i", workdir, job,
+                     settings.dtype, settings.matmul_precision,
+                     settings.compilation_cache_dir or ""],
+                    os.path.join(workdir, job, "train.log"))
+      return run_job
+
+    processes.run_parallel([step(j) for j in pending], workers)
+  results = {j: finetune(cfg, workdir, pre, j) for j in jobs}
+  out = {"pretrained": pre.export_dir,
+         **{j: results[j] for j in jobs if not j.startswith("shadow")}}
+  shadows = [results[j] for j in jobs if j.startswith("shadow")]
   logging.info("exported %s; shadows %s", out, shadows)
   return out, shadows
+
+
+def _finetune_main(argv: list[str]) -> None:
+  """``python -m mia_jax.recipes.finetune_t2i WORKDIR JOB DTYPE PRECISION
+  CACHE``: one fine-tune of a recipe run, with the parent's compute settings
+  (its config is ``WORKDIR/recipe.json``)."""
+  if len(argv) != 6:
+    raise SystemExit("usage: python -m mia_jax.recipes.finetune_t2i WORKDIR "
+                     "JOB DTYPE MATMUL_PRECISION COMPILATION_CACHE_DIR")
+  workdir, job = os.path.abspath(argv[1]), argv[2]
+  logging.set_verbosity(logging.INFO)
+  compute.configure(argv[3], argv[4], argv[5] or None)
+  with open(os.path.join(workdir, "recipe.json")) as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  data = prepare_data(cfg, os.path.join(workdir, "data"))
+  finetune(cfg, workdir, pretrain(cfg, workdir, data), job)
 
 
 # ------------------------------------------------------------ auditing
@@ -324,18 +425,8 @@ def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
 
 def _run_binary(args: list[str], log_path: str) -> None:
   """Runs an experiments/ binary as a user would; its output goes to a log."""
-  env = dict(os.environ)
-  env["PYTHONPATH"] = common.REPO_ROOT + (
-      os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-  cmd = [sys.executable] + args
-  logging.info("running %s", " ".join(cmd))
-  with open(log_path, "a") as log:
-    log.write("$ " + " ".join(cmd) + "\n")
-    log.flush()
-    rc = subprocess.call(cmd, cwd=common.REPO_ROOT, env=env, stdout=log,
-                         stderr=subprocess.STDOUT)
-  if rc != 0:
-    raise RuntimeError(f"{' '.join(args[:1])} exited {rc}; see {log_path}")
+  processes.run_binary(args, log_path, cwd=common.REPO_ROOT,
+                       env=processes.child_env())
 
 
 def convert_shadow(shadow: dict[str, str], shadow_dir: str) -> str:
@@ -380,7 +471,8 @@ def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
           "--nonmembers", data["nonmembers"], "--captions", data["captions"],
           "--attacks", ",".join(a.attacks), "--oms_steps", str(a.oms_steps),
           "--batch_size", str(a.batch_size), "--seed", str(a.seed),
-          "--bootstrap", str(a.bootstrap), "--output", out]
+          "--bootstrap", str(a.bootstrap), "--output", out,
+          *processes.compute_flags()]
   if a.get("max_samples"):
     args += ["--max_samples", str(a.max_samples)]
   for option in a.get("attack_options", ()) or ():
@@ -510,9 +602,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     data = {"members": os.path.join(data_dir, "members.npz"),
             "nonmembers": os.path.join(data_dir, "nonmembers.npz"),
             "captions": os.path.join(data_dir, "captions.jsonl")}
-  tables = {m: audit_model(cfg, folder, os.path.join(workdir, m), data,
-                          shadow_ckpts)
-            for m, folder in models.items()}
+  # The audits are independent (`cfg.workers` at a time; GSA's shared
+  # shadow-feature cache is filled by one of them while the others wait).
+  audits = [functools.partial(audit_model, cfg, folder,
+                              os.path.join(workdir, m), data, shadow_ckpts)
+            for m, folder in models.items()]
+  tables = dict(zip(models, processes.run_parallel(
+      audits, int(cfg.get("workers") or 1))))
   seconds = time.time() - t0
   path = write_report(workdir, tables, seconds, len(shadow_ckpts))
   dirs = [os.path.join(workdir, m, "audit") for m in models]
@@ -523,6 +619,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 
 __all__ = ["FASHION_CLASSES", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",
            "make_captions", "split_positions", "prepare_data",
-           "build_modules", "shadow_count", "shadow_specs", "train_models",
+           "build_modules", "shadow_count", "shadow_specs", "Pretrained",
+           "pretrain", "finetune_jobs", "finetune", "train_models",
            "convert_shadow", "audit_model", "best_base",
            "probe_verdict", "write_report", "run"]
+
+
+if __name__ == "__main__":  # one fine-tune, run by `train_models`
+  from absl import app  # pylint: disable=g-import-not-at-top
+  app.run(_finetune_main)
