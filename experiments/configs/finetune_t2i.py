@@ -20,6 +20,8 @@ probe_forward with the captions, GSA with shadow.count shadow fine-tunes
 W/shadow<i> of the pretrained model on public images held out of
 pretraining) and W/report.md. The exact commands run are
 in W/<model>/commands.log. Re-running resumes. ``:tiny`` is the test size.
+Add ``--config.finetune.lora_rank=8`` for a LoRA fine-tune as well
+(W/finetuned_lora, converted with --lora and audited; about 10 min more).
 
 Full (a real SD1.5 / SD2.1 model and your own captioned fine-tuning set, on
 a GPU). Nothing is trained; give the two diffusers folders and the data:

@@ -31,6 +31,11 @@ Diffusion tables, offline and at a small size
    ``--shadow_checkpoints``;
 7. ``W/report.md``: both tables, the strongest base attack per model, and
    what the initial-noise probe paper claims next to what its rows show.
+
+The fine-tunes of step 4 and 6, and then the audits of step 5, do not depend
+on each other: they run ``workers`` at a time as separate processes
+(`mia_jax.recipes.processes`; a fine-tune is ``python -m
+mia_jax.recipes.finetune_t2i W JOB ...``, logging to ``W/<job>/train.log``).
 """
 
 from __future__ import annotations
