@@ -114,13 +114,22 @@ def lock(run_dir: str, *, enabled: bool = True) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def waiting_lock(path: str) -> Iterator[None]:
+def waiting_lock(path: str, *, enabled: bool = True) -> Iterator[None]:
   """Holds an exclusive ``flock`` on file ``path``, waiting for it if needed.
 
   For caches that several runs may fill at once (GSA's shared shadow
   features): the first fills it while the others wait, then find it full
   and read it instead of computing the same features again.
+
+  Args:
+    path: the lock file (created if needed).
+    enabled: False skips locking. Multi-host runs lock on process 0 only:
+      the other hosts follow it through the computation's collectives, and
+      hosts of one run waiting on each other would deadlock.
   """
+  if not enabled:
+    yield
+    return
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:

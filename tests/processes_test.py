@@ -108,3 +108,9 @@ def test_waiting_lock_makes_a_second_process_wait(tmp_path):
     holder.join(60)
   with rundir.waiting_lock(path):  # free again: no wait
     pass
+
+
+def test_a_disabled_waiting_lock_neither_waits_nor_writes(tmp_path):
+  path = str(tmp_path / "x" / "features.lock")
+  with rundir.waiting_lock(path, enabled=False):  # a multi-host worker
+    assert not os.path.exists(os.path.dirname(path))

@@ -115,7 +115,7 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   c.finetune.train = _train(5e-4, 32, 1500)
   # LoRA fine-tune (rank > 0): also trained, exported as a diffusers LoRA
   # file on the pretrained folder, converted with --lora and audited. Off in
-  # :reduced to keep it within 45 min; --config.finetune.lora_rank=8 adds
+  # :reduced for its time budget; --config.finetune.lora_rank=8 adds
   # it (about 10 more minutes on 2 cores).
   c.finetune.lora_rank = 0
   c.finetune.lora_alpha = 8.0
@@ -141,12 +141,12 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   # GSA at its own default depths 0..1, not the loss attacks' 0..2, and at
   # 5 timesteps (every 200) instead of the papers' 10 (every 100): 15
   # forward + 15 backward UNet passes per sample instead of 30 + 30 (or
-  # 60 + 60), so that :reduced fits in 45 min on 2 cores.
+  # 60 + 60), towards the 45-min budget on 2 cores (not met: 47.9 min).
   c.audit.attack_options = ("gsa.oms_steps=1",
                             "gsa.timesteps=[199,399,599,799,999]")
   # Independent steps (the fine-tunes of the pretrained model, the audits)
-  # run as this many processes, each pinned to its share of the CPUs
-  # (mia_jax.recipes.processes: 1.46x on 2 cores). 1 runs them in turn.
+  # run as this many processes at once (mia_jax.recipes.processes); 1 runs
+  # them in turn. :reduced took 47.9 min on 2 cores with 2 (README).
   c.workers = 2
 
   if variant == "full":  # the papers' 10 GSA timesteps; one accelerator:

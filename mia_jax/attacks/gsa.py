@@ -572,7 +572,8 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
     cache = os.path.join(shadow_dir, f"{tag}-{_fingerprint(payload)}")
     # Audits sharing shadow_cache_dir may run at once: one fills the cache,
     # the others wait and then read it (no duplicate work, no mixed shards).
-    with rundir.waiting_lock(cache + ".lock"):
+    with rundir.waiting_lock(os.path.join(cache, rundir.LOCK_NAME),
+                             enabled=jax.process_index() == 0):
       feats = extract_features(
           shadow.denoiser, shadow.sample_sets(), feature_fn=shadow_fn,
           seed=ctx.seed, key_name=f"gsa/{tag}",

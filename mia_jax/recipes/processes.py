@@ -2,15 +2,19 @@
 
 On a small CPU machine one XLA process keeps only about 1.5 of 2 cores busy
 on the recipes' small models. Measured on 2 cores with the t2i recipe's
-UNet: one fine-tune step took 245 ms alone; two fine-tunes in two processes
-at once took 356 ms per step each, 1.38x the throughput (two threads in one
-process reached only 1.19x; pinning each process to its own core, 1.46x,
-but then a process that waits or ends leaves its core idle). So steps that
-do not depend on each other (the fine-tunes of one pretrained model, the
-audits of several models) run as ``workers`` subprocesses at a time
-(`run_parallel`), each writing its own log (`run_binary`). A step that fails
-is raised, naming its log, after the others end; finished steps are not
-redone on a rerun (the steps themselves resume).
+UNet (fixed batches, warm): one fine-tune step took 245 ms alone; two
+fine-tunes in two processes at once took 356 ms per step each, 1.38x the
+throughput (two threads in one process: 1.19x; each process pinned to its
+own core: 1.46x, but then a process that waits or ends leaves its core
+idle). In the t2i recipe itself the gain was smaller: its two fine-tunes
+took 13.0 min at once against 14.3 min one after the other, since each
+process also loads the data, restores the pretrained model and compiles
+(2.5 min with a cold compilation cache) and ran at 422 ms per step.
+Steps that do not depend on each other (the fine-tunes of one pretrained
+model, the audits of several models) run as ``workers`` subprocesses at a
+time (`run_parallel`), each writing its own log (`run_binary`). A step that
+fails is raised, naming its log, after the others end; finished steps are
+not redone on a rerun (the steps themselves resume).
 """
 
 from __future__ import annotations
