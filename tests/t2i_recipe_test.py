@@ -163,6 +163,16 @@ def test_finetune_jobs_follow_the_config():
   assert t2i_recipe.finetune_jobs(cfg) == ["finetuned", "finetuned_lora"]
 
 
+@pytest.mark.parametrize("workers", [0, -1, True])
+def test_bad_worker_counts_are_refused_before_work(tmp_path, workers):
+  # (ml_collections itself refuses a non-integer --config.workers.)
+  cfg = recipes.load_config_file(CONFIG + ":tiny")
+  cfg.workers = workers
+  with pytest.raises(errors.UserError, match="workers must be a whole"):
+    t2i_recipe.run(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "data")
+
+
 def test_user_models_without_data_are_refused_before_work(tmp_path):
   cfg = recipes.load_config_file(CONFIG + ":full")
   cfg.models.pretrained = str(tmp_path / "a")

@@ -385,7 +385,7 @@ def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
   pre = pretrain(cfg, workdir, data)
   jobs = finetune_jobs(cfg)
   pending = [j for j in jobs if not os.path.isfile(_job_output(workdir, j))]
-  workers = int(cfg.get("workers") or 1)
+  workers = _workers(cfg)
   if workers > 1 and len(pending) > 1:
     logging.info("fine-tuning %s as %d parallel processes (progress in "
                  "W/<job>/train.log)", pending, workers)
@@ -569,11 +569,21 @@ def write_report(workdir: str, tables: dict[str, list[dict]],
   return path
 
 
+def _workers(cfg: ml_collections.ConfigDict) -> int:
+  w = cfg.get("workers", 1)
+  if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+    raise errors.UserError("workers must be a whole number >= 1",
+                           f"workers={w!r}", "set --config.workers=1 (one "
+                           "step at a time) or 2 (two processes at once)")
+  return w
+
+
 def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         ) -> common.RecipeResult:
   """Runs the recipe (see the module docstring)."""
   del progress  # the binaries print their own progress into commands.log
   t0 = time.time()
+  _workers(cfg)  # a bad value is refused before any work
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   given = {m: cfg.models.get(m) for m in ("pretrained", "finetuned")}
@@ -613,7 +623,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                               os.path.join(workdir, m), data, shadow_ckpts)
             for m, folder in models.items()]
   tables = dict(zip(models, processes.run_parallel(
-      audits, int(cfg.get("workers") or 1))))
+      audits, _workers(cfg))))
   seconds = time.time() - t0
   path = write_report(workdir, tables, seconds, len(shadow_ckpts))
   dirs = [os.path.join(workdir, m, "audit") for m in models]
