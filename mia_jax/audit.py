@@ -418,7 +418,6 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
     denoiser = denoiser_lib.with_latent_sample(denoiser)
   check_resolution(denoiser, sets)
   built = build_attacks(cfg, denoiser)
-
   import jax
   if cfg.batch_size == "auto":
     needed = -(-sum(len(s.indices) for s in sets) // jax.process_count())

@@ -222,4 +222,5 @@ def validate_timesteps(sched: Schedule, value, what: str) -> tuple[int, ...]:
 
 __all__ = ["Schedule", "linear", "scaled_linear", "cosine", "vp_sde",
            "from_config", "abar_at", "model_time_input", "continuous_time",
-           "linear_betas_np", "vp_sde_alpha_bar_np", "validate_timestep"]
+           "linear_betas_np", "vp_sde_alpha_bar_np", "validate_timestep",
+           "validate_timesteps"]

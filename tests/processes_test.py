@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from mia_jax import rundir
+from mia_jax import compute, rundir
 from mia_jax.recipes import processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,6 +83,8 @@ def test_children_get_this_runs_compute_settings():
       "--matmul_precision=") and flags[2].startswith(
           "--compilation_cache_dir=")
   assert processes.child_env()["PYTHONPATH"].split(os.pathsep)[0] == REPO
+  # The child reads the same list back into the same settings.
+  assert processes.apply_compute_flags(flags) == compute.current()
 
 
 def _hold(path, hold_s, ready, out):

@@ -171,6 +171,20 @@ def test_bad_worker_counts_are_refused_before_work(tmp_path, workers):
   assert not os.path.exists(tmp_path / "w" / "data")
 
 
+def test_bad_config_leaves_an_existing_workdir_untouched(tmp_path):
+  work = tmp_path / "w"
+  work.mkdir()
+  (work / "recipe.json").write_text("{}")
+  for field, value, match in [("workers", 0, "workers must be a whole"),
+                              ("shadow.count", 0, "at least one shadow")]:
+    cfg = recipes.load_config_file(CONFIG + ":tiny")
+    cfg.update_from_flattened_dict({field: value})
+    with pytest.raises(errors.UserError, match=match):
+      recipes.run_recipe(cfg, str(work))
+    assert os.listdir(work) == ["recipe.json"]
+    assert (work / "recipe.json").read_text() == "{}"
+
+
 def test_user_models_without_data_are_refused_before_work(tmp_path):
   cfg = recipes.load_config_file(CONFIG + ":full")
   cfg.models.pretrained = str(tmp_path / "a")

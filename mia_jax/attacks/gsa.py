@@ -73,8 +73,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import (checkpoints, compute, data, fixed_point, rundir,
-                     runner, sample_sets, schedules)
+from mia_jax import (checkpoints, compute, data, fixed_point, parallel,
+                     rundir, runner, sample_sets, schedules)
 from mia_jax import denoiser as denoiser_lib
 from mia_jax.attacks import fitted
 from mia_jax.attacks.gsa_classifier import (  # pylint: disable=unused-import
@@ -573,7 +573,7 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
     # Audits sharing shadow_cache_dir may run at once: one fills the cache,
     # the others wait and then read it (no duplicate work, no mixed shards).
     with rundir.waiting_lock(os.path.join(cache, rundir.LOCK_NAME),
-                             enabled=jax.process_index() == 0):
+                             enabled=parallel.process_index() == 0):
       feats = extract_features(
           shadow.denoiser, shadow.sample_sets(), feature_fn=shadow_fn,
           seed=ctx.seed, key_name=f"gsa/{tag}",

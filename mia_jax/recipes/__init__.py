@@ -76,6 +76,10 @@ def run_recipe(cfg: ml_collections.ConfigDict, workdir: str, *,
   if kind not in KINDS:
     raise ValueError(f"recipe kind {kind!r}; expected one of {KINDS}")
   check_requirements(cfg)
+  if kind == "finetune_t2i":
+    # Loaded on use: it brings the SD training and export code.
+    from mia_jax.recipes import finetune_t2i  # pylint: disable=g-import-not-at-top
+    finetune_t2i.check_config(cfg)  # before the workdir is touched
   os.makedirs(workdir, exist_ok=True)
   report.atomic_write_text(os.path.join(workdir, "recipe.json"),
                            report.to_json(common.plain(cfg)))
@@ -83,8 +87,6 @@ def run_recipe(cfg: ml_collections.ConfigDict, workdir: str, *,
   if kind == "memorization":  # members x epochs
     return memorization.run(cfg, workdir, progress=progress)
   if kind == "finetune_t2i":  # train, export, convert, audit (subprocesses)
-    # Loaded on use: it brings the SD training and export code.
-    from mia_jax.recipes import finetune_t2i  # pylint: disable=g-import-not-at-top
     return finetune_t2i.run(cfg, workdir, progress=progress)
   if kind == "analysis":
     return analysis.run(cfg, workdir, progress=progress)

@@ -52,7 +52,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mia_jax import compute, errors, report, runner, schedules, train_sd
+from mia_jax import errors, report, runner, schedules, train_sd
 from mia_jax.convert import sd_export
 from mia_jax.data import sources
 from mia_jax.data import spec as data_spec
@@ -393,11 +393,10 @@ def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
     def step(job):
       def run_job():
         os.makedirs(os.path.join(workdir, job), exist_ok=True)
-        settings = compute.current()
-        _run_binary(["-m", "mia_jax.recipes.finetune_t2i", workdir, job,
-                     settings.dtype, settings.matmul_precision,
-                     settings.compilation_cache_dir or ""],
-                    os.path.join(workdir, job, "train.log"))
+        processes.run_binary(
+            ["-m", "mia_jax.recipes.finetune_t2i", workdir, job,
+             *processes.compute_flags()],
+            os.path.join(workdir, job, "train.log"))
       return run_job
 
     processes.run_parallel([step(j) for j in pending], workers)
@@ -410,15 +409,17 @@ def train_models(cfg: ml_collections.ConfigDict, workdir: str, data: dict
 
 
 def _finetune_main(argv: list[str]) -> None:
-  """``python -m mia_jax.recipes.finetune_t2i WORKDIR JOB DTYPE PRECISION
-  CACHE``: one fine-tune of a recipe run, with the parent's compute settings
-  (its config is ``WORKDIR/recipe.json``)."""
-  if len(argv) != 6:
+  """``python -m mia_jax.recipes.finetune_t2i WORKDIR JOB --dtype=...
+  --matmul_precision=... --compilation_cache_dir=...``: one fine-tune of a
+  recipe run, with the parent's compute settings (`processes.compute_flags`;
+  the config is ``WORKDIR/recipe.json``)."""
+  if len(argv) != 5:
     raise SystemExit("usage: python -m mia_jax.recipes.finetune_t2i WORKDIR "
-                     "JOB DTYPE MATMUL_PRECISION COMPILATION_CACHE_DIR")
+                     "JOB --dtype=D --matmul_precision=P "
+                     "--compilation_cache_dir=DIR")
   workdir, job = os.path.abspath(argv[1]), argv[2]
   logging.set_verbosity(logging.INFO)
-  compute.configure(argv[3], argv[4], argv[5] or None)
+  processes.apply_compute_flags(argv[3:])
   with open(os.path.join(workdir, "recipe.json")) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
   data = prepare_data(cfg, os.path.join(workdir, "data"))
@@ -428,21 +429,16 @@ def _finetune_main(argv: list[str]) -> None:
 # ------------------------------------------------------------ auditing
 
 
-def _run_binary(args: list[str], log_path: str) -> None:
-  """Runs an experiments/ binary as a user would; its output goes to a log."""
-  processes.run_binary(args, log_path, cwd=common.REPO_ROOT,
-                       env=processes.child_env())
-
-
 def convert_shadow(shadow: dict[str, str], shadow_dir: str) -> str:
   """convert.py on a shadow folder, recording its fine-tuning split."""
   ckpt = os.path.join(shadow_dir, "checkpoint")
   if not os.path.isfile(os.path.join(ckpt, "model.json")):
-    _run_binary(["experiments/convert.py", "--format", "stable_diffusion",
-                 "--source", shadow["diffusers"], "--output", ckpt,
-                 "--trained_on", shadow["trained_on"],
-                 "--held_out", shadow["held_out"]],
-                os.path.join(shadow_dir, "commands.log"))
+    processes.run_binary(
+        ["experiments/convert.py", "--format", "stable_diffusion",
+         "--source", shadow["diffusers"], "--output", ckpt,
+         "--trained_on", shadow["trained_on"],
+         "--held_out", shadow["held_out"]],
+        os.path.join(shadow_dir, "commands.log"))
   return ckpt
 
 
@@ -466,9 +462,10 @@ def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
   if isinstance(diffusers_dir, (tuple, list)):  # (base folder, LoRA file)
     diffusers_dir, lora = diffusers_dir
   if not os.path.isfile(os.path.join(ckpt, "model.json")):
-    _run_binary(["experiments/convert.py", "--format", "stable_diffusion",
-                 "--source", diffusers_dir, "--output", ckpt]
-                + (["--lora", lora] if lora else []), log)
+    processes.run_binary(
+        ["experiments/convert.py", "--format", "stable_diffusion",
+         "--source", diffusers_dir, "--output", ckpt]
+        + (["--lora", lora] if lora else []), log)
   out = os.path.join(model_dir, "audit")
   a = cfg.audit
   args = ["experiments/attack.py", "--config", "experiments/configs/attack_sd.py",
@@ -487,7 +484,7 @@ def audit_model(cfg: ml_collections.ConfigDict, diffusers_dir: str,
     args += ["--shadow_checkpoints", ",".join(shadow_checkpoints),
              "--attack_option", "gsa.shadow_cache_dir=" + os.path.join(
                  os.path.dirname(model_dir), "gsa_shadow_features")]
-  _run_binary(args, log)
+  processes.run_binary(args, log)
   with open(os.path.join(out, "metrics.json")) as f:
     return json.load(f)
 
@@ -569,6 +566,13 @@ def write_report(workdir: str, tables: dict[str, list[dict]],
   return path
 
 
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a bad ``workers`` or ``shadow.count`` from the config alone
+  (`run_recipe` calls it before it writes anything to the workdir)."""
+  _workers(cfg)
+  shadow_count(cfg)
+
+
 def _workers(cfg: ml_collections.ConfigDict) -> int:
   w = cfg.get("workers", 1)
   if isinstance(w, bool) or not isinstance(w, int) or w < 1:
@@ -583,7 +587,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   """Runs the recipe (see the module docstring)."""
   del progress  # the binaries print their own progress into commands.log
   t0 = time.time()
-  _workers(cfg)  # a bad value is refused before any work
+  check_config(cfg)  # also when called directly, not via run_recipe
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   given = {m: cfg.models.get(m) for m in ("pretrained", "finetuned")}
@@ -637,7 +641,7 @@ __all__ = ["FASHION_CLASSES", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",
            "build_modules", "shadow_count", "shadow_specs", "Pretrained",
            "pretrain", "finetune_jobs", "finetune", "train_models",
            "convert_shadow", "audit_model", "best_base",
-           "probe_verdict", "write_report", "run"]
+           "probe_verdict", "write_report", "check_config", "run"]
 
 
 if __name__ == "__main__":  # one fine-tune, run by `train_models`

@@ -50,18 +50,28 @@ def compute_flags() -> list[str]:
           f"--compilation_cache_dir={c.compilation_cache_dir or ''}"]
 
 
-def run_binary(args: Sequence[str], log_path: str, *, cwd: str,
+def apply_compute_flags(flags: Sequence[str]) -> compute.ComputeConfig:
+  """In a child: configures `mia_jax.compute` from `compute_flags`' list."""
+  values = dict(f.removeprefix("--").split("=", 1) for f in flags)
+  return compute.configure(values["dtype"], values["matmul_precision"],
+                           values["compilation_cache_dir"] or None)
+
+
+def run_binary(args: Sequence[str], log_path: str, *,
+               cwd: str = common.REPO_ROOT,
                env: Optional[dict] = None) -> None:
   """``python ARGS`` with its output appended to ``log_path``.
 
   Args:
     args: the arguments after the interpreter (a script or ``-m module``).
     log_path: the command line and its output are appended here.
-    cwd: the working directory.
-    env: the environment (default this one).
+    cwd: the working directory (default the repository, as a user of
+      ``experiments/*.py`` runs them).
+    env: the environment (default `child_env`).
   Raises:
     RuntimeError: a non-zero exit, naming the log.
   """
+  env = child_env() if env is None else env
   cmd = [sys.executable, *args]
   logging.info("running %s", " ".join(cmd))
   with open(log_path, "a") as log:
@@ -93,4 +103,5 @@ def run_parallel(steps: Sequence[Callable[[], T]], workers: int) -> list[T]:
   return [future.result() for future in futures]
 
 
-__all__ = ["child_env", "compute_flags", "run_binary", "run_parallel"]
+__all__ = ["child_env", "compute_flags", "apply_compute_flags", "run_binary",
+           "run_parallel"]
