@@ -225,8 +225,6 @@ def run(main) -> None:
   2; ``--traceback`` shows the full traceback instead. Anything else is a
   bug and keeps its traceback.
   """
-  import sys
-
   from absl import app, flags
 
   from mia_jax import errors

@@ -25,6 +25,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import string
@@ -39,7 +40,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from mia_jax import diffusion, report, schedules
+from mia_jax import atomic, diffusion, report, schedules
 from mia_jax import train as train_lib
 from mia_jax.models.sd import clip as clip_lib
 from mia_jax.models.sd import unet as unet_lib
@@ -311,14 +312,31 @@ def fit(workdir: str, name: str, loss_fn: Callable, params: Any,
   return state.ema_params if float(tcfg.ema_decay) > 0 else state.params
 
 
+def _encoder(vae: vae_lib.AutoencoderKL) -> Callable:
+  """``(params, images [B, H, W, C]) -> posterior means``, jitted."""
+  return jax.jit(lambda p, x: vae.apply(
+      {"params": p}, x, method=vae_lib.AutoencoderKL.encode)[0])
+
+
 def encode_latents(vae: vae_lib.AutoencoderKL, params: Any,
                    images: np.ndarray, scaling_factor: float,
-                   batch: int = 64) -> np.ndarray:
-  """Posterior means of ``images`` [N, H, W, C] times ``scaling_factor``."""
-  run = jax.jit(lambda p, x: vae.apply({"params": p}, x,
-                                       method=vae_lib.AutoencoderKL.encode)[0])
-  out = [np.asarray(run(params, jnp.asarray(images[i:i + batch])))
-         for i in range(0, len(images), batch)]
+                   batch: int = 64, encoder: Optional[Callable] = None
+                   ) -> np.ndarray:
+  """Posterior means of ``images`` [N, H, W, C] times ``scaling_factor``.
+
+  The last batch is zero-padded to ``batch`` rows (images are encoded
+  independently), so one compiled program serves every call that passes the
+  same ``encoder`` (`_encoder`).
+  """
+  encoder = encoder or _encoder(vae)
+  out = []
+  for i in range(0, len(images), batch):
+    chunk = np.asarray(images[i:i + batch])
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:],
+                                              chunk.dtype)])
+    out.append(np.asarray(encoder(params, jnp.asarray(chunk)))[:batch - pad])
   return np.concatenate(out) * np.float32(scaling_factor)
 
 
@@ -327,7 +345,57 @@ def latent_scaling_factor(latents: np.ndarray) -> float:
   return float(np.round(1.0 / float(np.std(latents)), 5))
 
 
+def cached_latents(path: str, vae: vae_lib.AutoencoderKL, params: Any,
+                   images: Mapping[str, np.ndarray], scaling_split: str,
+                   num_scaling: int = 512) -> tuple[float, dict[str, np.ndarray]]:
+  """The scaling factor and the scaled latents of each split, cached in ``path``.
+
+  Args:
+    path: an ``.npz`` file; written atomically on the first call, read on
+      later ones (a resumed run, or the recipe's fine-tune processes, which
+      would otherwise encode every split again).
+    vae, params: the trained AutoencoderKL.
+    images: split name -> images [N, H, W, C] in [-1, 1].
+    scaling_split: the split whose first ``num_scaling`` images fix the
+      scaling factor (`latent_scaling_factor`).
+
+  The cache is keyed by a SHA-256 of the VAE parameters and of every split's
+  name, shape and bytes, so a retrained VAE or changed data re-encodes
+  instead of reusing stale latents.
+
+  Returns:
+    ``(scaling, {split: latents [N, h, w, latent_channels]})``.
+  """
+  digest = hashlib.sha256()
+  for leaf in jax.tree_util.tree_leaves(params):
+    digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  for name in sorted(images):
+    array = np.ascontiguousarray(images[name])
+    digest.update(f"{name}:{array.shape}:{array.dtype}".encode())
+    digest.update(array.tobytes())
+  key = digest.hexdigest()
+  if os.path.isfile(path):
+    try:
+      with np.load(path, allow_pickle=False) as cached:
+        if str(cached["key"]) == key:
+          return float(cached["scaling"]), {
+              name: cached["latents_" + name] for name in images}
+    except (OSError, KeyError, ValueError) as e:  # torn or foreign file
+      logging.warning("%s is unreadable (%s)", path, e)
+    logging.info("%s does not hold these VAE weights' latents of this data; "
+                 "encoding again", path)
+  encoder = _encoder(vae)
+  scaling = latent_scaling_factor(encode_latents(
+      vae, params, images[scaling_split][:num_scaling], 1.0, encoder=encoder))
+  latents = {name: encode_latents(vae, params, array, scaling,
+                                  encoder=encoder)
+             for name, array in images.items()}
+  atomic.savez(path, key=np.array(key), scaling=np.float64(scaling),
+               **{"latents_" + name: v for name, v in latents.items()})
+  return scaling, latents
+
+
 __all__ = ["BOS", "EOS", "CLIP_PATTERN", "build_tokenizer", "vae_loss",
            "unet_loss", "LORA_TARGETS", "lora_init", "lora_merge", "lora_loss",
            "make_step", "init_state", "fit", "encode_latents",
-           "latent_scaling_factor"]
+           "latent_scaling_factor", "cached_latents"]

@@ -147,3 +147,49 @@ def test_fit_resumes_to_the_same_weights(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), whole,
                resumed)
   assert os.path.isdir(tmp_path / "b" / "state")
+
+
+def test_cached_latents_reuse_and_invalidation(tmp_path, monkeypatch):
+  _, vae, _ = sd_tiny.modules(vae={"mid_block_add_attention": False})
+  params = vae_lib.init_params(vae, jax.random.key(0), resolution=16)
+  images = {"public": _images(), "members": _images()[:2] * 0.5}
+  path = str(tmp_path / "latents.npz")
+  scaling, latents = train_sd.cached_latents(path, vae, params, images,
+                                             "public")
+  raw = train_sd.encode_latents(vae, params, images["public"], 1.0)
+  assert scaling == train_sd.latent_scaling_factor(raw)
+  np.testing.assert_allclose(latents["public"], raw * np.float32(scaling),
+                             rtol=1e-6)
+  assert latents["members"].shape[0] == 2
+  # Zero-padding the last batch leaves every image's latent as it was.
+  np.testing.assert_allclose(
+      train_sd.encode_latents(vae, params, images["public"], 1.0, batch=3),
+      raw, rtol=1e-5, atol=1e-6)
+
+  calls = []
+  real = train_sd.encode_latents
+  monkeypatch.setattr(train_sd, "encode_latents",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  again = train_sd.cached_latents(path, vae, params, images, "public")
+  assert not calls  # read back, not encoded
+  assert again[0] == scaling
+  np.testing.assert_array_equal(again[1]["members"], latents["members"])
+
+  # Other VAE weights, or other images: encoded again, never the stale file.
+  other = jax.tree_util.tree_map(lambda x: x * 1.01, params)
+  fresh = train_sd.cached_latents(path, vae, other, images, "public")
+  assert calls
+  assert not np.allclose(fresh[1]["public"], latents["public"])
+  calls.clear()
+  changed = dict(images, members=images["members"][::-1])
+  moved = train_sd.cached_latents(path, vae, other, changed, "public")
+  assert calls
+  np.testing.assert_allclose(moved[1]["members"], fresh[1]["members"][::-1],
+                             rtol=1e-5, atol=1e-6)
+  # A torn file is encoded again, not trusted.
+  with open(path, "wb") as f:
+    f.write(b"not an npz")
+  calls.clear()
+  torn = train_sd.cached_latents(path, vae, other, changed, "public")
+  assert calls
+  np.testing.assert_array_equal(torn[1]["public"], moved[1]["public"])

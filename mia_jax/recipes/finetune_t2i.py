@@ -272,11 +272,9 @@ def pretrain(cfg: ml_collections.ConfigDict, workdir: str, data: dict
       vae_lib.init_params(vae, jax.random.fold_in(key, 1),
                           resolution=cfg.data.resolution),
       {}, {"images": pub_images}, cfg.vae.train, seed=cfg.seed)
-  scaling = train_sd.latent_scaling_factor(train_sd.encode_latents(
-      vae, vae_params, pub_images[:512], 1.0))
-  latents = {name: train_sd.encode_latents(vae, vae_params,
-                                           _float(v[0]), scaling)
-             for name, v in data.items()}
+  scaling, latents = train_sd.cached_latents(
+      os.path.join(pre, "latents.npz"), vae, vae_params,
+      {name: _float(v[0]) for name, v in data.items()}, "public")
   ids = {name: tokenize(v[2]) for name, v in data.items()}
   uncond = tokenize([""])[0]
   loss = train_sd.unet_loss(unet, text, sched, cfg.unet.p_uncond)
