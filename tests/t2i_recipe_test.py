@@ -191,3 +191,19 @@ def test_user_models_without_data_are_refused_before_work(tmp_path):
   with pytest.raises(errors.UserError, match="audit.members"):
     t2i_recipe.run(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "pretrained")
+
+
+def test_the_fine_tune_child_takes_the_compute_flags(tmp_path):
+  # The command line `train_models` gives each fine-tune process: the
+  # compute flags must reach `_finetune_main`, not absl's flag parser (which
+  # once refused them and failed every parallel fine-tune). With no
+  # recipe.json the child gets as far as reading it.
+  from mia_jax.recipes import processes
+  log = tmp_path / "child.log"
+  with pytest.raises(RuntimeError, match="exited"):
+    processes.run_binary(["-m", "mia_jax.recipes.finetune_t2i",
+                          str(tmp_path), "finetuned",
+                          *processes.compute_flags()], str(log))
+  text = log.read_text()
+  assert "Unknown command line flag" not in text
+  assert "recipe.json" in text and "FileNotFoundError" in text

@@ -411,7 +411,7 @@ def _finetune_main(argv: list[str]) -> None:
   --matmul_precision=... --compilation_cache_dir=...``: one fine-tune of a
   recipe run, with the parent's compute settings (`processes.compute_flags`;
   the config is ``WORKDIR/recipe.json``)."""
-  if len(argv) != 5:
+  if len(argv) != 6:
     raise SystemExit("usage: python -m mia_jax.recipes.finetune_t2i WORKDIR "
                      "JOB --dtype=D --matmul_precision=P "
                      "--compilation_cache_dir=DIR")
@@ -643,5 +643,6 @@ __all__ = ["FASHION_CLASSES", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",
 
 
 if __name__ == "__main__":  # one fine-tune, run by `train_models`
-  from absl import app  # pylint: disable=g-import-not-at-top
-  app.run(_finetune_main)
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  # The compute flags are this module's arguments, not absl flags.
+  app.run(_finetune_main, flags_parser=lambda a: (flags.FLAGS(a[:1]), a)[1])
