@@ -193,6 +193,34 @@ def test_user_models_without_data_are_refused_before_work(tmp_path):
   assert not os.path.exists(tmp_path / "w" / "pretrained")
 
 
+def test_bad_user_models_are_refused_before_the_workdir_is_touched(
+    tmp_path):
+  pipe = tmp_path / "pipe"
+  pipe.mkdir()
+  (pipe / "model_index.json").write_text("{}")
+  members = tmp_path / "m.npz"
+  np.savez(members, images=np.zeros((2, 8, 8, 3), np.uint8), ids=[0, 1])
+  captions = tmp_path / "c.jsonl"
+  captions.write_text('{"id": 0, "caption": "a"}\n')
+  good = dict(pretrained=str(pipe), finetuned=str(pipe),
+              members=str(members), nonmembers=str(members),
+              captions=str(captions))
+  for field, value, match in [
+      ("finetuned", str(tmp_path), r"no model_index.json.*models.finetuned"),
+      ("members", str(tmp_path / "nope.npz"), r"does not exist.*audit.members"),
+      ("captions", str(tmp_path / "nope.jsonl"), "audit.captions"),
+  ]:
+    cfg = recipes.load_config_file(CONFIG + ":full")
+    cfg.audit.attacks = ("naive",)
+    for key, v in dict(good, **{field: value}).items():
+      (cfg.models if key in ("pretrained", "finetuned") else cfg.audit)[
+          key] = v
+    work = tmp_path / f"w_{field}"
+    with pytest.raises(errors.UserError, match=match):
+      recipes.run_recipe(cfg, str(work))
+    assert not work.exists()
+
+
 def test_the_fine_tune_child_takes_the_compute_flags(tmp_path):
   # The command line `train_models` gives each fine-tune process: the
   # compute flags must reach `_finetune_main`, not absl's flag parser (which

@@ -54,16 +54,14 @@ import numpy as np
 
 from mia_jax import errors, report, runner, schedules, train_sd
 from mia_jax.convert import sd_export
-from mia_jax.data import sources
 from mia_jax.data import spec as data_spec
 from mia_jax.models.sd import clip as clip_lib
 from mia_jax.models.sd import unet as unet_lib
 from mia_jax.models.sd import vae as vae_lib
 from mia_jax.recipes import common, processes
-
-FASHION_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat",
-                   "sandal", "shirt", "sneaker", "bag", "ankle boot")
-FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+from mia_jax.recipes.t2i_data import (FASHION_CLASSES, FashionMnistMissing,
+                                      load_fashion_mnist, make_captions,
+                                      split_positions, to_rgb)
 
 PROBE_CLAIM = (
     "\"Noise as a Probe\" claims that the initial noise obtained from a "
@@ -74,59 +72,7 @@ PROBE_CLAIM = (
     "the generation interface (choose the initial noise, see the output).")
 
 
-class FashionMnistMissing(errors.UserError, FileNotFoundError):
-  """The Fashion-MNIST IDX files are not installed."""
-
-
 # ------------------------------------------------------------ data
-
-
-def load_fashion_mnist(directory: str) -> tuple[np.ndarray, np.ndarray]:
-  """Fashion-MNIST train split: ([60000, 28, 28, 1] uint8, [60000] labels)."""
-  paths = [os.path.join(directory, f) for f in FASHION_FILES]
-  missing = [p for p in paths if not os.path.isfile(p)]
-  if missing:
-    raise FashionMnistMissing(
-        "Fashion-MNIST is not installed", ", ".join(missing),
-        "install Debian's package (apt-get install dataset-fashion-mnist) or "
-        "set --config.data.dir to a folder with the IDX files")
-  images = sources.read_idx_images(paths[0])
-  labels = sources.read_idx_labels(paths[1])
-  if len(images) != len(labels):
-    raise ValueError(f"{len(images)} images but {len(labels)} labels")
-  return images, labels
-
-
-def to_rgb(images: np.ndarray, resolution: int) -> np.ndarray:
-  """[N, h, w, 1] uint8 -> [N, r, r, 3]: zero-padded centred, grey to RGB."""
-  n, h, w, _ = images.shape
-  top, left = (resolution - h) // 2, (resolution - w) // 2
-  out = np.zeros((n, resolution, resolution, 3), np.uint8)
-  out[:, top:top + h, left:left + w, :] = images
-  return out
-
-
-def make_captions(labels: np.ndarray, templates, seed: int) -> list[str]:
-  """One caption per image: a seeded template filled with the class name."""
-  pick = np.random.default_rng([seed, 7]).integers(0, len(templates),
-                                                   len(labels))
-  return [templates[k].format(FASHION_CLASSES[int(c)])
-          for k, c in zip(pick, labels)]
-
-
-def split_positions(num: int, sizes: dict[str, int], seed: int
-                    ) -> dict[str, np.ndarray]:
-  """Disjoint seeded position sets of the given sizes (sorted)."""
-  total = sum(sizes.values())
-  if total > num:
-    raise errors.UserError(f"the splits need {total} images", str(sizes),
-                           f"the data has {num}; lower the sizes")
-  perm = np.random.default_rng([seed, 3]).permutation(num)
-  out, start = {}, 0
-  for name, size in sizes.items():
-    out[name] = np.sort(perm[start:start + int(size)])
-    start += int(size)
-  return out
 
 
 def prepare_data(cfg: ml_collections.ConfigDict, data_dir: str) -> dict:
@@ -565,10 +511,53 @@ def write_report(workdir: str, tables: dict[str, list[dict]],
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """Refuses a bad ``workers`` or ``shadow.count`` from the config alone
-  (`run_recipe` calls it before it writes anything to the workdir)."""
+  """Refuses a bad ``workers``, ``shadow.count`` or user-model setting
+  before any work (`run_recipe` calls it before it writes to the workdir)."""
   _workers(cfg)
   shadow_count(cfg)
+  _user_models(cfg)
+
+
+def _user_models(cfg: ml_collections.ConfigDict
+                 ) -> Optional[tuple[dict, dict, tuple[str, ...]]]:
+  """``(models, data, shadow checkpoints)`` of a user's own folders (`:full`),
+  checked; None when the recipe trains its own."""
+  given = {m: cfg.models.get(m) for m in ("pretrained", "finetuned")}
+  if not any(given.values()):
+    return None
+  missing = [f"audit.{k}" for k in ("members", "nonmembers", "captions")
+             if not cfg.audit.get(k)]
+  if missing or not all(given.values()):
+    raise errors.UserError(
+        "user models need both folders and the data",
+        ", ".join(missing + [f"models.{m}" for m, v in given.items()
+                             if not v]),
+        "set models.pretrained, models.finetuned, audit.members, "
+        "audit.nonmembers and audit.captions")
+  for m, folder in given.items():
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+      raise errors.UserError("not a diffusers pipeline folder (no "
+                             "model_index.json)", f"models.{m}={folder}",
+                             "give the folder save_pretrained wrote")
+  for k in ("members", "nonmembers"):
+    try:  # a missing file or a malformed spec, named by its config field
+      data_spec.parse_spec(cfg.audit[k])
+    except errors.UserError as e:
+      raise errors.UserError(e.line(), f"audit.{k}") from e
+  if not os.path.isfile(cfg.audit.captions):
+    raise errors.MissingInputError(
+        "no such file", f"audit.captions={cfg.audit.captions}",
+        "give the id -> caption JSONL file")
+  shadow_ckpts = tuple(cfg.audit.get("shadow_checkpoints") or ())
+  if "gsa" in tuple(cfg.audit.attacks) and not shadow_ckpts:
+    raise errors.UserError(
+        "gsa on user models needs converted shadow fine-tunes",
+        "audit.shadow_checkpoints",
+        "fine-tune copies of the pretrained model on public images, "
+        "convert each with experiments/convert.py --trained_on SPEC "
+        "--held_out SPEC, and list them; or drop gsa from audit.attacks")
+  data = {k: cfg.audit[k] for k in ("members", "nonmembers", "captions")}
+  return given, data, shadow_ckpts
 
 
 def _workers(cfg: ml_collections.ConfigDict) -> int:
@@ -588,27 +577,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   check_config(cfg)  # also when called directly, not via run_recipe
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  given = {m: cfg.models.get(m) for m in ("pretrained", "finetuned")}
-  if any(given.values()):  # a user's own folders: nothing is trained
-    missing = [f"audit.{k}" for k in ("members", "nonmembers", "captions")
-               if not cfg.audit.get(k)]
-    if missing or not all(given.values()):
-      raise errors.UserError(
-          "user models need both folders and the data",
-          ", ".join(missing + [f"models.{m}" for m, v in given.items()
-                               if not v]),
-          "set models.pretrained, models.finetuned, audit.members, "
-          "audit.nonmembers and audit.captions")
-    models = given
-    data = {k: cfg.audit[k] for k in ("members", "nonmembers", "captions")}
-    shadow_ckpts = tuple(cfg.audit.get("shadow_checkpoints") or ())
-    if "gsa" in tuple(cfg.audit.attacks) and not shadow_ckpts:
-      raise errors.UserError(
-          "gsa on user models needs converted shadow fine-tunes",
-          "audit.shadow_checkpoints",
-          "fine-tune copies of the pretrained model on public images, "
-          "convert each with experiments/convert.py --trained_on SPEC "
-          "--held_out SPEC, and list them; or drop gsa from audit.attacks")
+  user = _user_models(cfg)
+  if user:  # a user's own folders: nothing is trained
+    models, data, shadow_ckpts = user
   else:
     data_dir = os.path.join(workdir, "data")
     arrays = prepare_data(cfg, data_dir)
@@ -634,7 +605,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                               "seconds": seconds})
 
 
-__all__ = ["FASHION_CLASSES", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",
+__all__ = ["FASHION_CLASSES", "FashionMnistMissing", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",
            "make_captions", "split_positions", "prepare_data",
            "build_modules", "shadow_count", "shadow_specs", "Pretrained",
            "pretrain", "finetune_jobs", "finetune", "train_models",
