@@ -109,6 +109,18 @@ def check_config(cfg: AuditConfig, metadata: dict) -> None:
       cfg.output, (cfg.checkpoint, *cfg.shadow_checkpoints))
 
 
+def preset_overrides(overrides: Optional[dict], attacks) -> dict:
+  """A config preset's per-attack options, for the ``attacks`` that run.
+
+  A preset (e.g. ``attack_sd.py``) gives options for a family of attacks;
+  running a subset (``--attacks gsa``) drops the others' options instead of
+  refusing options the user never wrote. ``--attack_option`` stays strict
+  (`check_attack_settings`).
+  """
+  return {name: dict(options) for name, options in (overrides or {}).items()
+          if name in tuple(attacks)}
+
+
 def check_attack_settings(cfg: AuditConfig) -> None:
   """The checks of `check_config` that need neither checkpoint nor data.
 

@@ -386,3 +386,19 @@ def test_bad_gsa_timesteps_refused_before_any_write(ckpt, tmp_path, value):
   name, key, parsed = audit.parse_attack_option(f"gsa.timesteps={value}")
   cfg.attack_overrides[name] = {key: parsed}
   _refuses(cfg, "timestep")
+
+
+def test_a_presets_options_for_attacks_not_run_are_dropped_not_refused():
+  # attack_sd.py gives timesteps for naive/secmi/pia/pian; `--attacks gsa`
+  # with that config once failed on options the user never wrote.
+  preset = {"naive": {"timestep": 500}, "pia": {"timestep": 500}}
+  kept = audit.preset_overrides(preset, ("pia", "gsa"))
+  assert kept == {"pia": {"timestep": 500}}
+  kept["pia"]["timestep"] = 1  # a copy: the preset is not changed
+  assert preset["pia"] == {"timestep": 500}
+  assert audit.preset_overrides(None, ("gsa",)) == {}
+  # A user's own option for an attack not run is still refused.
+  cfg = audit.AuditConfig(checkpoint="c", output="o", attacks=("gsa",),
+                          attack_overrides={"naive": {"timestep": 5}})
+  with pytest.raises(errors.UserError, match="which this run does not run"):
+    audit.check_attack_settings(cfg)

@@ -90,7 +90,8 @@ def main(argv):
       reference=_REFERENCE.value, shadow_checkpoints=tuple(_SHADOWS.value),
       captions=_CAPTIONS.value, latent_sample=_LATENT_SAMPLE.value,
       drop_overlap=_DROP_OVERLAP.value,
-      attack_overrides=preset.get("attack_overrides", {}))
+      attack_overrides=audit.preset_overrides(
+          preset.get("attack_overrides"), _ATTACKS.value))
   if not cfg.checkpoint or not cfg.output:
     raise errors.UserError("--checkpoint and --output are required",
                            "--checkpoint / --output",
