@@ -111,7 +111,7 @@ def get_config(arg: str = "reduced") -> ml_collections.ConfigDict:
   c.unet.p_uncond = 0.1
   # Pretraining: 24 epochs over the public images (1500 x 64 / 4000). With
   # 1000 steps (16 epochs) :reduced took 37.8 min but the fine-tuned
-  # model leaked less (probe AUC 0.890 instead of 0.920; README).
+  # model leaked less (probe AUC 0.890 instead of 0.921; README).
   c.unet.train = _train(1e-3, 64, 1500)
   # Fine-tuning: many epochs over the members (1500 x 32 / 200 = 240).
   c.finetune = ml_collections.ConfigDict()
