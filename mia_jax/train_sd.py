@@ -347,8 +347,9 @@ def latent_scaling_factor(latents: np.ndarray) -> float:
 
 def cached_latents(path: str, vae: vae_lib.AutoencoderKL, params: Any,
                    images: Mapping[str, np.ndarray], scaling_split: str,
-                   num_scaling: int = 512) -> tuple[float, dict[str, np.ndarray]]:
-  """The scaling factor and the scaled latents of each split, cached in ``path``.
+                   num_scaling: int = 512
+                   ) -> tuple[float, dict[str, np.ndarray]]:
+  """The scaling factor and each split's scaled latents, cached in ``path``.
 
   Args:
     path: an ``.npz`` file; written atomically on the first call, read on

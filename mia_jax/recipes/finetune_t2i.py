@@ -605,8 +605,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                               "seconds": seconds})
 
 
-__all__ = ["FASHION_CLASSES", "FashionMnistMissing", "PROBE_CLAIM", "load_fashion_mnist", "to_rgb",
-           "make_captions", "split_positions", "prepare_data",
+__all__ = ["FASHION_CLASSES", "FashionMnistMissing", "PROBE_CLAIM",
+           "load_fashion_mnist", "to_rgb", "make_captions",
+           "split_positions", "prepare_data",
            "build_modules", "shadow_count", "shadow_specs", "Pretrained",
            "pretrain", "finetune_jobs", "finetune", "train_models",
            "convert_shadow", "audit_model", "best_base",
