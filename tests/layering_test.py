@@ -40,6 +40,7 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("drivers/fitted-interface", ("attacks.fitted",)),
     ("drivers/attack-drivers", ("attacks.quantile", "attacks.gsa",
                                 "attacks.gsa_classifier",
+                                "attacks.gsa_shadows",
                                 "attacks.schemes", "train", "train_sd")),
     ("drivers/audit", ("audit",)),
     ("drivers/analysis", ("analysis.run", "analysis.plots")),

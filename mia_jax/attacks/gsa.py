@@ -55,6 +55,10 @@ weights instead); the classifier is fitted on all shadow data and its
 transfer is estimated by leave-one-shadow-out AUC (a 70/30 split with one
 shadow); gradients are taken on the checkpoint's weights (EMA weights for
 targets trained here; the reference uses the non-EMA model); dropout is off.
+A shadow that was trained or held out on an image the audit evaluates (the
+target given as its own shadow, shadows trained on the audited split) is
+refused before any work (`gsa_shadows.check_shadows_disjoint`): its labels
+would pass to the target's scores and inflate the AUC.
 """
 
 from __future__ import annotations
@@ -73,10 +77,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import (checkpoints, compute, data, fixed_point, parallel,
-                     rundir, runner, sample_sets, schedules)
-from mia_jax import denoiser as denoiser_lib
+from mia_jax import (checkpoints, compute, fixed_point, parallel, rundir,
+                     runner, schedules)
 from mia_jax.attacks import fitted
+from mia_jax.attacks.gsa_shadows import (  # pylint: disable=unused-import
+    SHADOW_CONFIG, ShadowData, check_shadows_disjoint, load_shadow,
+    shadow_training_help)
 from mia_jax.attacks.gsa_classifier import (  # pylint: disable=unused-import
     CLASSIFIERS, SCALINGS, fit_and_score, make_classifier, scale_features,
     validation_auc)
@@ -85,7 +91,6 @@ from mia_jax.denoiser import Denoiser, EpsFn
 # The reference's timesteps: range(100, 1001, 100) - 1 (0-based indices).
 DEFAULT_TIMESTEPS = tuple(range(99, 1000, 100))
 VARIANTS = ("gsa1", "gsa2")
-SHADOW_CONFIG = "experiments/configs/train_digits_shadow.py"
 
 
 # --------------------------------------------------------------------------
@@ -325,65 +330,6 @@ def extract_features(denoiser: Denoiser, sets: Sequence[runner.SampleSet], *,
 # The fitted attack.
 
 
-def shadow_training_help(shadow_config: str = SHADOW_CONFIG) -> str:
-  return (
-      "Train shadow models on the target's public reference images with the "
-      "project's training binary, e.g. for the digits demo target:\n"
-      f"  python experiments/train.py --config {shadow_config}:0 "
-      "--workdir runs/digits_shadow0\n"
-      f"  python experiments/train.py --config {shadow_config}:1 "
-      "--workdir runs/digits_shadow1\n"
-      "then pass --shadow_checkpoints "
-      "runs/digits_shadow0/target,runs/digits_shadow1/target. For another "
-      "target, copy that config and point data.source at public data of the "
-      "target's distribution (never its members or evaluated non-members), "
-      "with the target's model and training recipe.")
-
-
-@dataclasses.dataclass
-class ShadowData:
-  """A shadow model and its labelled samples (members first)."""
-
-  directory: str
-  denoiser: Denoiser
-  source: Any
-  positions: np.ndarray
-  labels: np.ndarray
-
-  def sample_sets(self) -> list[runner.SampleSet]:
-    """Members then non-members, in `positions` order, for the engine."""
-    members = self.labels == 1
-    if not np.all(np.diff(members.astype(np.int8)) <= 0):
-      raise ValueError("shadow samples must list members first")
-    return [runner.SampleSet(self.source, self.positions[members], 1),
-            runner.SampleSet(self.source, self.positions[~members], 0)]
-
-
-def load_shadow(directory: str, max_per_side: Optional[int] = None,
-                latent_sample: bool = False) -> ShadowData:
-  """A shadow checkpoint with its recorded members / non-members.
-
-  ``latent_sample``: encode with a posterior sample, as the run does.
-  """
-  _check_shadow_record(directory)
-  recorded = checkpoints.read_metadata(directory)["data"]
-  source = data.parse_spec(recorded["source"])
-  members = sample_sets.positions_of(source, recorded["members"],
-                                     f"shadow {directory} member")
-  nonmembers = sample_sets.positions_of(source, recorded["nonmembers"],
-                                        f"shadow {directory} non-member")
-  if max_per_side is not None:
-    members, nonmembers = members[:max_per_side], nonmembers[:max_per_side]
-  denoiser = checkpoints.load_denoiser(directory)
-  if latent_sample:
-    denoiser = denoiser_lib.with_latent_sample(denoiser)
-  return ShadowData(
-      directory=directory, denoiser=denoiser,
-      source=source, positions=np.concatenate([members, nonmembers]),
-      labels=np.concatenate([np.ones(len(members), np.int64),
-                             np.zeros(len(nonmembers), np.int64)]))
-
-
 def _tensor_signature(params, mask) -> list[tuple[str, tuple[int, ...]]]:
   leaves = jax.tree.leaves(params)
   return [(p, tuple(l.shape)) for p, l, m in
@@ -447,15 +393,6 @@ def target_features(ctx: fitted.FittedContext, feature_fn: Callable,
       cache_dir=os.path.join(ctx.work_dir, "features",
                              f"target-{_fingerprint(payload)}"),
       run_fingerprint=payload, label="gsa target features", stats=stats)
-
-
-def _check_shadow_record(directory: str) -> None:
-  recorded = checkpoints.read_metadata(directory).get("data") or {}
-  if not recorded.get("members") or not recorded.get("nonmembers"):
-    raise ValueError(
-        f"shadow checkpoint {directory!r} records no members and non-members "
-        "(only models trained by experiments/train.py do).\n"
-        + shadow_training_help())
 
 
 _DEFAULTS = dict(oms_steps=1, timesteps=DEFAULT_TIMESTEPS, classifier="hgb",
@@ -534,10 +471,8 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
   target = ctx.denoiser
   feature_dir = os.path.join(ctx.work_dir, "features")
   shadow_dir = opts["shadow_cache_dir"] or feature_dir
-  eval_ids = {str(v) for v in ctx.eval_ids()}
 
-  for directory in ctx.shadow_checkpoints:  # fail before the long part
-    _check_shadow_record(directory)
+  check_shadows_disjoint(ctx, opts["max_shadow_samples"])  # before the long part
   stats = FeatureStats()
   target_x = target_features(ctx, feature_fn, common, stats)
   seconds_per_sample = (stats.seconds / stats.computed if stats.computed
@@ -554,11 +489,6 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
     _check_compatible(target, shadow, mask)
     shadow_ids = {str(v) for v in
                   np.asarray(shadow.source.ids)[shadow.positions].tolist()}
-    overlap = len(shadow_ids & eval_ids)
-    if overlap:
-      logging.warning("shadow %s was trained/held out on %d images that are "
-                      "also evaluated; shadows should use public data only",
-                      directory, overlap)
     tag = f"shadow{i}"
     payload = {**common, "tag": tag, "params":
                checkpoints.params_fingerprint(shadow.denoiser.params),

@@ -16,7 +16,7 @@ import pytest
 import threadpoolctl
 from sklearn import ensemble  # noqa: F401  (loads OpenMP before threadpool_limits)
 
-from mia_jax import checkpoints, data, models, runner, schedules
+from mia_jax import checkpoints, data, errors, models, runner, schedules
 from mia_jax.attacks import fitted, gsa
 from mia_jax.denoiser import InputSpec
 from tests import toy_models
@@ -344,8 +344,10 @@ def test_run_fitted_end_to_end(tmp_path, monkeypatch):
              for i in range(2)]
   target_dir = _save(tmp_path / "target", 0, None)
   digits = data.parse_spec("digits")
-  sets = [runner.SampleSet(digits, np.arange(0, 5), 1),
-          runner.SampleSet(digits, np.arange(5, 9), 0)]
+  # Evaluated images the shadows never saw (the shadows' are public ones).
+  unseen = np.flatnonzero(~np.isin(np.asarray(digits.ids), ids))
+  sets = [runner.SampleSet(digits, unseen[0:5], 1),
+          runner.SampleSet(digits, unseen[5:9], 0)]
   ctx = fitted.FittedContext(
       denoiser=checkpoints.load_denoiser(target_dir), eval_sets=sets,
       reference_set=None, shadow_checkpoints=shadows, batch_size=3, seed=0,
@@ -369,6 +371,19 @@ def test_run_fitted_end_to_end(tmp_path, monkeypatch):
   again = fitted.run("gsa", ctx, **opts)
   for a, b in zip(variants, again):
     np.testing.assert_array_equal(a.scores, b.scores)
+  # A shadow that saw an evaluated image (here: shadow 1's first non-member
+  # is evaluated as a non-member too) is refused before any work: its labels
+  # would pass to the target's scores.
+  seen = int(np.flatnonzero(np.asarray(digits.ids) == ids[120])[0])
+  ctx.eval_sets = [sets[0], runner.SampleSet(
+      digits, np.append(sets[1].indices, seen), 0)]
+  ctx.work_dir = str(tmp_path / "work_refused")
+  with pytest.raises(errors.UserError, match=(
+      rf"shadow .*shadow1 was trained or held out on 1 image.*"
+      rf"{ids[120]} = {ids[120]}")):
+    fitted.run("gsa", ctx, **opts)
+  assert not os.path.exists(os.path.join(ctx.work_dir, "features"))
+  ctx.eval_sets = sets
   # No shadows: a clear error with the training command.
   ctx.shadow_checkpoints = []
   with pytest.raises(ValueError, match="train_digits_shadow.py"):
