@@ -116,8 +116,8 @@ def test_auto_batch_size_on_cpu_is_unchanged_and_forward_bytes_measure():
   assert autobatch.free_device_bytes(cpu) is None
   with jax.default_device(cpu[0]):  # XLA:CPU's memory analysis
     toy = toy_models.TinyNonlinear((4, 4, 1))
-    fixed, per_sample = autobatch.forward_bytes(toy.eps_fn, toy.params,
-                                                (4, 4, 1))
+    fixed, per_sample = autobatch.forward_bytes(
+        toy.eps_fn, jax.device_put(toy.params, cpu[0]), (4, 4, 1))
   assert fixed == 4 * (16 * 16 + 16)
   assert 0 < per_sample < 1e5
   toy = toy_models.TinyNonlinear((4, 4, 1))

@@ -122,6 +122,7 @@ def _worker():
   print("RESULT " + json.dumps(out))
 
 
+@pytest.mark.timeout(600)  # a JAX subprocess: ~65 s on 2 busy cores
 def test_mesh_sharding_matches_one_device():
   # The caller's PYTHONPATH stays (packages carried beside the repository);
   # JAX_PLATFORMS=cpu: the 4 devices are host devices, whatever the machine.

@@ -113,6 +113,7 @@ def _calls(tmp_path):
   return p.read_text().split() if p.exists() else []
 
 
+@pytest.mark.timeout(900)  # four JAX subprocesses: ~40 s on 2 busy cores
 def test_killed_run_resumes_to_identical_scores_recomputing_nothing(tmp_path):
   from mia_jax import runner
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
