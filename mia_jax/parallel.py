@@ -8,7 +8,8 @@ one that keeps every device busy:
   are replicated (``P()``). The jitted attack is unchanged: XLA partitions the
   batch axis, and because every attack acts per sample, each sample's
   arithmetic is the same on any device count (the tests check bit-for-bit
-  equality with one device).
+  equality with one device on CPU host devices; GPU kernels for the
+  partitioned program may round differently).
 * several hosts (`jax.distributed.initialize`): each process scores its own
   batches (batch ``k`` belongs to process ``k % process_count``), reads only
   those samples, shards them over its local mesh and writes its own shards;

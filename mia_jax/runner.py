@@ -5,7 +5,10 @@ and cut into fixed-size batches; the last batch is padded and masked so every
 call has the same shape and compiles once. Each finished batch is written as
 one shard ``shards/shard_<k>.npz`` (write to a temporary file, then rename),
 so a killed run restarted with the same command skips finished shards and
-ends with exactly the scores of an uninterrupted run. ``shards/fingerprint.json``
+ends with exactly the scores of an uninterrupted run (on GPUs only with
+``--xla_gpu_deterministic_ops``: otherwise XLA's autotuner may pick other
+kernels in the new process, and recomputed batches agree to float32
+rounding). ``shards/fingerprint.json``
 pins the config, checkpoint and sample list: a run whose inputs changed
 refuses to mix with old shards.
 
@@ -13,7 +16,9 @@ Parallelism (`mia_jax.parallel`): with several local devices each batch is
 split over a ``"data"`` mesh (params replicated); per-sample scores are
 bit-for-bit those of one device running the same per-device batch (XLA:CPU
 kernels depend on the batch extent at the float-rounding level, ~1e-7
-relative, so a different per-device batch is equal only to rounding). On
+relative, so a different per-device batch is equal only to rounding; tested
+on CPU host devices, and on GPUs, whose partitioned program may run other
+kernels, equal to rounding as well). On
 several hosts each process scores the batches
 ``k % process_count == process_index`` (reading only those samples), writes
 their shards, and the scores are gathered to every process at the end

@@ -21,6 +21,7 @@ def tiny_checkpoint(tmp_path_factory):
       str(tmp_path_factory.mktemp("ckpt") / "target"))
 
 
+@pytest.mark.timeout(900)  # attack.py in a subprocess: ~100 s on 2 busy cores
 def test_score_equals_the_attack_binary(tiny_checkpoint, tmp_path):
   # The checkpoint records digits 0..39 as members, 40..79 as non-members;
   # --max_samples 6 audits 0..5 and 40..45, members first.

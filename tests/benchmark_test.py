@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mia_jax import benchmark
+from tests import backend
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +27,10 @@ def test_quick_mode_rows_and_torch_agreement(quick_result):
   assert [row["variant"] for row in r["attacks"]] == [
       "naive_oms1", "secmi_oms1", "pia_oms1"]
   for row in r["attacks"]:
-    # Same weights, inputs and noise: scores of the torch formulas agree.
-    assert row["max_rel_score_diff_vs_torch"] < 1e-4, row
+    # Same weights, inputs and noise: scores of the torch formulas agree
+    # (on a GPU, torch runs on CUDA: cuDNN's float32 convolution algorithms
+    # round differently from XLA's, through SecMI's 13 chained passes).
+    assert row["max_rel_score_diff_vs_torch"] < backend.tol(1e-4, 1e-3), row
     assert row["jax_img_s"] > 0 and row["torch_img_s"] > 0
     assert row["compile_s"] > 0
     assert len(row["jax_times"]) == len(row["torch_times"]) == 1
@@ -80,6 +83,11 @@ def test_agreement_measures_rank_correlation_and_auc_change():
              and r["delta_auc"] == 0.0 and r["within_tolerance"] for r in same)
 
 
+@pytest.mark.skipif(
+    not backend.on_cpu(),
+    reason="checks the suite's CPU results (torch on CPU, no torch.compile, "
+    "precision without effect); on an accelerator, experiments/gpu_check.sh "
+    "runs the suite itself")
 def test_accelerator_suite_on_cpu(tmp_path):
   from mia_jax import benchmark_accel
   cfg = benchmark_accel.AccelConfig(model="tiny", batch_size=4, big_batch=8,

@@ -19,6 +19,13 @@ test imports JAX:
   one GPU under ``pytest -n N`` and in the multi-process tests.
 * the binaries' persistent compilation cache off by default (tests that
   exercise it pass their own directory).
+
+Deterministic kernels make one program reproduce itself; two *different*
+programs (another batch extent, a fused vs a split attack, XLA:CPU in a
+subprocess vs this process's GPU) still round differently on a GPU. Tests
+that compare such results state the CPU's and the accelerator's tolerance
+with `tests/backend.py`, and tests of host-device meshes run their JAX work
+in a ``JAX_PLATFORMS=cpu`` subprocess and compare within it.
 """
 
 import os

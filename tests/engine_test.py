@@ -122,8 +122,12 @@ def _worker():
   print("RESULT " + json.dumps(out))
 
 
+@pytest.mark.timeout(600)  # a JAX subprocess: ~65 s on 2 busy cores
 def test_mesh_sharding_matches_one_device():
-  env = dict(os.environ, PYTHONPATH=ROOT,
+  # The caller's PYTHONPATH stays (packages carried beside the repository);
+  # JAX_PLATFORMS=cpu: the 4 devices are host devices, whatever the machine.
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (ROOT, os.environ.get("PYTHONPATH")) if p),
              XLA_FLAGS="--xla_force_host_platform_device_count=4",
              JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-m", "tests.engine_test"], cwd=ROOT,

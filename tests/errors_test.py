@@ -31,7 +31,9 @@ def _run(tmp_path, *args):
   script.write_text(_PROGRAM)
   return subprocess.run([sys.executable, str(script), *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=120,
-                        env={**os.environ, "PYTHONPATH": ROOT})
+                        env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                            p for p in (ROOT, os.environ.get("PYTHONPATH"))
+                            if p)})
 
 
 def test_user_error_line():

@@ -55,7 +55,8 @@ def test_readme_shows_the_demo_command_table_and_verdict():
 def test_fresh_demo_run_matches_the_readme(tmp_path):
   rows, level, _ = readme_demo()
   work = str(tmp_path / "demo")
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
   subprocess.run([sys.executable, os.path.join(REPO, "experiments", "demo.py"),
                   "--workdir", work], check=True, env=env, cwd=REPO,
                  timeout=3600)

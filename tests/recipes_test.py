@@ -15,7 +15,7 @@ from mia_jax import attacks, checkpoints, fixed_point, metrics, recipes
 from mia_jax import report, rundir, runner, train
 from mia_jax.recipes import common, sweeps
 from mia_jax.recipes import timesteps as timesteps_kind
-from tests import toy_models
+from tests import backend, toy_models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(p for p in glob.glob(os.path.join(
@@ -141,8 +141,10 @@ def _check_sweep(checkpoint, name, timesteps, depth):
   for i, t in enumerate(timesteps):
     ref = attacks.build(name, d.eps_fn, timestep=t, oms_steps=depth)
     want = np.asarray(ref.score_fn(d.params, d.schedule, x0, keys))
-    np.testing.assert_allclose(out[rows * i:rows * (i + 1)], want, rtol=2e-5,
-                               atol=1e-6)
+    # One program for all timesteps vs one per timestep: another batch
+    # extent, so on GPUs other convolution kernels (rounding-level).
+    np.testing.assert_allclose(out[rows * i:rows * (i + 1)], want,
+                               rtol=backend.tol(2e-5, 2e-4), atol=1e-6)
     assert sweep.variant_names()[rows * i + 1] == f"{name}_t{t}_oms1"
   return d, sweep, x0, keys
 
@@ -173,7 +175,7 @@ def test_chain_attack_distances_and_residuals(tiny_target):
   # dist<n> is the Naive attack at OMS depth n - 1.
   ref = attacks.build("naive", d.eps_fn, oms_steps=3)
   np.testing.assert_allclose(out[:4], ref.score_fn(d.params, d.schedule, x0, keys),
-                             rtol=1e-5)
+                             rtol=backend.tol(1e-5, 1e-4))
   # Residuals against float64 NumPy on the same chain's iterates.
   eps0 = jax.vmap(lambda k: jax.random.normal(k, (8, 8, 1)))(keys)
   it = np.asarray(fixed_point.run_chain(
@@ -181,7 +183,8 @@ def test_chain_attack_distances_and_residuals(tiny_target):
       4), np.float64)
   for n in range(2, 5):
     want = -np.sum((it[n] - it[n - 1])**2, axis=(1, 2, 3))
-    np.testing.assert_allclose(out[2 + n], want, rtol=1e-4)
+    # Differences of nearby iterates of two programs (GPU: other kernels).
+    np.testing.assert_allclose(out[2 + n], want, rtol=backend.tol(1e-4, 1e-3))
 
 
 def test_timesteps_and_chain_recipes_write_reports(tiny_target, tmp_path):
