@@ -54,13 +54,14 @@ def _pixels(images: Any, value_range) -> np.ndarray:
         f"images must be [N, H, W, C] with N >= 1 and C in (1, 3), got shape "
         f"{x.shape}", "images", "stack them as N x H x W x C (channels last; "
         "add a trailing axis of 1 for grayscale)")
-  if x.dtype == np.uint8:
-    return x
+  from mia_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  from mia_jax.data import integrity  # pylint: disable=g-import-not-at-top
   if np.issubdtype(x.dtype, np.integer):
     if x.min() < 0 or x.max() > 255:
       raise errors.UserError(
           f"integer pixels must lie in 0..255, found {x.min()}..{x.max()}",
           "images", "pass uint8 pixels 0..255")
+    integrity.check_pixel_levels(int(x.max()), "image", "images")
     return x.astype(np.uint8)
   if not np.issubdtype(x.dtype, np.floating):
     raise errors.UserError(f"images of dtype {x.dtype} are not pixels",
@@ -73,10 +74,11 @@ def _pixels(images: Any, value_range) -> np.ndarray:
     raise errors.UserError(
         f"float images ({x.dtype}) need their value range", "images",
         "pass value_range=(0, 1) or (-1, 1), or uint8 pixels 0..255")
-  from mia_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   # Files hold 8-bit pixels and the CLI scores those: float images are
   # rounded to the same 256 levels, so both see the same inputs.
-  return images_lib.float_to_uint8(x, value_range, "images")
+  pixels = images_lib.float_to_uint8(x, value_range, "images")
+  integrity.check_pixel_levels(int(pixels.max()), "image", "images")
+  return pixels
 
 
 def _ids(ids: Any, num: int) -> np.ndarray:

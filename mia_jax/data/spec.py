@@ -272,6 +272,9 @@ def select(base, *, spec: str, kind: str, options: dict[str, str]):
     raise SpecError(f"data spec {spec!r}: part={part!r}; expected one of "
                     f"{list(_PARTS)}.")
   seed = _int_option(spec, options, "seed")
+  if seed is not None and seed < 0:
+    raise SpecError(f"data spec {spec!r}: seed={seed} is negative; give an "
+                    "integer >= 0.")
   limit = _int_option(spec, options, "limit")
   fraction = options.get("fraction")
   split_file = options.get("split_file")
