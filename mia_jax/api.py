@@ -55,13 +55,11 @@ def _pixels(images: Any, value_range) -> np.ndarray:
         f"{x.shape}", "images", "stack them as N x H x W x C (channels last; "
         "add a trailing axis of 1 for grayscale)")
   from mia_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
-  from mia_jax.data import integrity  # pylint: disable=g-import-not-at-top
   if np.issubdtype(x.dtype, np.integer):
     if x.min() < 0 or x.max() > 255:
       raise errors.UserError(
           f"integer pixels must lie in 0..255, found {x.min()}..{x.max()}",
           "images", "pass uint8 pixels 0..255")
-    integrity.check_pixel_levels(int(x.max()), "image", "images")
     return x.astype(np.uint8)
   if not np.issubdtype(x.dtype, np.floating):
     raise errors.UserError(f"images of dtype {x.dtype} are not pixels",
@@ -76,9 +74,7 @@ def _pixels(images: Any, value_range) -> np.ndarray:
         "pass value_range=(0, 1) or (-1, 1), or uint8 pixels 0..255")
   # Files hold 8-bit pixels and the CLI scores those: float images are
   # rounded to the same 256 levels, so both see the same inputs.
-  pixels = images_lib.float_to_uint8(x, value_range, "images")
-  integrity.check_pixel_levels(int(pixels.max()), "image", "images")
-  return pixels
+  return images_lib.float_to_uint8(x, value_range, "images")
 
 
 def _ids(ids: Any, num: int) -> np.ndarray:
@@ -119,6 +115,8 @@ def _source(images: Any, ids: Any, captions: Optional[Sequence[str]],
           f"{1 if isinstance(captions, str) else len(captions)} captions for "
           f"{pixels.shape[0]} images", "captions",
           "give one caption per image (a list of strings; empty allowed)")
+  from mia_jax.data import integrity  # pylint: disable=g-import-not-at-top
+  integrity.check_pixel_levels(int(pixels.max()), "image", "images")
   return data.ArraySource(pixels, ids=ids, captions=captions, name="images")
 
 

@@ -76,9 +76,14 @@ def test_score_equals_the_attack_binary(tiny_checkpoint, tmp_path):
     (dict(attack_options={"pia": {"bogus": 1}}, attacks=("pia",)),
      r"no option bogus"),
     (dict(oms_steps=-1), r"oms_steps"),
+    # [0, 1] floats cast to uint8 / int64: every pixel 0 or 1, i.e. black.
+    (dict(images=np.ones((2, 8, 8, 1), np.uint8)), r"0 or 1.*\(images\)"),
+    (dict(images=np.ones((2, 8, 8, 1), np.int64)), r"0 or 1.*\(images\)"),
+    (dict(images=np.full((2, 8, 8, 1), 0.5, np.float32), seed=-1),
+     r"--seed must be an integer >= 0"),
 ])
 def test_score_refuses_bad_input_in_one_line(tmp_path, kwargs, match):
-  args = dict(images=np.zeros((2, 8, 8, 1), np.uint8))
+  args = dict(images=np.full((2, 8, 8, 1), 128, np.uint8))
   args.update(kwargs)
   # The checkpoint is never read: every check runs before any work.
   with pytest.raises(errors.UserError, match=match) as e:

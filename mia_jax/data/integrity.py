@@ -244,7 +244,6 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
     digests[role], peak = _scan(source, positions, role=role,
                                 captions=captions)
     check_pixel_levels(peak, role, getattr(source, "name", role))
-  _check_record(named_sets, digests, recorded, captions)
   shared: set[str] = set()
   for i, (role_a, source_a, pos_a) in enumerate(named_sets):
     for role_b, source_b, pos_b in named_sets[i + 1:]:
@@ -267,11 +266,14 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
           f"{getattr(source_b, 'name', role_b)}",
           "a sample cannot be on both sides; remove the duplicates from one "
           "set, or pass --drop_overlap to drop them from both")
-  kept = {}
+  kept, kept_digests = {}, {}
   for role, _, positions in named_sets:
     keep = np.array([d not in shared for d in digests[role]], bool)
     kept[role] = np.asarray(positions, np.int64)[keep]
+    kept_digests[role] = [d for d, k in zip(digests[role], keep) if k]
     if not keep.all():
       logging.warning("--drop_overlap: dropped %d %s sample(s) whose content "
                       "is also in another set", int((~keep).sum()), role)
+  _check_record([(role, source, kept[role]) for role, source, _ in named_sets],
+                kept_digests, recorded, captions)
   return kept
