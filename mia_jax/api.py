@@ -240,15 +240,26 @@ def evaluate(scores: Mapping[str, Any], labels: Any, *, bootstrap: int = 200,
   if not isinstance(scores, Mapping) or not scores:
     raise errors.UserError("scores must be a non-empty {variant: scores} dict",
                            "scores", "pass the result of mia_jax.score")
-  errors.check_int(bootstrap, "bootstrap", minimum=0)
+  # The same settings checks as a run's --bootstrap / --seed.
+  audit.check_attack_settings(audit.AuditConfig(
+      checkpoint="", output="", attacks=("naive",), bootstrap=bootstrap,
+      seed=seed))
   labels = np.asarray(labels)
   for variant, values in scores.items():
     try:
-      metrics.validate(values, labels)
-    except ValueError as e:
+      if np.iscomplexobj(np.asarray(values)):
+        raise ValueError("scores must be real numbers, got complex values")
+      _, y = metrics.validate(values, labels)
+    except (ValueError, TypeError) as e:
       raise errors.UserError(str(e), f"scores[{variant!r}] / labels",
                              "give one 0/1 label per score, both classes "
                              "present, finite scores") from None
+    fewest = int(min(y.sum(), y.size - y.sum()))
+    if fewest < audit.MIN_PER_SIDE:
+      raise errors.UserError(
+          f"{int(y.sum())} member(s) and {int(y.size - y.sum())} non-member(s)"
+          f"; the metrics (ASR) need at least {audit.MIN_PER_SIDE} of each",
+          "labels", "give more samples of the smaller class")
   info = getattr(scores, "info", {})
   info = {v: info.get(v, {}) for v in scores}
   return metrics.jsonable(audit.summary_rows(

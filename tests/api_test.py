@@ -96,6 +96,14 @@ def test_evaluate_refuses_mismatched_labels():
     mia_jax.evaluate({"a": np.arange(4.0)}, [1, 0, 1])
   with pytest.raises(errors.UserError, match="both classes"):
     mia_jax.evaluate({"a": np.arange(4.0)}, [1, 1, 1, 1])
+  with pytest.raises(errors.UserError, match=r"1 member\(s\) and 3 non-member"):
+    mia_jax.evaluate({"a": np.arange(4.0)}, [1, 0, 0, 0])
+  with pytest.raises(errors.UserError, match="complex"):
+    mia_jax.evaluate({"a": np.arange(4.0) + 1j}, [1, 1, 0, 0])
+  with pytest.raises(errors.UserError, match="--seed must be an integer >= 0"):
+    mia_jax.evaluate({"a": np.arange(4.0)}, [1, 1, 0, 0], seed=-1)
+  with pytest.raises(errors.UserError, match="zero-width"):
+    mia_jax.evaluate({"a": np.arange(4.0)}, [1, 1, 0, 0], bootstrap=1)
 
 
 def test_import_is_cheap():
