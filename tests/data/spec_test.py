@@ -182,6 +182,16 @@ def test_tfds_spec_with_split_file(fake_tfds_dir, tmp_path):
   assert len(subset) == 4
   with pytest.raises(ValueError, match="outside the dataset of 12"):
     spec_lib.parse_spec(f"{base}:split_file=cifar10:members")
+  # A sliced split keeps TFDS's shuffled record order (its ids are not
+  # 0..N-1): a split file's positions would select other images.
+  np.savez(tmp_path / "four.npz", mia_train_idxs=np.array([0, 1]),
+           mia_eval_idxs=np.array([2, 3]))
+  sliced = f"tfds:mia_jax_fake_spec_set:train[:4]:data_dir={fake_tfds_dir}"
+  with pytest.raises(spec_lib.SpecError, match="ids are not exactly 0..N-1"):
+    spec_lib.parse_spec(f"{sliced}:split_file={tmp_path / 'four.npz'}:members")
+  explicit = spec_lib.parse_spec(
+      f"{sliced}:order=record:split_file={tmp_path / 'four.npz'}:members")
+  assert len(explicit) == 2
 
 
 def test_base_spec_drops_the_selection_and_resolves_paths(tmp_path,
