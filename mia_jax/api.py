@@ -115,8 +115,6 @@ def _source(images: Any, ids: Any, captions: Optional[Sequence[str]],
           f"{1 if isinstance(captions, str) else len(captions)} captions for "
           f"{pixels.shape[0]} images", "captions",
           "give one caption per image (a list of strings; empty allowed)")
-  from mia_jax.data import integrity  # pylint: disable=g-import-not-at-top
-  integrity.check_pixel_levels(int(pixels.max()), "image", "images")
   return data.ArraySource(pixels, ids=ids, captions=captions, name="images")
 
 
@@ -190,6 +188,7 @@ def score(checkpoint: Any, images: Any, *, ids: Any = None,
   import jax  # pylint: disable=g-import-not-at-top
   from mia_jax import autobatch, checkpoints, runner  # pylint: disable=g-import-not-at-top
   from mia_jax.attacks import fitted  # pylint: disable=g-import-not-at-top
+  from mia_jax.data import integrity  # pylint: disable=g-import-not-at-top
   from mia_jax.denoiser import Denoiser  # pylint: disable=g-import-not-at-top
   if isinstance(checkpoint, os.PathLike):
     checkpoint = os.fspath(checkpoint)
@@ -206,8 +205,15 @@ def score(checkpoint: Any, images: Any, *, ids: Any = None,
         "attacks", "score them with mia_jax.audit.run_audit or mia-jax attack")
   audit.apply_scheme(cfg, scheme)
   source = _source(images, ids, captions, value_range)
+  # As the CLI's data check: every image readable, not all 0/1 pixels.
+  integrity.check_sample_sets(
+      [("images", source, np.arange(len(source), dtype=np.int64))])
   denoiser = (checkpoint if isinstance(checkpoint, Denoiser)
               else checkpoints.load_denoiser(checkpoint))
+  if captions is not None and denoiser.cond_fn is None:
+    raise errors.UserError(f"the model ({denoiser.family}) reads no captions",
+                           "captions", "leave captions out for an "
+                           "unconditional model")
   samples = runner.SampleSet(source, np.arange(len(source), dtype=np.int64), 1)
   audit.check_resolution(denoiser, [samples], ["images"])
   built = audit.build_attacks(cfg, denoiser)

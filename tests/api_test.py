@@ -91,6 +91,17 @@ def test_score_refuses_bad_input_in_one_line(tmp_path, kwargs, match):
   assert "\n" not in str(e.value)
 
 
+def test_score_checks_spec_images_and_captions(tiny_checkpoint, tmp_path):
+  # A data spec gets the CLI's data check: [0, 1] floats cast to uint8.
+  np.savez(tmp_path / "binary.npz", images=np.ones((2, 8, 8, 1), np.uint8))
+  with pytest.raises(errors.UserError, match=r"every images pixel is 0 or 1"):
+    mia_jax.score(str(tmp_path / "missing"), str(tmp_path / "binary.npz"))
+  # Captions for a model that never reads them would be silently ignored.
+  with pytest.raises(errors.UserError, match=r"reads no captions \(captions\)"):
+    mia_jax.score(tiny_checkpoint, np.full((2, 8, 8, 1), 128, np.uint8),
+                  captions=["a", "b"])
+
+
 def test_evaluate_refuses_mismatched_labels():
   with pytest.raises(errors.UserError, match="same length"):
     mia_jax.evaluate({"a": np.arange(4.0)}, [1, 0, 1])
