@@ -87,6 +87,8 @@ RECORDED = sample_sets.RECORDED
 METRICS_ONLY = ("output", "bootstrap", "checkpoint", "shadow_checkpoints")
 # Fewest members (and non-members) an audit scores (`metrics.asr`).
 MIN_PER_SIDE = 2
+# Deepest OMS chain an audit runs (one model query per sample per step).
+MAX_OMS_STEPS = 1000
 
 
 def check_config(cfg: AuditConfig, metadata: dict) -> None:
@@ -144,6 +146,18 @@ def check_attack_settings(cfg: AuditConfig) -> None:
           f"unknown attack {name!r}", "--attacks",
           f"expected some of {sorted(attacks_lib.PRESETS) + sorted(fitted.FITTED)}")
   errors.check_int(cfg.oms_steps, "--oms_steps", minimum=0)
+  for flag, depth in [("--oms_steps", cfg.oms_steps)] + [
+      (f"--attack_option {name}.oms_steps", options["oms_steps"])
+      for name, options in cfg.attack_overrides.items()
+      if isinstance(options.get("oms_steps"), (int, float))
+      and not isinstance(options.get("oms_steps"), bool)]:
+    if depth > MAX_OMS_STEPS:
+      # Each depth is one more model query per sample, kept in memory as a
+      # [N + 1, B] score array: a typo's 10**9 would hang, not finish.
+      raise errors.UserError(
+          f"OMS depth {depth} is over the limit of {MAX_OMS_STEPS}",
+          f"{flag} {depth}", "the paper's depths are 1..10; pass at most "
+          f"{MAX_OMS_STEPS}")
   if cfg.batch_size != "auto":
     errors.check_int(cfg.batch_size, "--batch_size")
   errors.check_int(cfg.max_samples, "--max_samples", minimum=MIN_PER_SIDE,
