@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -132,7 +133,7 @@ def check_p(p: Any) -> Any:
   element count (AUC 0.5 whatever the model), p < 0 ranks by the smallest
   differences. Returns ``p`` unchanged (it is part of the run's config).
   """
-  if isinstance(p, bool) or not isinstance(p, (int, float)) or not (
+  if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (
       math.isfinite(p) and p > 0):
     raise ValueError(f"p must be a finite number > 0, got {p!r}")
   return p

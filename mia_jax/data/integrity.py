@@ -180,7 +180,8 @@ def _check_record(named_sets, digests, recorded, captions: bool) -> None:
   """Refuses a given set that the checkpoint's recorded split contradicts."""
   recorded_digests = {}
   for role, source, positions in recorded:
-    if any(role in _CONTRADICTS.get(r, ()) for r, _, _ in named_sets):
+    if role == "members" or any(role in _CONTRADICTS.get(r, ())
+                                for r, _, _ in named_sets):
       recorded_digests[role] = content_hashes(
           source, positions, role=f"recorded {role}", captions=captions)
   for role, source, positions in named_sets:
@@ -198,6 +199,17 @@ def _check_record(named_sets, digests, recorded, captions: bool) -> None:
           f"--{role} {getattr(source, 'name', role)}",
           "the labels contradict how the model was trained: check which side "
           "is which (or use --members / --nonmembers recorded)")
+  given = {role: digests[role] for role, _, _ in named_sets}
+  if "members" in given and "members" in recorded_digests:
+    unknown = len(set(given["members"]) - set(recorded_digests["members"]))
+    if unknown:
+      # Not proof (a re-encoded copy differs in its bytes), but a member
+      # the model was never recorded training on is mislabelled.
+      logging.warning(
+          "%d of the %d given members are not among the checkpoint's %d "
+          "recorded members (by pixels and caption); if the model was not "
+          "trained on them, their label is wrong", unknown,
+          len(given["members"]), len(recorded_digests["members"]))
 
 
 def check_pixel_levels(peak: int, role: str, name: str) -> None:
@@ -244,6 +256,11 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
     digests[role], peak = _scan(source, positions, role=role,
                                 captions=captions)
     check_pixel_levels(peak, role, getattr(source, "name", role))
+    repeats = len(digests[role]) - len(set(digests[role]))
+    if repeats:
+      logging.warning("%d %s sample(s) repeat the content of another %s "
+                      "sample; each copy is scored and counted", repeats,
+                      role, role)
   shared: set[str] = set()
   for i, (role_a, source_a, pos_a) in enumerate(named_sets):
     for role_b, source_b, pos_b in named_sets[i + 1:]:
