@@ -276,12 +276,12 @@ def check_data(cfg: AuditConfig, sets, reference, *, metadata=None,
     if not len(s.indices):
       raise errors.UserError(f"the {role} set is empty after --drop_overlap",
                              f"--{role}", "give sets that share fewer images")
-    if role != "reference" and len(s.indices) < MIN_PER_SIDE:
+    if len(s.indices) < MIN_PER_SIDE:
       # ASR fits its threshold on one half of each class and tests it on
       # the other: one sample of a side leaves nothing to test on.
       raise errors.UserError(
-          f"the {role} set has {len(s.indices)} sample(s); the metrics need "
-          f"at least {MIN_PER_SIDE} members and {MIN_PER_SIDE} non-members",
+          f"the {role} set has {len(s.indices)} sample(s); the metrics (and "
+          f"the fitted attacks' hold-out) need at least {MIN_PER_SIDE}",
           f"--{role}" + (" / --max_samples" if cfg.max_samples else ""),
           "give more samples")
   sources = integrity.qualify_ids([(role, s.source, s.indices)

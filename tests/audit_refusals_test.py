@@ -175,6 +175,11 @@ def test_one_sided_runs_need_the_other_side_named(ckpt, tmp_path):
     (dict(attacks=("qr",), attack_overrides={"qr": {"timestep": 4000}}),
      r"timestep 4000 is out of range \(qr timestep\)"),
     (dict(attacks=("gsa",)), r"gsa needs shadow models"),
+    (dict(attacks=("probe",), attack_overrides={"probe": {"sample_steps": 1001}}),
+     r"probe sample_steps 1001 exceeds the 1000 timesteps"),
+    (dict(attacks=("probe",), attack_overrides={"probe": {
+        "timestep": 9, "inversion_steps": 11}}),
+     r"probe inversion_steps 11 exceeds the 10 timesteps 0..9"),
 ])
 def test_meaningless_values_are_refused_before_work(ckpt, tmp_path, kw, match):
   _refuses(_cfg(ckpt, tmp_path / "run", **kw), match)
@@ -467,7 +472,12 @@ def test_one_sample_on_a_side_is_refused_before_scoring(ckpt, tmp_path):
   nonmembers = _digits_npz(tmp_path / "n.npz", np.arange(1100, 1110))
   _refuses(_cfg(ckpt, tmp_path / "run", members=members, nonmembers=nonmembers,
                 max_samples=None),
-           r"members set has 1 sample\(s\); the metrics need at least 2")
+           r"members set has 1 sample\(s\); the metrics .*need at least 2")
+  np.savez(tmp_path / "r.npz", images=sources.load_digits_uint8()[1200:1201])
+  members = _digits_npz(tmp_path / "m4.npz", np.arange(1000, 1004))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=members, nonmembers=nonmembers,
+                attacks=("qr",), reference=str(tmp_path / "r.npz")),
+           r"reference set has 1 sample")
   assert not os.path.exists(tmp_path / "run")
 
 
