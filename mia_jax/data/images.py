@@ -54,7 +54,10 @@ def float_to_uint8(images: np.ndarray, value_range: tuple[float, float],
   Returns:
     uint8 array of the same shape.
   """
-  low, high = (float(v) for v in value_range)
+  try:
+    low, high = (float(v) for v in value_range)
+  except (TypeError, ValueError):
+    low = high = float("nan")  # refused just below, naming what was given
   if (low, high) not in ((0.0, 1.0), (-1.0, 1.0)):
     raise errors.UserError(f"{name}: value_range must be (0, 1) or (-1, 1), got "
                      f"{value_range}.")

@@ -72,3 +72,9 @@ def test_float_to_uint8_refuses_zero_one_images_declared_minus_one_one():
     images.float_to_uint8(x, (-1, 1), "a.npz")
   assert images.float_to_uint8(x, (0, 1), "a.npz").max() == 255
 
+
+
+@pytest.mark.parametrize("value_range", [(0, 1, 2), (0, 255), None, "x"])
+def test_float_to_uint8_names_a_bad_value_range(value_range):
+  with pytest.raises(errors.UserError, match="value_range must be"):
+    images.float_to_uint8(np.zeros((1, 2, 2, 1)), value_range, "a.npz")
