@@ -54,8 +54,7 @@ def _pixels(images: Any, value_range) -> np.ndarray:
         f"images must be [N, H, W, C] with N >= 1 and C in (1, 3), got shape "
         f"{x.shape}", "images", "stack them as N x H x W x C (channels last; "
         "add a trailing axis of 1 for grayscale)")
-  if x.dtype == np.uint8:
-    return x
+  from mia_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   if np.issubdtype(x.dtype, np.integer):
     if x.min() < 0 or x.max() > 255:
       raise errors.UserError(
@@ -73,7 +72,6 @@ def _pixels(images: Any, value_range) -> np.ndarray:
     raise errors.UserError(
         f"float images ({x.dtype}) need their value range", "images",
         "pass value_range=(0, 1) or (-1, 1), or uint8 pixels 0..255")
-  from mia_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
   # Files hold 8-bit pixels and the CLI scores those: float images are
   # rounded to the same 256 levels, so both see the same inputs.
   return images_lib.float_to_uint8(x, value_range, "images")
@@ -190,6 +188,7 @@ def score(checkpoint: Any, images: Any, *, ids: Any = None,
   import jax  # pylint: disable=g-import-not-at-top
   from mia_jax import autobatch, checkpoints, runner  # pylint: disable=g-import-not-at-top
   from mia_jax.attacks import fitted  # pylint: disable=g-import-not-at-top
+  from mia_jax.data import integrity  # pylint: disable=g-import-not-at-top
   from mia_jax.denoiser import Denoiser  # pylint: disable=g-import-not-at-top
   if isinstance(checkpoint, os.PathLike):
     checkpoint = os.fspath(checkpoint)
@@ -206,8 +205,15 @@ def score(checkpoint: Any, images: Any, *, ids: Any = None,
         "attacks", "score them with mia_jax.audit.run_audit or mia-jax attack")
   audit.apply_scheme(cfg, scheme)
   source = _source(images, ids, captions, value_range)
+  # As the CLI's data check: every image readable, not all 0/1 pixels.
+  integrity.check_sample_sets(
+      [("images", source, np.arange(len(source), dtype=np.int64))])
   denoiser = (checkpoint if isinstance(checkpoint, Denoiser)
               else checkpoints.load_denoiser(checkpoint))
+  if captions is not None and denoiser.cond_fn is None:
+    raise errors.UserError(f"the model ({denoiser.family}) reads no captions",
+                           "captions", "leave captions out for an "
+                           "unconditional model")
   samples = runner.SampleSet(source, np.arange(len(source), dtype=np.int64), 1)
   audit.check_resolution(denoiser, [samples], ["images"])
   built = audit.build_attacks(cfg, denoiser)
@@ -240,15 +246,26 @@ def evaluate(scores: Mapping[str, Any], labels: Any, *, bootstrap: int = 200,
   if not isinstance(scores, Mapping) or not scores:
     raise errors.UserError("scores must be a non-empty {variant: scores} dict",
                            "scores", "pass the result of mia_jax.score")
-  errors.check_int(bootstrap, "bootstrap", minimum=0)
+  # The same settings checks as a run's --bootstrap / --seed.
+  audit.check_attack_settings(audit.AuditConfig(
+      checkpoint="", output="", attacks=("naive",), bootstrap=bootstrap,
+      seed=seed))
   labels = np.asarray(labels)
   for variant, values in scores.items():
     try:
-      metrics.validate(values, labels)
-    except ValueError as e:
+      if np.iscomplexobj(np.asarray(values)):
+        raise ValueError("scores must be real numbers, got complex values")
+      _, y = metrics.validate(values, labels)
+    except (ValueError, TypeError) as e:
       raise errors.UserError(str(e), f"scores[{variant!r}] / labels",
                              "give one 0/1 label per score, both classes "
                              "present, finite scores") from None
+    fewest = int(min(y.sum(), y.size - y.sum()))
+    if fewest < audit.MIN_PER_SIDE:
+      raise errors.UserError(
+          f"{int(y.sum())} member(s) and {int(y.size - y.sum())} non-member(s)"
+          f"; the metrics (ASR) need at least {audit.MIN_PER_SIDE} of each",
+          "labels", "give more samples of the smaller class")
   info = getattr(scores, "info", {})
   info = {v: info.get(v, {}) for v in scores}
   return metrics.jsonable(audit.summary_rows(

@@ -85,6 +85,10 @@ RECORDED = sample_sets.RECORDED
 # Settings that change only the metrics, not a single score: a rerun that
 # changes them recomputes the metrics from the finished shards.
 METRICS_ONLY = ("output", "bootstrap", "checkpoint", "shadow_checkpoints")
+# Fewest members (and non-members) an audit scores (`metrics.asr`).
+MIN_PER_SIDE = 2
+# Deepest OMS chain an audit runs (one model query per sample per step).
+MAX_OMS_STEPS = 1000
 
 
 def check_config(cfg: AuditConfig, metadata: dict) -> None:
@@ -142,13 +146,30 @@ def check_attack_settings(cfg: AuditConfig) -> None:
           f"unknown attack {name!r}", "--attacks",
           f"expected some of {sorted(attacks_lib.PRESETS) + sorted(fitted.FITTED)}")
   errors.check_int(cfg.oms_steps, "--oms_steps", minimum=0)
+  for flag, depth in [("--oms_steps", cfg.oms_steps)] + [
+      (f"--attack_option {name}.oms_steps", options["oms_steps"])
+      for name, options in cfg.attack_overrides.items()
+      if isinstance(options.get("oms_steps"), (int, float))
+      and not isinstance(options.get("oms_steps"), bool)]:
+    if depth > MAX_OMS_STEPS:
+      # Each depth is one more model query per sample, kept in memory as a
+      # [N + 1, B] score array: a typo's 10**9 would hang, not finish.
+      raise errors.UserError(
+          f"OMS depth {depth} is over the limit of {MAX_OMS_STEPS}",
+          f"{flag} {depth}", "the paper's depths are 1..10; pass at most "
+          f"{MAX_OMS_STEPS}")
   if cfg.batch_size != "auto":
     errors.check_int(cfg.batch_size, "--batch_size")
-  errors.check_int(cfg.max_samples, "--max_samples", allow_none=True)
+  errors.check_int(cfg.max_samples, "--max_samples", minimum=MIN_PER_SIDE,
+                   allow_none=True)
   errors.check_int(cfg.bootstrap, "--bootstrap", minimum=0)
-  if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)):
-    raise errors.UserError("--seed must be an integer", f"--seed {cfg.seed!r}",
-                           "pass an integer")
+  if cfg.bootstrap == 1:
+    raise errors.UserError(
+        "--bootstrap 1 gives a zero-width interval (one resample)",
+        "--bootstrap 1", "pass 0 (no intervals) or a count such as 200")
+  # NumPy's generators (bootstrap, ASR splits, seeded splits) take no
+  # negative seed.
+  errors.check_int(cfg.seed, "--seed", minimum=0)
   for name, options in cfg.attack_overrides.items():
     if name not in cfg.attacks:
       raise errors.UserError(
@@ -222,8 +243,16 @@ def resolve_sets(cfg: AuditConfig, metadata: dict):
                              max_samples=cfg.max_samples)
 
 
-def check_data(cfg: AuditConfig, sets, reference):
+def check_data(cfg: AuditConfig, sets, reference, *, metadata=None,
+               captions: bool = True):
   """Reads every sample once: unreadable images, content overlap, ids.
+
+  Args:
+    metadata: the checkpoint's metadata; given sides are checked against the
+      split it records (`sample_sets.recorded_parts`), unless both sides are
+      that record.
+    captions: whether the model reads captions (they are then part of a
+      sample's content).
 
   Returns:
     (sets, reference) with ids unique across the run (prefixed with their
@@ -233,15 +262,28 @@ def check_data(cfg: AuditConfig, sets, reference):
   named = [("members", sets[0]), ("nonmembers", sets[1])]
   if reference is not None:
     named.append(("reference", reference))
+  both_recorded = all(side in (None, RECORDED)
+                      for side in (cfg.members, cfg.nonmembers))
+  recorded = ([] if metadata is None or (both_recorded and
+                                           cfg.reference is None)
+              else sample_sets.recorded_parts(metadata))
   kept = integrity.check_sample_sets(
       [(role, s.source, s.indices) for role, s in named],
-      drop_overlap=cfg.drop_overlap)
+      drop_overlap=cfg.drop_overlap, captions=captions, recorded=recorded)
   named = [(role, dataclasses.replace(s, indices=kept[role]))
            for role, s in named]
   for role, s in named:
     if not len(s.indices):
       raise errors.UserError(f"the {role} set is empty after --drop_overlap",
                              f"--{role}", "give sets that share fewer images")
+    if len(s.indices) < MIN_PER_SIDE:
+      # ASR fits its threshold on one half of each class and tests it on
+      # the other: one sample of a side leaves nothing to test on.
+      raise errors.UserError(
+          f"the {role} set has {len(s.indices)} sample(s); the metrics (and "
+          f"the fitted attacks' hold-out) need at least {MIN_PER_SIDE}",
+          f"--{role}" + (" / --max_samples" if cfg.max_samples else ""),
+          "give more samples")
   sources = integrity.qualify_ids([(role, s.source, s.indices)
                                    for role, s in named])
   out = [dataclasses.replace(s, source=src)
@@ -321,6 +363,13 @@ def build_attacks(cfg: AuditConfig, denoiser: Denoiser):
     overrides.setdefault("oms_steps", cfg.oms_steps)
     if cfg.timestep is not None:
       overrides["timestep"] = cfg.timestep
+    if isinstance(overrides.get("scheme"), str):  # --attack_option NAME.scheme=
+      try:
+        overrides["scheme"] = fixed_point.parse_scheme(overrides["scheme"])
+      except ValueError as e:
+        raise errors.UserError(
+            f"bad scheme ({e})", f"--attack_option {name}.scheme",
+            "use plain, km:A, ishikawa:A,B or anderson:M") from e
     try:
       attack = attacks_lib.build(name, denoiser.eps_fn, **overrides)
     except errors.UserError:
@@ -423,6 +472,10 @@ def _scoring_config(resolved: dict) -> dict:
 def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
                 lead: bool) -> list[dict]:
   denoiser = denoiser or checkpoints.load_denoiser(cfg.checkpoint)
+  if cfg.captions is not None and denoiser.cond_fn is None:
+    raise errors.UserError(
+        f"the model ({denoiser.family}) reads no captions", "--captions",
+        "leave --captions out for an unconditional model")
   sets = resolve_sets(cfg, metadata)
   if cfg.captions is not None:
     sets = attach_captions(sets, cfg.captions)
@@ -441,7 +494,10 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
                            "multi-host yet", "--multihost", "run them on one host")
   # The public reference set serves the fitted attacks and the blind baseline.
   reference = resolve_reference(cfg, metadata)
-  sets, reference = check_data(cfg, sets, reference)
+  if reference is not None:
+    check_resolution(denoiser, [reference], ["reference"])
+  sets, reference = check_data(cfg, sets, reference, metadata=metadata,
+                               captions=denoiser.cond_fn is not None)
   manifest = run_manifest(cfg, denoiser, sets)
   resolved = {**dataclasses.asdict(cfg), "attacks": list(cfg.attacks),
               "attack_configs": {a.name: a.config for a in built},

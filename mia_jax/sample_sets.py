@@ -9,6 +9,7 @@ mean the same thing everywhere. This sits with the engine (`runner`), whose
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -88,4 +89,26 @@ def resolve(metadata: dict, *, members: Optional[str] = None,
   return sets
 
 
-__all__ = ["RECORDED", "positions_of", "resolve"]
+def recorded_parts(metadata: dict) -> list[tuple[str, Any, np.ndarray]]:
+  """(role, source, positions) of the split the checkpoint records.
+
+  Roles are "members", "nonmembers" and "public" (those recorded). An audit
+  checks the sets it is given against them (`data.integrity`). A record
+  whose data cannot be opened any more is logged and gives [] (the given
+  sets are then the only ground truth).
+  """
+  recorded = metadata.get("data") or {}
+  if not recorded.get("source"):
+    return []
+  try:
+    source = data.parse_spec(recorded["source"])
+    return [(role, source, positions_of(source, recorded[role], role))
+            for role in ("members", "nonmembers", "public")
+            if recorded.get(role)]
+  except (errors.UserError, ImportError) as e:  # e.g. no tensorflow-datasets
+    logging.warning("the checkpoint's recorded split cannot be read (%s); "
+                    "the given sets are not checked against it", e)
+    return []
+
+
+__all__ = ["RECORDED", "positions_of", "recorded_parts", "resolve"]

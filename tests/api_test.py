@@ -77,9 +77,14 @@ def test_score_equals_the_attack_binary(tiny_checkpoint, tmp_path):
     (dict(attack_options={"pia": {"bogus": 1}}, attacks=("pia",)),
      r"no option bogus"),
     (dict(oms_steps=-1), r"oms_steps"),
+    # [0, 1] floats cast to uint8 / int64: every pixel 0 or 1, i.e. black.
+    (dict(images=np.ones((2, 8, 8, 1), np.uint8)), r"0 or 1.*\(images\)"),
+    (dict(images=np.ones((2, 8, 8, 1), np.int64)), r"0 or 1.*\(images\)"),
+    (dict(images=np.full((2, 8, 8, 1), 0.5, np.float32), seed=-1),
+     r"--seed must be an integer >= 0"),
 ])
 def test_score_refuses_bad_input_in_one_line(tmp_path, kwargs, match):
-  args = dict(images=np.zeros((2, 8, 8, 1), np.uint8))
+  args = dict(images=np.full((2, 8, 8, 1), 128, np.uint8))
   args.update(kwargs)
   # The checkpoint is never read: every check runs before any work.
   with pytest.raises(errors.UserError, match=match) as e:
@@ -87,11 +92,30 @@ def test_score_refuses_bad_input_in_one_line(tmp_path, kwargs, match):
   assert "\n" not in str(e.value)
 
 
+def test_score_checks_spec_images_and_captions(tiny_checkpoint, tmp_path):
+  # A data spec gets the CLI's data check: [0, 1] floats cast to uint8.
+  np.savez(tmp_path / "binary.npz", images=np.ones((2, 8, 8, 1), np.uint8))
+  with pytest.raises(errors.UserError, match=r"every images pixel is 0 or 1"):
+    mia_jax.score(str(tmp_path / "missing"), str(tmp_path / "binary.npz"))
+  # Captions for a model that never reads them would be silently ignored.
+  with pytest.raises(errors.UserError, match=r"reads no captions \(captions\)"):
+    mia_jax.score(tiny_checkpoint, np.full((2, 8, 8, 1), 128, np.uint8),
+                  captions=["a", "b"])
+
+
 def test_evaluate_refuses_mismatched_labels():
   with pytest.raises(errors.UserError, match="same length"):
     mia_jax.evaluate({"a": np.arange(4.0)}, [1, 0, 1])
   with pytest.raises(errors.UserError, match="both classes"):
     mia_jax.evaluate({"a": np.arange(4.0)}, [1, 1, 1, 1])
+  with pytest.raises(errors.UserError, match=r"1 member\(s\) and 3 non-member"):
+    mia_jax.evaluate({"a": np.arange(4.0)}, [1, 0, 0, 0])
+  with pytest.raises(errors.UserError, match="complex"):
+    mia_jax.evaluate({"a": np.arange(4.0) + 1j}, [1, 1, 0, 0])
+  with pytest.raises(errors.UserError, match="--seed must be an integer >= 0"):
+    mia_jax.evaluate({"a": np.arange(4.0)}, [1, 1, 0, 0], seed=-1)
+  with pytest.raises(errors.UserError, match="zero-width"):
+    mia_jax.evaluate({"a": np.arange(4.0)}, [1, 1, 0, 0], bootstrap=1)
 
 
 def test_import_is_cheap():

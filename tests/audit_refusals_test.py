@@ -136,11 +136,28 @@ def test_one_sided_runs_need_the_other_side_named(ckpt, tmp_path):
     (dict(timestep=-3), r"timestep -3 is out of range \(--timestep\).*0..999"),
     (dict(timestep=5000), r"timestep 5000 is out of range.*0..999"),
     (dict(timestep=2.5), r"timestep 2.5 is not an integer"),
-    (dict(max_samples=-1), r"--max_samples must be an integer >= 1"),
-    (dict(max_samples=0), r"--max_samples must be an integer >= 1"),
+    (dict(max_samples=-1), r"--max_samples must be an integer >= 2"),
+    (dict(max_samples=0), r"--max_samples must be an integer >= 2"),
+    (dict(max_samples=1), r"--max_samples must be an integer >= 2"),
+    (dict(seed=-1), r"--seed must be an integer >= 0"),
+    (dict(bootstrap=1), r"--bootstrap 1 gives a zero-width interval"),
+    (dict(attack_overrides={"naive": {"p": 0}}), r"p must be a finite number > 0"),
+    (dict(attack_overrides={"naive": {"p": -2}}), r"p must be a finite number > 0"),
+    (dict(attack_overrides={"naive": {"p": "x"}}), r"p must be a finite number > 0"),
+    (dict(attacks=("pia",), attack_overrides={"pia": {"p": 0.0}}),
+     r"p must be a finite number > 0"),
+    (dict(attacks=("secmi",), attack_overrides={"secmi": {"p": float("nan")}}),
+     r"p must be a finite number > 0"),
+    (dict(attack_overrides={"naive": {"scheme": "bogus"}}),
+     r"bad scheme .*\(--attack_option naive.scheme\)"),
+    (dict(members="digits:members:seed=-1", nonmembers="digits:nonmembers:seed=-1"),
+     r"seed=-1 is negative"),
     (dict(bootstrap=-1), r"--bootstrap must be an integer >= 0"),
     (dict(batch_size=0), r"--batch_size must be an integer >= 1"),
     (dict(oms_steps=-1), r"--oms_steps must be an integer >= 0"),
+    (dict(oms_steps=10**9), r"OMS depth 1000000000 is over the limit of 1000"),
+    (dict(attack_overrides={"naive": {"oms_steps": 1e9}}),
+     r"over the limit .*\(--attack_option naive.oms_steps"),
     (dict(attacks=()), r"no attack"),
     (dict(attacks=("naive", "")), r"no attack"),
     (dict(attacks=("naive", "naive")), r"named twice"),
@@ -158,6 +175,11 @@ def test_one_sided_runs_need_the_other_side_named(ckpt, tmp_path):
     (dict(attacks=("qr",), attack_overrides={"qr": {"timestep": 4000}}),
      r"timestep 4000 is out of range \(qr timestep\)"),
     (dict(attacks=("gsa",)), r"gsa needs shadow models"),
+    (dict(attacks=("probe",), attack_overrides={"probe": {"sample_steps": 1001}}),
+     r"probe sample_steps 1001 exceeds the 1000 timesteps"),
+    (dict(attacks=("probe",), attack_overrides={"probe": {
+        "timestep": 9, "inversion_steps": 11}}),
+     r"probe inversion_steps 11 exceeds the 10 timesteps 0..9"),
 ])
 def test_meaningless_values_are_refused_before_work(ckpt, tmp_path, kw, match):
   _refuses(_cfg(ckpt, tmp_path / "run", **kw), match)
@@ -402,3 +424,86 @@ def test_a_presets_options_for_attacks_not_run_are_dropped_not_refused():
                           attack_overrides={"naive": {"timestep": 5}})
   with pytest.raises(errors.UserError, match="which this run does not run"):
     audit.check_attack_settings(cfg)
+
+
+# --- the data boundary: ground truth against the checkpoint's record -------
+# The toy checkpoint records digits 0..39 as members, 40..79 as non-members.
+
+
+@pytest.mark.parametrize("members, nonmembers, match", [
+    # The given members were held out from training.
+    ("__npz__:40:44", "__npz__:1100:1104",
+     r"4 of the given members are recorded in the checkpoint as non-members "
+     r"\(held out\) \(same pixels; ids: 0, 1, 2, 3\) \(--members "),
+    # Another seeded split of the data the model was trained on.
+    ("digits:members:seed=0", "digits:nonmembers:seed=0",
+     r"given (non)?members are recorded in the checkpoint as"),
+    # Copies of trained-on images handed in as non-members.
+    ("__npz__:1000:1004", "__npz__:0:4",
+     r"4 of the given nonmembers are recorded in the checkpoint as members "
+     r"\(trained on\)"),
+    # A recorded member the --max_samples cut leaves out of the members.
+    (audit.RECORDED, "__npz__:30:34", r"given nonmembers are recorded .* as "
+     r"members"),
+])
+def test_sides_contradicting_the_recorded_split_are_refused(
+    ckpt, tmp_path, members, nonmembers, match):
+  def spec(text, name):
+    if not text.startswith("__npz__"):
+      return text
+    start, stop = (int(v) for v in text.split(":")[1:])
+    return _digits_npz(tmp_path / f"{name}.npz", np.arange(start, stop))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=spec(members, "m"),
+                nonmembers=spec(nonmembers, "n")), match)
+
+
+def test_float_images_cast_to_uint8_are_refused(ckpt, tmp_path):
+  # x.astype(np.uint8) of images in [0, 1]: every pixel 0 or 1 (black).
+  binary = (sources.load_digits_uint8()[100:104] > 127).astype(np.uint8)
+  np.savez(tmp_path / "m.npz", images=binary)
+  nonmembers = _digits_npz(tmp_path / "n.npz", np.arange(200, 204))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=str(tmp_path / "m.npz"),
+                nonmembers=nonmembers),
+           r"every members pixel is 0 or 1 .*cast to uint8")
+
+
+def test_one_sample_on_a_side_is_refused_before_scoring(ckpt, tmp_path):
+  members = _digits_npz(tmp_path / "m.npz", np.arange(1000, 1001))
+  nonmembers = _digits_npz(tmp_path / "n.npz", np.arange(1100, 1110))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=members, nonmembers=nonmembers,
+                max_samples=None),
+           r"members set has 1 sample\(s\); the metrics .*need at least 2")
+  np.savez(tmp_path / "r.npz", images=sources.load_digits_uint8()[1200:1201])
+  members = _digits_npz(tmp_path / "m4.npz", np.arange(1000, 1004))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=members, nonmembers=nonmembers,
+                attacks=("qr",), reference=str(tmp_path / "r.npz")),
+           r"reference set has 1 sample")
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_captions_do_not_separate_samples_of_an_unconditional_model(
+    ckpt, tmp_path):
+  # The DDPM never reads captions: same pixels are the same sample.
+  members = _digits_npz(tmp_path / "m.npz", np.arange(1000, 1004),
+                        captions=np.array(["a"] * 4))
+  nonmembers = _digits_npz(tmp_path / "n.npz", np.arange(1000, 1004),
+                           ids=np.arange(10, 14), captions=np.array(["b"] * 4))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=members,
+                nonmembers=nonmembers),
+           r"4 image\(s\) are both members and nonmembers")
+  (tmp_path / "c.json").write_text(json.dumps({str(i): "x" for i in range(4)}))
+  _refuses(_cfg(ckpt, tmp_path / "run", members=members,
+                nonmembers=_digits_npz(tmp_path / "o.npz",
+                                       np.arange(1100, 1104)),
+                captions=str(tmp_path / "c.json")),
+           r"reads no captions \(--captions\)")
+
+
+def test_reference_of_another_shape_is_refused(ckpt, tmp_path):
+  members = _digits_npz(tmp_path / "m.npz", np.arange(1000, 1004))
+  nonmembers = _digits_npz(tmp_path / "n.npz", np.arange(1100, 1104))
+  big = np.repeat(np.repeat(sources.load_digits_uint8()[1200:1210], 2, 1), 2, 2)
+  np.savez(tmp_path / "r.npz", images=big)
+  _refuses(_cfg(ckpt, tmp_path / "run", members=members, nonmembers=nonmembers,
+                attacks=("qr",), reference=str(tmp_path / "r.npz")),
+           r"reference images are 16x16 but the model expects 8x8")

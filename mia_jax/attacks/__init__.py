@@ -98,6 +98,17 @@ def check_timesteps(attack: Attack, sched: schedules.Schedule) -> None:
   if attack.timestep is not None:  # None: the probe's "last step"
     schedules.validate_timestep(sched, attack.timestep,
                                 f"{attack.name} timestep")
+  if "sample_steps" in config:  # the probe: DDIM paths over 0..start
+    start = (sched.num_timesteps - 1 if attack.timestep is None
+             else attack.timestep)
+    for key in ("inversion_steps", "sample_steps"):
+      if config.get(key, 0) > start + 1:
+        # More steps than indices repeat indices: zero-length DDIM steps,
+        # counted as queries but changing nothing.
+        raise errors.UserError(
+            f"{attack.name} {key} {config[key]} exceeds the {start + 1} "
+            f"timesteps 0..{start} it walks", f"{attack.name}.{key}",
+            f"pass at most {start + 1}")
   if "interval" in config and "convention" in config:  # SecMI
     t_cmp, t_probe = secmi.secmi_steps(config["timestep"], config["interval"],
                                        config["convention"])

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -122,6 +124,19 @@ def per_sample_normal(keys: jax.Array, shape: tuple[int, ...],
 def full_t(x0: jax.Array, t: int) -> jax.Array:
   """A [B] int32 vector of the constant timestep t."""
   return jnp.full((x0.shape[0],), t, jnp.int32)
+
+
+def check_p(p: Any) -> Any:
+  """Refuses a distance exponent that is not a finite number > 0.
+
+  The loss attacks score ``sum |.|^p``: p = 0 makes every sample's score the
+  element count (AUC 0.5 whatever the model), p < 0 ranks by the smallest
+  differences. Returns ``p`` unchanged (it is part of the run's config).
+  """
+  if isinstance(p, bool) or not isinstance(p, numbers.Real) or not (
+      math.isfinite(p) and p > 0):
+    raise ValueError(f"p must be a finite number > 0, got {p!r}")
+  return p
 
 
 def check_oms_steps(oms_steps: int) -> int:

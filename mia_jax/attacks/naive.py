@@ -28,6 +28,7 @@ def make_naive(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
     scheme: the fixed-point iteration scheme (plain = the OMS paper's).
   """
   oms_steps = base.check_oms_steps(oms_steps)
+  base.check_p(p)
 
   def chain_start(params, sched, x0, keys, cond=None):
     del params, cond

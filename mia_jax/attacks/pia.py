@@ -54,6 +54,7 @@ def make_pia(eps_fn: EpsFn, *, timestep: int = 200, oms_steps: int = 1,
     scheme: the fixed-point iteration scheme (plain = the OMS paper's).
   """
   oms_steps = base.check_oms_steps(oms_steps)
+  base.check_p(p)
   if normalize is not None and normalize not in PIAN_SCALES:
     raise ValueError(f"unknown PIAN normalisation {normalize!r}; expected None "
                      f"or one of {sorted(PIAN_SCALES)}")

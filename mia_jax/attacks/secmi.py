@@ -79,6 +79,7 @@ def make_secmi(eps_fn: EpsFn, *, timestep: int = 100, interval: int = 10,
     scheme: the fixed-point iteration scheme (plain = the OMS paper's).
   """
   oms_steps = base.check_oms_steps(oms_steps)
+  base.check_p(p)
   t_cmp, t_probe = secmi_steps(timestep, interval, convention)
   walk = jnp.arange(0, t_cmp + 1, interval, dtype=jnp.int32)
 

@@ -14,6 +14,15 @@ from mia_jax.data.source_base import IMAGE_SUFFIXES, checked_ids
 from mia_jax.data.source_base import checked_positions
 
 
+def _add_caption(table: dict[str, str], key: str, caption: str,
+                 where: str) -> None:
+  """Adds one caption; an id listed twice is refused (which one trained?)."""
+  if key in table:
+    raise errors.UserError(f"{where}: id {key!r} has a caption already; give "
+                           "each image one caption.")
+  table[key] = caption
+
+
 def _read_captions_file(folder: pathlib.Path) -> Optional[dict[str, str]]:
   """captions.txt ("id<TAB>caption" lines) or captions.jsonl ({id, caption})."""
   txt, jsonl = folder / "captions.txt", folder / "captions.jsonl"
@@ -28,7 +37,7 @@ def _read_captions_file(folder: pathlib.Path) -> Optional[dict[str, str]]:
       if "\t" not in line:
         raise errors.UserError(f"{txt}:{lineno}: expected 'id<TAB>caption'.")
       key, caption = line.split("\t", 1)
-      table[key.strip()] = caption
+      _add_caption(table, key.strip(), caption, f"{txt}:{lineno}")
     return table
   if jsonl.is_file():
     for lineno, line in enumerate(jsonl.read_text("utf-8").splitlines(), 1):
@@ -36,10 +45,11 @@ def _read_captions_file(folder: pathlib.Path) -> Optional[dict[str, str]]:
         continue
       try:
         record = json.loads(line)
-        table[str(record["id"])] = str(record["caption"])
+        key, caption = str(record["id"]), str(record["caption"])
       except (ValueError, KeyError, TypeError) as e:
         raise errors.UserError(f"{jsonl}:{lineno}: expected a JSON object with "
                          f"'id' and 'caption' ({e}).") from e
+      _add_caption(table, key, caption, f"{jsonl}:{lineno}")
     return table
   return None
 
@@ -122,7 +132,11 @@ class FolderSource:
     if table is not None:
       captions, missing = [], []
       for f, key in zip(files, rel):
-        caption = table.get(key, table.get(key[:len(key) - len(f.suffix)]))
+        stem = key[:len(key) - len(f.suffix)]
+        if key in table and stem in table:
+          raise errors.UserError(f"{self.name}: {key!r} has two captions (keyed "
+                                 f"{key!r} and {stem!r}); keep one.")
+        caption = table.get(key, table.get(stem))
         if caption is None:
           missing.append(key)
         captions.append(caption)

@@ -54,7 +54,10 @@ def float_to_uint8(images: np.ndarray, value_range: tuple[float, float],
   Returns:
     uint8 array of the same shape.
   """
-  low, high = (float(v) for v in value_range)
+  try:
+    low, high = (float(v) for v in value_range)
+  except (TypeError, ValueError):
+    low = high = float("nan")  # refused just below, naming what was given
   if (low, high) not in ((0.0, 1.0), (-1.0, 1.0)):
     raise errors.UserError(f"{name}: value_range must be (0, 1) or (-1, 1), got "
                      f"{value_range}.")
@@ -67,6 +70,15 @@ def float_to_uint8(images: np.ndarray, value_range: tuple[float, float],
         f"{name}: float pixels must lie in [{low:g}, {high:g}] but span "
         f"[{found_low:g}, {found_high:g}]. Store uint8 pixels (0..255) or "
         "rescale to [0, 1] or [-1, 1] first.")
+  if (low, high) == (-1.0, 1.0) and found_low >= 0.0:
+    # Read as [-1, 1], images in [0, 1] would all be mid-gray or brighter:
+    # a silently different input. No pixel below mid-gray in a whole set
+    # is far likelier a wrong declaration than real data.
+    raise errors.UserError(
+        f"{name}: declared as [-1, 1] but no pixel is negative (values span "
+        f"[{found_low:g}, {found_high:g}]); these look like [0, 1] images. "
+        "Declare range 0,1, or store uint8 pixels (0..255) if they really "
+        "are [-1, 1].")
   scaled = (images.astype(np.float64) - low) / (high - low) * 255.0
   return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 

@@ -117,31 +117,41 @@ def _read_chunk(source, positions: np.ndarray, bad: list[str]):
   return out
 
 
-def content_hashes(source, positions: np.ndarray, *,
-                   role: str) -> list[Optional[str]]:
+def content_hashes(source, positions: np.ndarray, *, role: str,
+                   captions: bool = True) -> list[Optional[str]]:
   """sha256 of each sample's decoded uint8 pixels (+ caption, if any).
 
   Args:
     source: an image source.
     positions: [K] positions to read.
     role: the set's name for messages ("members").
+    captions: hash the captions too (a text-conditioned model: the same
+      pixels under another caption are another sample); False for a model
+      that never sees them.
   Returns:
     [K] hex digests.
   Raises:
     UserError: listing every image of ``positions`` that cannot be read.
   """
+  return _scan(source, positions, role=role, captions=captions)[0]
+
+
+def _scan(source, positions: np.ndarray, *, role: str,
+          captions: bool = True) -> tuple[list[Optional[str]], int]:
+  """(`content_hashes`, the largest pixel value read) in one read."""
   from mia_jax.data import sources as sources_lib
-  captioned = sources_lib.has_captions(source)
-  digests, bad = [], []
+  captioned = captions and sources_lib.has_captions(source)
+  digests, bad, peak = [], [], 0
   positions = np.asarray(positions, np.int64)
   for start in range(0, positions.size, _CHUNK):
     chunk = positions[start:start + _CHUNK]
     images = _read_chunk(source, chunk, bad)
-    captions = source.captions(chunk) if captioned else [None] * len(chunk)
-    for image, caption in zip(images, captions):
+    texts = source.captions(chunk) if captioned else [None] * len(chunk)
+    for image, caption in zip(images, texts):
       if image is None:
         digests.append(None)
         continue
+      peak = max(peak, int(np.max(image))) if image.size else peak
       h = hashlib.sha256()
       h.update(repr((image.shape, str(image.dtype))).encode())
       h.update(np.ascontiguousarray(image).tobytes())
@@ -153,11 +163,74 @@ def content_hashes(source, positions: np.ndarray, *,
         f"{len(bad)} {role} image(s) cannot be read",
         getattr(source, "name", role),
         f"fix or remove them before the audit; {_shown(bad)}")
-  return digests
+  return digests, peak
+
+
+# What a checkpoint's recorded split rules out for each side of an audit:
+# a given member recorded as held out (or public), a given non-member or
+# reference image recorded as trained on.
+_CONTRADICTS = {"members": ("nonmembers", "public"),
+                "nonmembers": ("members",), "reference": ("members",)}
+_RECORDED_AS = {"members": "members (trained on)",
+                "nonmembers": "non-members (held out)",
+                "public": "public reference images (never trained on)"}
+
+
+def _check_record(named_sets, digests, recorded, captions: bool) -> None:
+  """Refuses a given set that the checkpoint's recorded split contradicts."""
+  recorded_digests = {}
+  for role, source, positions in recorded:
+    if role == "members" or any(role in _CONTRADICTS.get(r, ())
+                                for r, _, _ in named_sets):
+      recorded_digests[role] = content_hashes(
+          source, positions, role=f"recorded {role}", captions=captions)
+  for role, source, positions in named_sets:
+    for other in _CONTRADICTS.get(role, ()):
+      if other not in recorded_digests:
+        continue
+      common = set(digests[role]) & set(recorded_digests[other])
+      if not common:
+        continue
+      ids = np.asarray(source.ids)[np.asarray(positions, np.int64)].tolist()
+      shown = [sid for d, sid in zip(digests[role], ids) if d in common]
+      raise errors.UserError(
+          f"{len(shown)} of the given {role} are recorded in the checkpoint "
+          f"as {_RECORDED_AS[other]} (same pixels; ids: {_shown(shown)})",
+          f"--{role} {getattr(source, 'name', role)}",
+          "the labels contradict how the model was trained: check which side "
+          "is which (or use --members / --nonmembers recorded)")
+  given = {role: digests[role] for role, _, _ in named_sets}
+  if "members" in given and "members" in recorded_digests:
+    unknown = len(set(given["members"]) - set(recorded_digests["members"]))
+    if unknown:
+      # Not proof (a re-encoded copy differs in its bytes), but a member
+      # the model was never recorded training on is mislabelled.
+      logging.warning(
+          "%d of the %d given members are not among the checkpoint's %d "
+          "recorded members (by pixels and caption); if the model was not "
+          "trained on them, their label is wrong", unknown,
+          len(given["members"]), len(recorded_digests["members"]))
+
+
+def check_pixel_levels(peak: int, role: str, name: str) -> None:
+  """Refuses uint8 images whose every pixel is 0 or 1.
+
+  That is what ``x.astype(np.uint8)`` makes of float images in [0, 1]: read
+  as 0..255 levels they are black, and an audit of them measures nothing.
+  """
+  if peak <= 1:
+    raise errors.UserError(
+        f"every {role} pixel is 0 or 1 (largest value {peak}); uint8 images "
+        "are read as levels 0..255, so these are black (float images in "
+        "[0, 1] cast to uint8?)", name,
+        "store np.round(x * 255).astype(np.uint8), or the float images with "
+        "their value range")
 
 
 def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
-                      drop_overlap: bool = False) -> dict[str, np.ndarray]:
+                      drop_overlap: bool = False, captions: bool = True,
+                      recorded: Sequence[tuple[str, Any, np.ndarray]] = ()
+                      ) -> dict[str, np.ndarray]:
   """Reads every image once; refuses unreadable ones and cross-set overlap.
 
   Args:
@@ -165,14 +238,29 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
       and the public reference set.
     drop_overlap: instead of refusing, drop every sample whose content is in
       two sets from all of them (logged with the count).
+    captions: whether captions are part of a sample's content (False for a
+      model that does not read them: same pixels, same sample).
+    recorded: (role, source, positions) of the split the checkpoint records
+      ("members", "nonmembers", "public"); a given member recorded as a
+      non-member or public image, or a given non-member / reference image
+      recorded as a member, is refused (`_CONTRADICTS`).
   Returns:
     role -> [K'] positions to keep (all of them unless ``drop_overlap``).
   Raises:
     UserError: an image cannot be read, or (unless ``drop_overlap``) one
-      content (pixels + caption) appears in two sets.
+      content (pixels + caption) appears in two sets; every pixel of a set
+      is 0 or 1 (`check_pixel_levels`); a set contradicts ``recorded``.
   """
-  digests = {role: content_hashes(source, positions, role=role)
-             for role, source, positions in named_sets}
+  digests = {}
+  for role, source, positions in named_sets:
+    digests[role], peak = _scan(source, positions, role=role,
+                                captions=captions)
+    check_pixel_levels(peak, role, getattr(source, "name", role))
+    repeats = len(digests[role]) - len(set(digests[role]))
+    if repeats:
+      logging.warning("%d %s sample(s) repeat the content of another %s "
+                      "sample; each copy is scored and counted", repeats,
+                      role, role)
   shared: set[str] = set()
   for i, (role_a, source_a, pos_a) in enumerate(named_sets):
     for role_b, source_b, pos_b in named_sets[i + 1:]:
@@ -195,11 +283,14 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
           f"{getattr(source_b, 'name', role_b)}",
           "a sample cannot be on both sides; remove the duplicates from one "
           "set, or pass --drop_overlap to drop them from both")
-  kept = {}
+  kept, kept_digests = {}, {}
   for role, _, positions in named_sets:
     keep = np.array([d not in shared for d in digests[role]], bool)
     kept[role] = np.asarray(positions, np.int64)[keep]
+    kept_digests[role] = [d for d, k in zip(digests[role], keep) if k]
     if not keep.all():
       logging.warning("--drop_overlap: dropped %d %s sample(s) whose content "
                       "is also in another set", int((~keep).sum()), role)
+  _check_record([(role, source, kept[role]) for role, source, _ in named_sets],
+                kept_digests, recorded, captions)
   return kept

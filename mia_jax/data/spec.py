@@ -272,6 +272,9 @@ def select(base, *, spec: str, kind: str, options: dict[str, str]):
     raise SpecError(f"data spec {spec!r}: part={part!r}; expected one of "
                     f"{list(_PARTS)}.")
   seed = _int_option(spec, options, "seed")
+  if seed is not None and seed < 0:
+    raise SpecError(f"data spec {spec!r}: seed={seed} is negative; give an "
+                    "integer >= 0.")
   limit = _int_option(spec, options, "limit")
   fraction = options.get("fraction")
   split_file = options.get("split_file")
@@ -285,6 +288,16 @@ def select(base, *, spec: str, kind: str, options: dict[str, str]):
   indices = None
   provenance = {"part": part}
   if part != "all":
+    if (split_file is not None and kind == "tfds"
+        and options.get("order", "auto") == "auto"
+        and getattr(base, "order", "id") == "record"):
+      # Split files index the data set's original (id) order; TFDS stores
+      # records shuffled, so record positions would pick other images.
+      raise SpecError(
+          f"data spec {spec!r}: split_file indexes positions in id order, but "
+          "the records' ids are not exactly 0..N-1 (a sliced split such as "
+          "train[:1000]?), so that order cannot be restored; use the whole "
+          "split, or add :order=record if the file indexes record positions.")
     if split_file is not None:
       try:
         members, nonmembers = splits_lib.load_index_split(

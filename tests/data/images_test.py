@@ -4,6 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mia_jax import errors
+
 from mia_jax.data import images
 
 
@@ -60,3 +62,19 @@ def test_float_to_uint8_round_trip():
       images.float_to_uint8(pixels / 127.5 - 1.0, (-1, 1), "a"), pixels)
   with pytest.raises(ValueError, match="value_range"):
     images.float_to_uint8(pixels / 255.0, (0, 255), "a")
+
+
+def test_float_to_uint8_refuses_zero_one_images_declared_minus_one_one():
+  # [0, 1] images read as [-1, 1] would all turn mid-gray or brighter.
+  x = np.linspace(0.0, 1.0, 64, dtype=np.float32).reshape(1, 8, 8, 1)
+  with pytest.raises(errors.UserError, match=r"declared as \[-1, 1\] but no "
+                     r"pixel is negative"):
+    images.float_to_uint8(x, (-1, 1), "a.npz")
+  assert images.float_to_uint8(x, (0, 1), "a.npz").max() == 255
+
+
+
+@pytest.mark.parametrize("value_range", [(0, 1, 2), (0, 255), None, "x"])
+def test_float_to_uint8_names_a_bad_value_range(value_range):
+  with pytest.raises(errors.UserError, match="value_range must be"):
+    images.float_to_uint8(np.zeros((1, 2, 2, 1)), value_range, "a.npz")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mia_jax import errors
 from mia_jax.data import sources
 
 
@@ -184,6 +185,19 @@ def test_folder_source_errors(tmp_path):
   _write_folder(capt, _images(2, size=4), ["a.png", "b.png"])
   (capt / "captions.txt").write_text("a.png\tonly a\n")
   with pytest.raises(ValueError, match="no caption for 1 file.*b.png"):
+    sources.FolderSource(capt)
+  # One image, two captions: which one the model was trained with is unknown.
+  (capt / "captions.txt").write_text("a.png\tone\nb.png\tb\na.png\ttwo\n")
+  with pytest.raises(errors.UserError, match=r"captions.txt:3: id 'a.png' has "
+                     "a caption already"):
+    sources.FolderSource(capt)
+  (capt / "captions.txt").write_text("a.png\tone\nb.png\tb\na\ttwo\n")
+  with pytest.raises(errors.UserError, match="'a.png' has two captions"):
+    sources.FolderSource(capt)
+  (capt / "captions.txt").unlink()
+  (capt / "captions.jsonl").write_text('{"id": "a", "caption": "x"}\n'
+                                       '{"id": "a", "caption": "y"}\n')
+  with pytest.raises(errors.UserError, match=r"jsonl:2: id 'a' has a caption"):
     sources.FolderSource(capt)
 
 

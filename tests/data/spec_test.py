@@ -72,9 +72,15 @@ def test_npz_and_folder_specs(tmp_path):
       f"{tmp_path}/set.npz:split_file={split_path}:members")
   np.testing.assert_array_equal(members.ids, [4, 0, 2])
   np.testing.assert_array_equal(members.get([0]), images[[4]])
-  np.savez(tmp_path / "float.npz", images=np.full((1, 2, 2, 1), 0.5))
+  np.savez(tmp_path / "float.npz",
+           images=np.array([-1.0, 0.5, 0.5, 0.5]).reshape(1, 2, 2, 1))
   half = spec_lib.parse_spec(f"{tmp_path}/float.npz:range=-1,1").get([0])
   assert half.max() == 191  # (0.5 + 1) * 127.5 = 191.25 -> 191
+  assert half.min() == 0
+  # Declared [-1, 1] without one negative value: [0, 1] images, refused.
+  np.savez(tmp_path / "bright.npz", images=np.full((1, 2, 2, 1), 0.5))
+  with pytest.raises(ValueError, match="no pixel is negative"):
+    spec_lib.parse_spec(f"{tmp_path}/bright.npz:range=-1,1")
   folder = tmp_path / "folder"
   folder.mkdir()
   for i in range(3):
@@ -182,6 +188,16 @@ def test_tfds_spec_with_split_file(fake_tfds_dir, tmp_path):
   assert len(subset) == 4
   with pytest.raises(ValueError, match="outside the dataset of 12"):
     spec_lib.parse_spec(f"{base}:split_file=cifar10:members")
+  # A sliced split keeps TFDS's shuffled record order (its ids are not
+  # 0..N-1): a split file's positions would select other images.
+  np.savez(tmp_path / "four.npz", mia_train_idxs=np.array([0, 1]),
+           mia_eval_idxs=np.array([2, 3]))
+  sliced = f"tfds:mia_jax_fake_spec_set:train[:4]:data_dir={fake_tfds_dir}"
+  with pytest.raises(spec_lib.SpecError, match="ids are not exactly 0..N-1"):
+    spec_lib.parse_spec(f"{sliced}:split_file={tmp_path / 'four.npz'}:members")
+  explicit = spec_lib.parse_spec(
+      f"{sliced}:order=record:split_file={tmp_path / 'four.npz'}:members")
+  assert len(explicit) == 2
 
 
 def test_base_spec_drops_the_selection_and_resolves_paths(tmp_path,
