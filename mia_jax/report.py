@@ -112,6 +112,18 @@ def _ci(ci: Any, digits: int = 4) -> str:
   return f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
 
 
+def _tpr(row: Mapping[str, Any], key: str, with_ci: bool = False) -> str:
+  """TPR@x%FPR of a row, or why it was not measured (too few non-members:
+  the value is then the TPR at FPR 0, never shown as the TPR at x%)."""
+  if row.get(f"measurable_{key}") is False:
+    need = metrics.min_nonmembers(metrics.FPR_TARGETS[key])
+    return f"n/a (< {need} non-members)"
+  value = _f(row.get(f"tpr_at_{key}_fpr"))
+  if with_ci:
+    value = f"{value} {_ci(row.get(f'tpr_at_{key}_fpr_ci'))}".strip()
+  return value
+
+
 def _t(row: Mapping[str, Any]) -> str:
   t = row.get("timestep", row.get("t"))
   return "-" if t is None else str(t)
@@ -200,8 +212,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   for row in rows:
     lines.append((variant_name(row), _t(row), _f(row.get("auc")),
                   _ci(row.get("auc_ci")), _f(row.get("asr")),
-                  _f(row.get("tpr_at_1pct_fpr")),
-                  _f(row.get("tpr_at_0.1pct_fpr")),
+                  _tpr(row, "1pct"), _tpr(row, "0.1pct"),
                   str(row.get("num_members", "-")),
                   str(row.get("num_nonmembers", "-"))))
   widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
@@ -318,10 +329,8 @@ def _metrics_table(rows):
         f"{_f(r.get('auc'))} {_ci(r.get('auc_ci'))}".strip(),
         f"{_f(r.get('asr'))} ± {_f(r.get('asr_std'))} "
         f"{_ci(r.get('asr_ci'))}".strip(),
-        f"{_f(r.get('tpr_at_1pct_fpr'))} "
-        f"{_ci(r.get('tpr_at_1pct_fpr_ci'))}".strip(), fp("1pct"),
-        f"{_f(r.get('tpr_at_0.1pct_fpr'))} "
-        f"{_ci(r.get('tpr_at_0.1pct_fpr_ci'))}".strip(), fp("0.1pct"),
+        _tpr(r, "1pct", with_ci=True), fp("1pct"),
+        _tpr(r, "0.1pct", with_ci=True), fp("0.1pct"),
         str(r.get("num_members", "-")), str(r.get("num_nonmembers", "-"))])
   return header, body
 
@@ -349,11 +358,21 @@ def _notes(rows):
   """Warnings on the rows, one line per kind (not one per variant)."""
   notes = []
   for key, label in (("0.1pct", "0.1%"), ("1pct", "1%")):
-    low = [variant_name(r) for r in rows if r.get(f"low_count_{key}")]
+    unmeasured = [r for r in rows if r.get(f"measurable_{key}") is False]
+    if unmeasured:
+      counts = sorted({str(r.get("num_nonmembers")) for r in unmeasured})
+      notes.append(
+          f"TPR@{label}FPR is not measured with "
+          f"{'/'.join(counts)} non-members (shown n/a): its budget admits no "
+          f"false positive, so the only threshold within it is the one above "
+          f"every non-member (FPR 0); it needs at least "
+          f"{metrics.min_nonmembers(metrics.FPR_TARGETS[key])} non-members.")
+    low = [variant_name(r) for r in rows if r.get(f"low_count_{key}")
+           and r.get(f"measurable_{key}") is not False]
     if not low:
       continue
     counts = sorted({str(r.get("num_nonmembers")) for r in rows
-                     if r.get(f"low_count_{key}")})
+                     if variant_name(r) in low})
     which = (f"all {len(low)} variants" if len(low) == len(rows)
              else ", ".join(low))
     notes.append(
