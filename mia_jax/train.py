@@ -37,7 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from mia_jax import checkpoints, compute, data, diffusion, errors, models
-from mia_jax import report, schedules
+from mia_jax import report, rundir, schedules
 from mia_jax.denoiser import InputSpec
 
 
@@ -353,7 +353,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *,
     logging.info("%s already holds the trained target; nothing to do",
                  target_dir)
     return target_dir
+  # One trainer per workdir: two would interleave orbax steps of different
+  # states and export a mix.
+  with rundir.lock(workdir, enabled=jax.process_index() == 0):
+    # Checked again under the lock: a run that held it may have finished
+    # or bound the workdir to its config since.
+    if _check_workdir(cfg, workdir, target_dir):
+      return target_dir
+    return _train(cfg, workdir, target_dir, max_steps_this_run)
 
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, target_dir: str,
+           max_steps_this_run: Optional[int]) -> Optional[str]:
+  """`train` after the checks, holding the workdir's lock."""
   source, members, nonmembers, public = _member_data(cfg)
   images = np.asarray(source.get(members)).astype(np.float32) / 127.5 - 1.0
   spec = InputSpec(resolution=images.shape[1], channels=images.shape[3])

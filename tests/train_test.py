@@ -207,3 +207,13 @@ def test_settings_that_train_silently_wrong_weights_are_refused(
       train_sd.fit(str(tmp_path / "sd"), "unet", None, {}, {}, {},
                    cfg.train, seed=0)
     assert not os.path.exists(tmp_path / "sd")
+
+
+def test_a_second_trainer_on_a_workdir_in_use_is_refused(tmp_path):
+  # Two trainers in one workdir interleaved orbax steps of two states.
+  from mia_jax import errors, rundir
+  workdir = str(tmp_path / "w")
+  with rundir.lock(workdir):
+    with pytest.raises(errors.UserError, match="in use by another run"):
+      train.train(tiny_config(num_steps=1), workdir)
+    assert os.listdir(workdir) == [rundir.LOCK_NAME]

@@ -11,6 +11,7 @@ import json
 import os
 from typing import Optional, Sequence
 
+import jax
 import ml_collections
 
 from mia_jax import attacks as attacks_lib
@@ -83,6 +84,15 @@ def score_custom(cfg: ml_collections.ConfigDict, checkpoint: str, output: str,
                  title: Optional[str] = None) -> list[dict]:
   """Scores custom (sweep) attacks resumably and writes the run directory."""
   acfg = common.audit_config(cfg, checkpoint, output, attacks=())
+  rundir.check_output_path(output, (checkpoint,))
+  # One writer per run directory, as for an audit (`audit.run`).
+  with rundir.lock(output, enabled=jax.process_index() == 0):
+    return _score_custom(cfg, acfg, checkpoint, output, built, parse,
+                         progress=progress, title=title)
+
+
+def _score_custom(cfg, acfg, checkpoint, output, built, parse, *, progress,
+                  title) -> list[dict]:
   metadata = checkpoints.read_metadata(checkpoint)
   denoiser = checkpoints.load_denoiser(checkpoint)
   sets = audit.resolve_sets(acfg, metadata)
