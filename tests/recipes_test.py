@@ -334,3 +334,38 @@ def test_qr_recipe_runs(tmp_path):
   assert [r["variant"] for r in res.rows] == [
       "secmi_oms0", "secmi_oms1", "qr_oms0", "qr_oms1"]
   assert "QR at its alpha levels" in open(tmp_path / "audit/report.md").read()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("audit.batch_size", 0, "audit.batch_size must be an integer >= 1"),
+    ("audit.oms_steps", -1, "audit.oms_steps must be an integer >= 0"),
+    ("audit.max_samples", 0, "audit.max_samples must be an integer >= 1"),
+    ("audit.bootstrap", -5, "audit.bootstrap must be an integer >= 0"),
+    ("lr", 0.0, "target train.train.lr must be positive"),
+    ("ema_decay", 1.0, "target train.train.ema_decay must be in"),
+    ("kind", "tables", "unknown recipe kind 'tables'"),
+    ("checkpoint", "/nonexistent/ckpt", "not a mia-jax checkpoint"),
+])
+def test_bad_recipe_fields_refused_before_any_work(tmp_path, field, value,
+                                                   match):
+  # A bad audit field used to be refused only after the target had trained
+  # (minutes); a bad training field trained silently wrong weights.
+  from mia_jax import errors
+  cfg = _tiny(_recipe("oms_table1"))
+  if field.startswith("audit."):
+    cfg.audit[field[6:]] = value
+  elif field == "kind":
+    cfg.kind = value
+  elif field == "checkpoint":
+    cfg.target.checkpoint = value
+  else:
+    cfg.target.train = dict(TINY_TRAIN, train=dict(TINY_TRAIN["train"],
+                                                    **{field: value}))
+  with pytest.raises(errors.UserError, match=match):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_reduced_recipe_passes_the_early_checks(path):
+  common.check_config(recipes.load_config_file(f"{path}:reduced"))

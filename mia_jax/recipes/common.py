@@ -59,6 +59,47 @@ def check_requirements(cfg: ml_collections.ConfigDict) -> None:
         "checkout does not have yet; nothing was run.")
 
 
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a recipe whose audit or training fields are meaningless, before
+  any work (training a target takes minutes; its audit would refuse them
+  only afterwards).
+
+  Raises:
+    errors.UserError: naming the field, e.g. ``audit.batch_size``.
+  """
+  a = cfg.get("audit")
+  if a is not None:
+    for key, minimum, allow_none in (("oms_steps", 0, False),
+                                     ("batch_size", 1, False),
+                                     ("max_samples", 1, True),
+                                     ("bootstrap", 0, False),
+                                     ("seed", 0, False)):
+      if key in a and not (key == "batch_size" and a[key] == "auto"):
+        errors.check_int(a[key], f"audit.{key}", minimum=minimum,
+                         allow_none=allow_none)
+  t = cfg.get("target")
+  if t is None:
+    return
+  if t.get("checkpoint"):
+    if not t.get("seeds") and not os.path.exists(
+        os.path.join(t.checkpoint, "model.json")):
+      raise errors.MissingInputError(
+          "target.checkpoint is not a mia-jax checkpoint (no model.json)",
+          t.checkpoint, "convert one with experiments/convert.py or train "
+          "one with experiments/train.py")
+    return
+  if t.get("train") is None and not t.get("train_config"):
+    raise errors.UserError(
+        "the recipe has no target", f"recipe {cfg.get('name', '?')!r}",
+        "give target.checkpoint (a project checkpoint directory, e.g. one "
+        "converted with experiments/convert.py) or target.train_config / "
+        "target.train to train one")
+  from mia_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  tcfg = train_config(cfg)
+  if tcfg.get("train") is not None:
+    train_lib.check_train_settings(tcfg.train, "target train.train")
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """``get_config(ARG)`` of a config file given as ``PATH[:ARG]``.
 
@@ -69,8 +110,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   if not os.path.isabs(path) and not os.path.exists(path):
     path = os.path.join(REPO_ROOT, path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {spec!r} not found (looked at "
-                            f"{path!r})")
+    raise errors.MissingInputError(
+        "config file not found", spec,
+        f"looked at {path}; pass PATH[:VARIANT] of an existing file")
   module_spec = importlib.util.spec_from_file_location(
       "_recipe_config_" + os.path.basename(path).replace(".", "_"), path)
   module = importlib.util.module_from_spec(module_spec)
@@ -108,7 +150,7 @@ def train_config(cfg: ml_collections.ConfigDict,
   elif t.get("train_config"):
     out = load_config_file(t.train_config)
   else:
-    raise ValueError(
+    raise errors.UserError(
         f"recipe {cfg.get('name', '?')!r}: give target.checkpoint (a project "
         "checkpoint directory, e.g. one converted with experiments/convert.py) "
         "or target.train_config / target.train to train one")
@@ -133,9 +175,9 @@ def ensure_target(cfg: ml_collections.ConfigDict, workdir: str,
   checkpoint = cfg.target.get("checkpoint")
   if checkpoint and seed is None:
     if not os.path.exists(os.path.join(checkpoint, "model.json")):
-      raise FileNotFoundError(
-          f"target.checkpoint={checkpoint!r} is not a mia-jax checkpoint "
-          "(no model.json); convert one with experiments/convert.py or train "
+      raise errors.MissingInputError(
+          "target.checkpoint is not a mia-jax checkpoint (no model.json)",
+          checkpoint, "convert one with experiments/convert.py or train "
           "one with experiments/train.py")
     return checkpoint
   train_dir = os.path.join(workdir, "train" if seed is None
