@@ -28,12 +28,14 @@ import math
 import os
 import platform
 import sys
+import zipfile
 from collections import OrderedDict
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from mia_jax import atomic
+from mia_jax import errors
 from mia_jax import metrics
 from mia_jax import plots
 from mia_jax import verdict as verdict_lib
@@ -174,22 +176,42 @@ def load_scores(scores: ScoresArg) -> tuple[Optional[np.ndarray],
   """
   if scores is None:
     return None, None, OrderedDict()
+  where = "scores"
   if isinstance(scores, (str, os.PathLike)):
-    with np.load(os.fspath(scores), allow_pickle=False) as npz:
-      data = {k: np.asarray(npz[k]) for k in npz.files}
+    where = os.fspath(scores)
+    try:
+      with np.load(where, allow_pickle=False) as npz:
+        data = {k: np.asarray(npz[k]) for k in npz.files}
+    except FileNotFoundError:
+      raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      # A torn or hand-edited file: one line naming it, not a traceback.
+      raise errors.UserError(
+          f"unreadable scores file ({type(e).__name__}: {e})", where,
+          "rerun the audit with the same --output to rewrite it from its "
+          "shards") from e
   else:
     data = {k: np.asarray(v) for k, v in scores.items()}
   if "labels" not in data:
-    raise ValueError(
-        f"scores need a 'labels' array (1 = member), got keys {sorted(data)}")
+    raise errors.UserError(
+        f"scores need a 'labels' array (1 = member), got keys {sorted(data)}",
+        where, "pass the scores.npz an audit wrote")
   labels = data["labels"]
   variants = OrderedDict(
       (k, v) for k, v in data.items() if k not in _RESERVED_SCORE_KEYS)
   for k, v in variants.items():
     if v.shape != labels.shape:
-      raise ValueError(
+      raise errors.UserError(
           f"scores[{k!r}] has shape {v.shape}, expected {labels.shape} like "
-          f"'labels'")
+          f"'labels'", where, "pass the scores.npz an audit wrote")
+    if not np.issubdtype(v.dtype, np.number) or not np.all(np.isfinite(v)):
+      # metrics refuse them later, as a bare ValueError far from the file.
+      bad = (int(np.size(v)) if not np.issubdtype(v.dtype, np.number)
+             else int((~np.isfinite(v)).sum()))
+      raise errors.UserError(
+          f"scores[{k!r}] holds {bad} non-finite or non-numeric values", where,
+          "the file was edited or damaged; rerun the audit with the same "
+          "--output to rewrite it from its shards")
   return labels, data.get("ids"), variants
 
 
