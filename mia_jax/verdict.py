@@ -530,7 +530,7 @@ def headline(v: Mapping[str, Any]) -> list[str]:
          + (" (Below 0.5 the classifier separates them the other way round; "
             "with few images it can also be noise: see the interval.)"
             if float(b["auc"]) < 0.5 else "") if b.get("warn") else
-         " (at chance: the two image sets look alike without the model)."))
+         _blind_near_chance(b)))
   d = v["dataset_test"]
   lines.append(
       f"Dataset test (is the member set, as a whole, in the training data?): "
@@ -546,6 +546,20 @@ def headline(v: Mapping[str, Any]) -> list[str]:
                  "scored as LESS likely; a broken or mis-signed attack on this "
                  "target): " + ", ".join(v["below_chance"]) + ".")
   return lines
+
+
+def _blind_near_chance(b: Mapping[str, Any]) -> str:
+  """The headline's reading of a blind AUC within the warning band: "at
+  chance" only when its interval stays in the band too (with few images it
+  does not, and the two sets may differ after all)."""
+  ci = b.get("auc_ci")
+  if ci and (float(ci[0]) < 1 - BLIND_WARN_AUC
+             or float(ci[1]) > BLIND_WARN_AUC):
+    return (f" (near chance, but its interval reaches outside "
+            f"[{1 - BLIND_WARN_AUC:.2f}, {BLIND_WARN_AUC:.2f}]: these "
+            "images cannot exclude a difference between the two sets "
+            "without the model).")
+  return " (at chance: the two image sets look alike without the model)."
 
 
 def summary(run_dir: str) -> str:

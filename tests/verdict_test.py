@@ -309,3 +309,14 @@ def test_clopper_pearson_bounds():
   assert lo == pytest.approx(0.025**(1 / 3)) and hi == 1.0
   lo, hi = verdict.clopper_pearson(0, 20, 0.95)
   assert lo == 0.0 and hi == pytest.approx(1 - 0.025**(1 / 20))
+
+
+def test_blind_baseline_is_called_at_chance_only_when_its_interval_is():
+  base = _run(2.5)
+  narrow = dict(auc=0.50, auc_ci=[0.47, 0.53], warn=False,
+                method="logistic_pixels")
+  wide = dict(narrow, auc_ci=[0.30, 0.70])  # few images: anything goes
+  line = verdict.headline(dict(base, blind_baseline=narrow))[2]
+  assert "(at chance" in line
+  line = verdict.headline(dict(base, blind_baseline=wide))[2]
+  assert "at chance" not in line and "cannot exclude" in line
