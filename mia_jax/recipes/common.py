@@ -77,6 +77,18 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       if key in a and not (key == "batch_size" and a[key] == "auto"):
         errors.check_int(a[key], f"audit.{key}", minimum=minimum,
                          allow_none=allow_none)
+  m = cfg.get("memorization")
+  if m is not None:
+    counts, epochs = list(m.get("member_counts") or ()), list(
+        m.get("epochs") or ())
+    if not counts or not epochs or any(
+        isinstance(c, bool) or int(c) != c or c < 1 for c in counts) or any(
+            not float(e) > 0 for e in epochs):
+      raise errors.UserError(
+          "memorization.member_counts must be positive integers and "
+          ".epochs positive numbers, both non-empty",
+          f"member_counts={counts}, epochs={epochs}",
+          "e.g. member_counts=(32, 128), epochs=(100, 1000)")
   t = cfg.get("target")
   if t is None:
     return
