@@ -369,3 +369,43 @@ def test_bad_recipe_fields_refused_before_any_work(tmp_path, field, value,
 @pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
 def test_every_reduced_recipe_passes_the_early_checks(path):
   common.check_config(recipes.load_config_file(f"{path}:reduced"))
+
+
+@pytest.mark.parametrize("recipe,section,key,value,match", [
+    ("oms_fig2_timesteps", "sweep", "timesteps", (50, 100, 50),
+     "sweep.timesteps must be distinct"),
+    ("oms_fig2_timesteps", "sweep", "timesteps", (), "sweep.timesteps"),
+    ("oms_fig3", "chain", "num_steps", 0, "chain.num_steps must be"),
+    ("oms_fig2_epochs", "epochs", "snapshot_steps", (0, 10),
+     "epochs.snapshot_steps must be"),
+])
+def test_bad_sweep_fields_refused_before_any_work(tmp_path, recipe, section,
+                                                  key, value, match):
+  from mia_jax import errors
+  cfg = _tiny(_recipe(recipe))
+  cfg[section][key] = value
+  with pytest.raises(errors.UserError, match=match):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_epoch_labels_must_match_the_given_checkpoints(tiny_target, tmp_path):
+  # zip() dropped the third checkpoint silently.
+  from mia_jax import errors
+  cfg = _tiny(_recipe("oms_fig2_epochs"), tiny_target)
+  cfg.epochs.checkpoints = (tiny_target,) * 3
+  cfg.epochs.epoch_labels = (10.0, 20.0)
+  with pytest.raises(errors.UserError, match="2 entries for 3"):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  cfg.epochs.epoch_labels = (10.0, 20.0, 10.0)
+  with pytest.raises(errors.UserError, match="repeats a label"):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_full_epochs_recipe_with_snapshots_needs_no_target():
+  cfg = recipes.load_config_file(
+      os.path.join(REPO, "experiments/configs/oms_fig2_epochs.py:full"))
+  cfg.epochs.checkpoints = tuple(f"ckpts/ep{e}" for e in
+                                 cfg.epochs.epoch_labels)
+  common.check_config(cfg)  # the README's command: not refused

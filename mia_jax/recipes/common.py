@@ -89,9 +89,43 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
           ".epochs positive numbers, both non-empty",
           f"member_counts={counts}, epochs={epochs}",
           "e.g. member_counts=(32, 128), epochs=(100, 1000)")
+  sweep = cfg.get("sweep")
+  if sweep is not None and "timesteps" in sweep:
+    ts = list(sweep.timesteps or ())
+    if not ts or any(isinstance(t, bool) or int(t) != t or t < 0
+                     for t in ts) or len(set(ts)) != len(ts):
+      raise errors.UserError(
+          "sweep.timesteps must be distinct integers >= 0 (a repeat is "
+          "scored and plotted twice)", f"sweep.timesteps={ts}",
+          "e.g. (50, 100, 150, 200)")
+  chain = cfg.get("chain")
+  if chain is not None and "num_steps" in chain:
+    errors.check_int(chain.num_steps, "chain.num_steps", minimum=1)
+  ep = cfg.get("epochs")
+  if ep is not None and ep.get("checkpoints"):
+    labels, ckpts = list(ep.get("epoch_labels") or ()), list(ep.checkpoints)
+    if len(labels) != len(ckpts):
+      # zip() dropped the unlabelled checkpoints (or labels) silently.
+      raise errors.UserError(
+          f"epochs.epoch_labels has {len(labels)} entries for "
+          f"{len(ckpts)} epochs.checkpoints", "epochs.epoch_labels",
+          "give one epoch label per checkpoint, in the same order")
+    if len(set(map(float, labels))) != len(labels):
+      raise errors.UserError(
+          "epochs.epoch_labels repeats a label (two snapshots would share "
+          "one audit directory)", f"epochs.epoch_labels={labels}",
+          "give each checkpoint its own epoch count")
+  elif ep is not None and "snapshot_steps" in ep:
+    steps = list(ep.snapshot_steps or ())
+    if not steps:
+      raise errors.UserError("epochs.snapshot_steps is empty",
+                             "epochs.snapshot_steps",
+                             "give the training steps to audit")
+    for s_ in steps:
+      errors.check_int(s_, "epochs.snapshot_steps", minimum=1)
   t = cfg.get("target")
-  if t is None:
-    return
+  if t is None or (ep is not None and ep.get("checkpoints")):
+    return  # the epochs recipe audits the given snapshots, no target
   if t.get("checkpoint"):
     if not t.get("seeds") and not os.path.exists(
         os.path.join(t.checkpoint, "model.json")):
