@@ -99,23 +99,67 @@ def pvalues(scores: Any, labels: Any) -> np.ndarray:
   return (1.0 + at_or_above - own) / (1.0 + ref.size - own)
 
 
-def mann_whitney(scores: Any, labels: Any) -> dict[str, float]:
+# Sizes up to which the dataset test's p-value is exact (rank-sum
+# distribution by dynamic programming), and the smaller side below which a
+# larger set uses a permutation p-value: the normal approximation with
+# ties halved the exact p of a 3 v 3 separation (0.023 vs 0.05).
+EXACT_MAX_TOTAL = 100
+PERMUTATION_MIN_SIDE = 20
+PERMUTATIONS = 20000
+
+
+def _exact_rank_sum_p(ranks2: np.ndarray, k: int, observed2: int) -> float:
+  """P(sum of k of the doubled midranks >= observed2) under the null
+  (every k-subset equally likely), ties included, by counting subsets."""
+  total = int(ranks2.sum())
+  # counts[j, s]: subsets of j of the items seen so far with doubled sum s.
+  counts = np.zeros((k + 1, total + 1))
+  counts[0, 0] = 1.0
+  for r in ranks2.astype(np.int64):
+    counts[1:, r:] += counts[:-1, :total + 1 - r].copy()
+  dist = counts[k]
+  return float(dist[observed2:].sum() / dist.sum())
+
+
+def mann_whitney(scores: Any, labels: Any, *, seed: int = 0
+                 ) -> dict[str, float]:
   """One-sided Mann-Whitney U test: members' scores > non-members'.
+
+  The p-value is exact (the rank-sum distribution with ties) up to
+  `EXACT_MAX_TOTAL` samples, a permutation p-value ``(1 + hits) / (1 + R)``
+  when one side has fewer than `PERMUTATION_MIN_SIDE`, and scipy's normal
+  approximation with tie correction otherwise (where it is accurate).
 
   Args:
     scores: [N] higher = more likely member.
     labels: [N] 1 = member (the candidate set), 0 = known non-members.
+    seed: the permutations' seed.
 
   Returns:
     dict(u (members' U statistic, ties counted 1/2), auc (= u / (n1 n0)),
-    p_value (scipy's, asymptotic with tie correction above 8 per side)).
+    p_value, method ("exact", "permutation" or "asymptotic")).
   """
   from scipy import stats
   s, y = metrics.validate(scores, labels)
-  res = stats.mannwhitneyu(s[y == 1], s[y == 0], alternative="greater")
   n1, n0 = int(y.sum()), int((y == 0).sum())
-  return {"u": float(res.statistic), "auc": float(res.statistic) / (n1 * n0),
-          "p_value": float(res.pvalue)}
+  ranks2 = np.rint(2 * stats.rankdata(s)).astype(np.int64)
+  observed2 = int(ranks2[y == 1].sum())
+  u = observed2 / 2 - n1 * (n1 + 1) / 2
+  if n1 + n0 <= EXACT_MAX_TOTAL:
+    p, method = _exact_rank_sum_p(ranks2, n1, observed2), "exact"
+  elif min(n1, n0) < PERMUTATION_MIN_SIDE:
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, PERMUTATIONS, 1000):
+      picks = np.argpartition(rng.random((1000, n1 + n0)), n1, axis=1)[:, :n1]
+      hits += int((ranks2[picks].sum(1) >= observed2).sum())
+    p, method = (1.0 + hits) / (1.0 + PERMUTATIONS), "permutation"
+  else:
+    p = float(stats.mannwhitneyu(s[y == 1], s[y == 0],
+                                 alternative="greater").pvalue)
+    method = "asymptotic"
+  return {"u": float(u), "auc": float(u) / (n1 * n0), "p_value": float(p),
+          "method": method}
 
 
 def dataset_test(scores_by_variant: Mapping[str, Any], labels: Any
@@ -130,14 +174,16 @@ def dataset_test(scores_by_variant: Mapping[str, Any], labels: Any
     dict(test, p_value (Bonferroni: min over variants x K, capped at 1),
     variant (the one with the smallest p), per_variant {variant: p}).
   """
-  per = {name: mann_whitney(s, labels)["p_value"]
-         for name, s in scores_by_variant.items()}
+  tests = {name: mann_whitney(s, labels)
+           for name, s in scores_by_variant.items()}
+  per = {name: t["p_value"] for name, t in tests.items()}
   best = min(per, key=per.get)
   return {
       "test": "one-sided Mann-Whitney U, candidates (members) > non-members; "
               "p_value is Bonferroni over the variants",
       "p_value": min(1.0, per[best] * len(per)), "variant": best,
-      "num_variants": len(per), "per_variant": per}
+      "num_variants": len(per), "per_variant": per,
+      "method": tests[best]["method"]}
 
 
 # ----------------------------------------------------------------------------

@@ -320,3 +320,38 @@ def test_blind_baseline_is_called_at_chance_only_when_its_interval_is():
   assert "(at chance" in line
   line = verdict.headline(dict(base, blind_baseline=wide))[2]
   assert "at chance" not in line and "cannot exclude" in line
+
+
+def _brute_force_p(s, y):
+  import itertools
+  r = stats.rankdata(s)
+  obs, k = r[y == 1].sum(), int(y.sum())
+  sums = [r[list(c)].sum() for c in itertools.combinations(range(len(s)), k)]
+  return float(np.mean(np.asarray(sums) >= obs - 1e-9))
+
+
+@pytest.mark.parametrize("members,nonmembers", [
+    ([1, 1, 1], [0, 0, 0]),       # normal approx. said 0.023: "significant"
+    ([2, 2, 1], [1, 1, 0]),
+    ([1.5, 2, 3, 0.1], [0.2, 1, 1, 5, 0.3]),
+    ([2, 1, 1, 0, 0, 0], [0, 0, 0, 2, 1, 2, 1]),
+])
+def test_dataset_test_is_exact_for_small_sets_with_ties(members, nonmembers):
+  s = np.asarray(members + nonmembers, float)
+  y = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))].astype(int)
+  mw = verdict.mann_whitney(s, y)
+  assert mw["method"] == "exact"
+  assert mw["p_value"] == pytest.approx(_brute_force_p(s, y), rel=1e-9)
+  assert mw["auc"] == pytest.approx(metrics.auc(s, y))
+
+
+def test_dataset_test_permutes_when_one_side_is_small():
+  rng = np.random.default_rng(0)
+  y = np.r_[np.ones(3), np.zeros(500)].astype(int)
+  s = np.r_[np.zeros(3), np.zeros(500)]  # all tied: no evidence at all
+  mw = verdict.mann_whitney(s, y)
+  assert mw["method"] == "permutation" and mw["p_value"] == 1.0
+  s = np.r_[[9.0, 9.0, 9.0], rng.normal(size=500)]
+  # Exact: 1 / C(503, 3); the permutation p is bounded by 1 / (1 + R).
+  assert verdict.mann_whitney(s, y)["p_value"] == pytest.approx(
+      1 / (1 + verdict.PERMUTATIONS))
