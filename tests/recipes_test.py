@@ -409,3 +409,13 @@ def test_full_epochs_recipe_with_snapshots_needs_no_target():
   cfg.epochs.checkpoints = tuple(f"ckpts/ep{e}" for e in
                                  cfg.epochs.epoch_labels)
   common.check_config(cfg)  # the README's command: not refused
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+  from mia_jax import errors
+  path = tmp_path / "afile"
+  path.write_text("x")
+  with pytest.raises(errors.UserError, match="existing file"):
+    recipes.run_recipe(_tiny(_recipe("oms_table1")), str(path),
+                       progress=False)
+  assert path.read_text() == "x"

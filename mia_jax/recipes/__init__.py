@@ -77,6 +77,9 @@ def run_recipe(cfg: ml_collections.ConfigDict, workdir: str, *,
     raise errors.UserError(f"unknown recipe kind {kind!r}", "kind",
                            f"expected one of {', '.join(KINDS)}")
   check_requirements(cfg)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError("--workdir is an existing file", workdir,
+                           "pass a directory path (new, or a run to resume)")
   common.check_config(cfg)
   if kind == "finetune_t2i":
     # Loaded on use: it brings the SD training and export code.
