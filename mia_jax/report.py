@@ -114,7 +114,7 @@ def _ci(ci: Any, digits: int = 4) -> str:
   return f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
 
 
-def _tpr(row: Mapping[str, Any], key: str, with_ci: bool = False) -> str:
+def tpr_cell(row: Mapping[str, Any], key: str, with_ci: bool = False) -> str:
   """TPR@x%FPR of a row, or why it was not measured (too few non-members:
   the value is then the TPR at FPR 0, never shown as the TPR at x%)."""
   if row.get(f"measurable_{key}") is False:
@@ -234,7 +234,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   for row in rows:
     lines.append((variant_name(row), _t(row), _f(row.get("auc")),
                   _ci(row.get("auc_ci")), _f(row.get("asr")),
-                  _tpr(row, "1pct"), _tpr(row, "0.1pct"),
+                  tpr_cell(row, "1pct"), tpr_cell(row, "0.1pct"),
                   str(row.get("num_members", "-")),
                   str(row.get("num_nonmembers", "-"))))
   widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
@@ -351,8 +351,8 @@ def _metrics_table(rows):
         f"{_f(r.get('auc'))} {_ci(r.get('auc_ci'))}".strip(),
         f"{_f(r.get('asr'))} ± {_f(r.get('asr_std'))} "
         f"{_ci(r.get('asr_ci'))}".strip(),
-        _tpr(r, "1pct", with_ci=True), fp("1pct"),
-        _tpr(r, "0.1pct", with_ci=True), fp("0.1pct"),
+        tpr_cell(r, "1pct", with_ci=True), fp("1pct"),
+        tpr_cell(r, "0.1pct", with_ci=True), fp("0.1pct"),
         str(r.get("num_members", "-")), str(r.get("num_nonmembers", "-"))])
   return header, body
 

@@ -218,6 +218,8 @@ def test_epochs_recipe_on_given_checkpoints(tiny_target, tmp_path):
   assert [r["auc"] for r in a] == [r["auc"] for r in b]  # same model
   md = open(tmp_path / "epochs.md").read()
   assert f"| 1500 | pia_oms1 | {b[1]['auc']:.4f} |" in md
+  # 4 non-members measure neither FPR: n/a, not the TPR at FPR 0.
+  assert md.count("n/a (< 100 non-members)") == len(a) + len(b)
   assert os.path.getsize(tmp_path / "figure2a.png") > 0
   assert os.path.exists(tmp_path / "audit_epoch1000" / "report.html")
 
