@@ -421,3 +421,14 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
     recipes.run_recipe(_tiny(_recipe("oms_table1")), str(path),
                        progress=False)
   assert path.read_text() == "x"
+
+
+def test_sweep_timestep_past_the_schedule_is_refused(tiny_target, tmp_path):
+  # It ran until the first batch came back NaN (JAX fills an index past the
+  # schedule) and then blamed the checkpoint.
+  from mia_jax import errors
+  cfg = _tiny(_recipe("oms_fig2_timesteps"), tiny_target)
+  cfg.sweep.timesteps = (50, 5000)
+  with pytest.raises(errors.UserError, match=r"5000.*sweep.timesteps"):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w" / "timesteps" / "scores.npz")

@@ -16,6 +16,7 @@ import ml_collections
 
 from mia_jax import attacks as attacks_lib
 from mia_jax import audit, checkpoints, metrics, report, rundir, runner
+from mia_jax import schedules
 from mia_jax.attacks import base, naive, pia, schemes
 from mia_jax.recipes import common
 
@@ -98,6 +99,15 @@ def _score_custom(cfg, acfg, checkpoint, output, built, parse, *, progress,
   sets = audit.resolve_sets(acfg, metadata)
   if callable(built):
     built = built(denoiser)
+  for attack in built:
+    # Checked before scoring: inside the compiled sweep an index past the
+    # schedule gave NaN scores, refused after the first batch as a bad
+    # checkpoint.
+    for t in attack.config.get("timesteps") or (
+        [] if attack.timestep is None else [attack.timestep]):
+      schedules.validate_timestep(denoiser.schedule, t,
+                                  f"{attack.name} timestep (sweep.timesteps "
+                                  "/ audit.timestep)")
   os.makedirs(output, exist_ok=True)
   manifest = audit.run_manifest(acfg, denoiser, sets)
   resolved = {"recipe": common.plain(cfg), "checkpoint": checkpoint,
