@@ -343,8 +343,8 @@ def test_qr_recipe_runs(tmp_path):
     ("audit.oms_steps", -1, "audit.oms_steps must be an integer >= 0"),
     ("audit.max_samples", 0, "audit.max_samples must be an integer >= 1"),
     ("audit.bootstrap", -5, "audit.bootstrap must be an integer >= 0"),
-    ("lr", 0.0, "target train.train.lr must be positive"),
-    ("ema_decay", 1.0, "target train.train.ema_decay must be in"),
+    ("lr", 0.0, "target.train.train.lr must be positive"),
+    ("ema_decay", 1.0, "target.train.train.ema_decay must be in"),
     ("kind", "tables", "unknown recipe kind 'tables'"),
     ("checkpoint", "/nonexistent/ckpt", "not a mia-jax checkpoint"),
 ])
@@ -432,3 +432,14 @@ def test_sweep_timestep_past_the_schedule_is_refused(tiny_target, tmp_path):
   with pytest.raises(errors.UserError, match=r"5000.*sweep.timesteps"):
     recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
   assert not os.path.exists(tmp_path / "w" / "timesteps" / "scores.npz")
+
+
+def test_t2i_stage_optimiser_settings_refused_before_pretraining(tmp_path):
+  # A fine-tuning lr of 0 was met only after the VAE and UNet pretraining.
+  from mia_jax import errors
+  cfg = recipes.load_config_file(
+      os.path.join(REPO, "experiments/configs/finetune_t2i.py:reduced"))
+  common.check_config(cfg)
+  cfg.finetune.train.lr = 0.0
+  with pytest.raises(errors.UserError, match="finetune.train.lr must be"):
+    common.check_config(cfg)

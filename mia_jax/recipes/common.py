@@ -89,6 +89,18 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
           ".epochs positive numbers, both non-empty",
           f"member_counts={counts}, epochs={epochs}",
           "e.g. member_counts=(32, 128), epochs=(100, 1000)")
+  from mia_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  def optimiser_blocks(node, path):
+    # Every block of optimiser settings (the t2i recipe's pretraining and
+    # fine-tuning stages): refused now, not when that stage starts.
+    if isinstance(node, (ml_collections.ConfigDict, dict)):
+      if {"lr", "grad_clip", "ema_decay"} <= set(node.keys()):
+        train_lib.check_train_settings(node, path)
+      for key, value in node.items():
+        optimiser_blocks(value, f"{path}.{key}" if path else str(key))
+
+  optimiser_blocks(cfg, "")
   sweep = cfg.get("sweep")
   if sweep is not None and "timesteps" in sweep:
     ts = list(sweep.timesteps or ())
@@ -140,7 +152,6 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         "give target.checkpoint (a project checkpoint directory, e.g. one "
         "converted with experiments/convert.py) or target.train_config / "
         "target.train to train one")
-  from mia_jax import train as train_lib  # pylint: disable=g-import-not-at-top
   tcfg = train_config(cfg)
   if tcfg.get("train") is not None:
     train_lib.check_train_settings(tcfg.train, "target train.train")
