@@ -180,9 +180,12 @@ def check_train_settings(tcfg: ml_collections.ConfigDict,
     errors.UserError: naming the first bad setting.
   """
   for key in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
-    if key in tcfg and int(tcfg[key]) < 1:
+    value = tcfg[key] if key in tcfg else 1
+    # A float count (2.5 from a config file) failed deep in the loop.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+        or value < 1:
       raise errors.UserError(f"{prefix}.{key} must be at least 1",
-                             f"{prefix}.{key}={tcfg[key]}",
+                             f"{prefix}.{key}={value!r}",
                              "pass a positive integer")
 
   def number(key):

@@ -217,3 +217,15 @@ def test_a_second_trainer_on_a_workdir_in_use_is_refused(tmp_path):
     with pytest.raises(errors.UserError, match="in use by another run"):
       train.train(tiny_config(num_steps=1), workdir)
     assert os.listdir(workdir) == [rundir.LOCK_NAME]
+
+
+def test_a_fractional_step_count_is_refused(tmp_path):
+  # A config file that writes num_steps = 2.5 failed deep in the loop.
+  from mia_jax import errors
+  cfg = tiny_config()
+  cfg.train = ml_collections.ConfigDict(dict(cfg.train.to_dict(),
+                                             num_steps=2.5))
+  with pytest.raises(errors.UserError, match="train.num_steps must be at "
+                     "least 1"):
+    train.train(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
