@@ -22,8 +22,8 @@ import numpy as np
 # The ROC primitives, re-exported: callers use `metrics.auc` etc.
 from mia_jax.roc import (  # pylint: disable=unused-import
     FPR_TARGETS, LOW_COUNT_FALSE_POSITIVES, asr, asr_splits, auc,
-    balanced_accuracy, best_balanced_accuracy, jsonable, roc_curve,
-    tpr_at_fpr, validate)
+    balanced_accuracy, best_balanced_accuracy, jsonable, measurable,
+    min_nonmembers, roc_curve, tpr_at_fpr, validate)
 from mia_jax.roc import (_auc_from_counts, _grouped_counts,
                          _tpr_at_fpr_from_counts)
 
@@ -300,7 +300,10 @@ def summarize(scores: Any, labels: Any, *, bootstrap: int = 200,
     achieved_fpr_1pct, achieved_fpr_0.1pct, threshold_1pct, threshold_0.1pct
     (+inf is kept as float inf; `jsonable(row)` makes it strict JSON), false
     positive counts, num_members, num_nonmembers, best_balanced_accuracy
-    (oracle, for reference only), low_count_0.1pct / low_count_1pct, and the
+    (oracle, for reference only), low_count_0.1pct / low_count_1pct,
+    measurable_0.1pct / measurable_1pct (False: fewer non-members than
+    `roc.min_nonmembers`, the TPR value is the TPR at FPR 0 and reports show
+    it as not measured), and the
     intervals auc_ci, tpr_at_1pct_fpr_ci, tpr_at_0.1pct_fpr_ci, asr_ci as
     [lo, hi] lists, plus ci_level and bootstrap.
   """
@@ -317,6 +320,7 @@ def summarize(scores: Any, labels: Any, *, bootstrap: int = 200,
     row[f"threshold_{key}"] = res["threshold"]
     row[f"num_false_positives_{key}"] = res["num_false_positives"]
     row[f"low_count_{key}"] = res["low_count"]
+    row[f"measurable_{key}"] = res["measurable"]
   row["num_members"] = int(y.sum())
   row["num_nonmembers"] = int(y.shape[0] - y.sum())
   row["best_balanced_accuracy"] = best_balanced_accuracy(

@@ -28,12 +28,14 @@ import math
 import os
 import platform
 import sys
+import zipfile
 from collections import OrderedDict
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from mia_jax import atomic
+from mia_jax import errors
 from mia_jax import metrics
 from mia_jax import plots
 from mia_jax import verdict as verdict_lib
@@ -112,6 +114,18 @@ def _ci(ci: Any, digits: int = 4) -> str:
   return f"[{_f(ci[0], digits)}, {_f(ci[1], digits)}]"
 
 
+def tpr_cell(row: Mapping[str, Any], key: str, with_ci: bool = False) -> str:
+  """TPR@x%FPR of a row, or why it was not measured (too few non-members:
+  the value is then the TPR at FPR 0, never shown as the TPR at x%)."""
+  if row.get(f"measurable_{key}") is False:
+    need = metrics.min_nonmembers(metrics.FPR_TARGETS[key])
+    return f"n/a (< {need} non-members)"
+  value = _f(row.get(f"tpr_at_{key}_fpr"))
+  if with_ci:
+    value = f"{value} {_ci(row.get(f'tpr_at_{key}_fpr_ci'))}".strip()
+  return value
+
+
 def _t(row: Mapping[str, Any]) -> str:
   t = row.get("timestep", row.get("t"))
   return "-" if t is None else str(t)
@@ -162,22 +176,42 @@ def load_scores(scores: ScoresArg) -> tuple[Optional[np.ndarray],
   """
   if scores is None:
     return None, None, OrderedDict()
+  where = "scores"
   if isinstance(scores, (str, os.PathLike)):
-    with np.load(os.fspath(scores), allow_pickle=False) as npz:
-      data = {k: np.asarray(npz[k]) for k in npz.files}
+    where = os.fspath(scores)
+    try:
+      with np.load(where, allow_pickle=False) as npz:
+        data = {k: np.asarray(npz[k]) for k in npz.files}
+    except FileNotFoundError:
+      raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+      # A torn or hand-edited file: one line naming it, not a traceback.
+      raise errors.UserError(
+          f"unreadable scores file ({type(e).__name__}: {e})", where,
+          "rerun the audit with the same --output to rewrite it from its "
+          "shards") from e
   else:
     data = {k: np.asarray(v) for k, v in scores.items()}
   if "labels" not in data:
-    raise ValueError(
-        f"scores need a 'labels' array (1 = member), got keys {sorted(data)}")
+    raise errors.UserError(
+        f"scores need a 'labels' array (1 = member), got keys {sorted(data)}",
+        where, "pass the scores.npz an audit wrote")
   labels = data["labels"]
   variants = OrderedDict(
       (k, v) for k, v in data.items() if k not in _RESERVED_SCORE_KEYS)
   for k, v in variants.items():
     if v.shape != labels.shape:
-      raise ValueError(
+      raise errors.UserError(
           f"scores[{k!r}] has shape {v.shape}, expected {labels.shape} like "
-          f"'labels'")
+          f"'labels'", where, "pass the scores.npz an audit wrote")
+    if not np.issubdtype(v.dtype, np.number) or not np.all(np.isfinite(v)):
+      # metrics refuse them later, as a bare ValueError far from the file.
+      bad = (int(np.size(v)) if not np.issubdtype(v.dtype, np.number)
+             else int((~np.isfinite(v)).sum()))
+      raise errors.UserError(
+          f"scores[{k!r}] holds {bad} non-finite or non-numeric values", where,
+          "the file was edited or damaged; rerun the audit with the same "
+          "--output to rewrite it from its shards")
   return labels, data.get("ids"), variants
 
 
@@ -200,8 +234,7 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
   for row in rows:
     lines.append((variant_name(row), _t(row), _f(row.get("auc")),
                   _ci(row.get("auc_ci")), _f(row.get("asr")),
-                  _f(row.get("tpr_at_1pct_fpr")),
-                  _f(row.get("tpr_at_0.1pct_fpr")),
+                  tpr_cell(row, "1pct"), tpr_cell(row, "0.1pct"),
                   str(row.get("num_members", "-")),
                   str(row.get("num_nonmembers", "-"))))
   widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h)
@@ -318,10 +351,8 @@ def _metrics_table(rows):
         f"{_f(r.get('auc'))} {_ci(r.get('auc_ci'))}".strip(),
         f"{_f(r.get('asr'))} ± {_f(r.get('asr_std'))} "
         f"{_ci(r.get('asr_ci'))}".strip(),
-        f"{_f(r.get('tpr_at_1pct_fpr'))} "
-        f"{_ci(r.get('tpr_at_1pct_fpr_ci'))}".strip(), fp("1pct"),
-        f"{_f(r.get('tpr_at_0.1pct_fpr'))} "
-        f"{_ci(r.get('tpr_at_0.1pct_fpr_ci'))}".strip(), fp("0.1pct"),
+        tpr_cell(r, "1pct", with_ci=True), fp("1pct"),
+        tpr_cell(r, "0.1pct", with_ci=True), fp("0.1pct"),
         str(r.get("num_members", "-")), str(r.get("num_nonmembers", "-"))])
   return header, body
 
@@ -349,11 +380,21 @@ def _notes(rows):
   """Warnings on the rows, one line per kind (not one per variant)."""
   notes = []
   for key, label in (("0.1pct", "0.1%"), ("1pct", "1%")):
-    low = [variant_name(r) for r in rows if r.get(f"low_count_{key}")]
+    unmeasured = [r for r in rows if r.get(f"measurable_{key}") is False]
+    if unmeasured:
+      counts = sorted({str(r.get("num_nonmembers")) for r in unmeasured})
+      notes.append(
+          f"TPR@{label}FPR is not measured with "
+          f"{'/'.join(counts)} non-members (shown n/a): its budget admits no "
+          f"false positive, so the only threshold within it is the one above "
+          f"every non-member (FPR 0); it needs at least "
+          f"{metrics.min_nonmembers(metrics.FPR_TARGETS[key])} non-members.")
+    low = [variant_name(r) for r in rows if r.get(f"low_count_{key}")
+           and r.get(f"measurable_{key}") is not False]
     if not low:
       continue
     counts = sorted({str(r.get("num_nonmembers")) for r in rows
-                     if r.get(f"low_count_{key}")})
+                     if variant_name(r) in low})
     which = (f"all {len(low)} variants" if len(low) == len(rows)
              else ", ".join(low))
     notes.append(

@@ -34,6 +34,27 @@ FPR_TARGETS = {"1pct": 0.01, "0.1pct": 0.001}
 LOW_COUNT_FALSE_POSITIVES = 10
 
 
+def min_nonmembers(target: float) -> int:
+  """The fewest non-members at which an FPR of ``target`` admits one false
+  positive (100 at 1%, 1,000 at 0.1%); 1 at FPR 0, which admits none and is
+  exactly what it measures."""
+  if target <= 0.0:
+    return 1
+  return int(math.ceil(1.0 / target - 1e-9))
+
+
+def measurable(target: float, num_nonmembers: int) -> bool:
+  """Whether TPR at FPR ``target`` is measured at all with this many
+  non-members.
+
+  Below `min_nonmembers` the budget admits no false positive, so the value
+  `tpr_at_fpr` returns is the TPR at FPR 0 (the members above every
+  non-member): not an estimate of the TPR at ``target``, which is then
+  undefined for this sample and must be shown as such, not as a number.
+  """
+  return int(num_nonmembers) >= min_nonmembers(target)
+
+
 # ----------------------------------------------------------------------------
 # Input validation.
 
@@ -205,8 +226,10 @@ def tpr_at_fpr(scores: Any, labels: Any, target: float,
   Returns:
     dict(tpr, achieved_fpr, threshold, num_true_positives,
     num_false_positives, num_members, num_nonmembers, target, rule,
-    low_count): `low_count` is True when target * num_nonmembers < 10, i.e.
-    the estimate rests on fewer than 10 allowed false positives.
+    low_count, measurable): `low_count` is True when target *
+    num_nonmembers < 10, i.e. the estimate rests on fewer than 10 allowed
+    false positives; `measurable` is False when it rests on none (see
+    `measurable`: the value is then the TPR at FPR 0).
   """
   if not 0.0 <= target <= 1.0:
     raise ValueError(f"target FPR must be in [0, 1], got {target}")
@@ -236,6 +259,7 @@ def tpr_at_fpr(scores: Any, labels: Any, target: float,
       "target": float(target),
       "rule": rule,
       "low_count": bool(target * num_neg < LOW_COUNT_FALSE_POSITIVES),
+      "measurable": measurable(target, int(num_neg)),
   }
 
 

@@ -37,7 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from mia_jax import checkpoints, compute, data, diffusion, errors, models
-from mia_jax import report, schedules
+from mia_jax import report, rundir, schedules
 from mia_jax.denoiser import InputSpec
 
 
@@ -147,12 +147,75 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str,
         "this workdir already trained", workdir,
         f"set --config.train.num_steps to {latest} or more, or train in a "
         "new --workdir")
-  for key in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
-    if int(cfg.train[key]) < 1:
-      raise errors.UserError(f"train.{key} must be at least 1",
-                             f"train.{key}={cfg.train[key]}",
-                             "pass a positive integer")
+  check_train_settings(cfg.train)
+  public = cfg.data.get("public_fraction", 0.0)
+  if isinstance(public, bool) or not 0.0 <= float(public) < 1.0:
+    # A negative share silently meant "no public set".
+    raise errors.UserError("data.public_fraction must be in [0, 1)",
+                           f"data.public_fraction={public}",
+                           "pass 0 for no public reference set, or a share")
+  keep = cfg.data.get("max_members")
+  if keep is not None and (isinstance(keep, bool) or int(keep) != keep
+                           or int(keep) < 1):
+    raise errors.UserError("data.max_members must be a positive integer",
+                           f"data.max_members={keep}",
+                           "pass the number of members to keep, or None")
   return False
+
+
+def check_train_settings(tcfg: ml_collections.ConfigDict,
+                         prefix: str = "train") -> None:
+  """Refuses optimiser settings that would train silently wrong weights.
+
+  A learning rate <= 0 does not train (or ascends the loss), a clip norm
+  <= 0 zeroes or flips every update, and an EMA decay of 1 exports the
+  initial weights (outside [0, 1) it diverges or extrapolates): each would
+  export a target that an audit then reports as "no leakage".
+
+  Args:
+    tcfg: ``lr``, ``grad_clip``, ``ema_decay``, ``warmup_steps``,
+      ``batch_size``, ``num_steps``, ``log_every``, ``checkpoint_every``.
+    prefix: the config path shown in errors (``train``, ``finetune``, ...).
+  Raises:
+    errors.UserError: naming the first bad setting.
+  """
+  for key in ("batch_size", "num_steps", "log_every", "checkpoint_every"):
+    value = tcfg[key] if key in tcfg else 1
+    # A float count (2.5 from a config file) failed deep in the loop.
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+        or value < 1:
+      raise errors.UserError(f"{prefix}.{key} must be at least 1",
+                             f"{prefix}.{key}={value!r}",
+                             "pass a positive integer")
+
+  def number(key):
+    value = tcfg[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+        not np.isfinite(value)):
+      raise errors.UserError(f"{prefix}.{key} must be a finite number",
+                             f"{prefix}.{key}={value!r}", "pass a number")
+    return float(value)
+
+  if number("lr") <= 0:
+    raise errors.UserError(
+        f"{prefix}.lr must be positive (0 does not train, a negative rate "
+        "ascends the loss)", f"{prefix}.lr={tcfg.lr}",
+        "pass a learning rate > 0, e.g. 2e-4")
+  if number("grad_clip") <= 0:
+    raise errors.UserError(
+        f"{prefix}.grad_clip must be positive (the global-norm clip zeroes "
+        "or flips every update otherwise)", f"{prefix}.grad_clip="
+        f"{tcfg.grad_clip}", "pass a clip norm > 0, e.g. 1.0")
+  if not 0.0 <= number("ema_decay") < 1.0:
+    raise errors.UserError(
+        f"{prefix}.ema_decay must be in [0, 1) (1 exports the initial "
+        "weights, outside [0, 1] the average diverges)",
+        f"{prefix}.ema_decay={tcfg.ema_decay}",
+        "pass e.g. 0.9999, or 0 for no averaging")
+  if "warmup_steps" in tcfg and int(tcfg.warmup_steps) < 0:
+    raise errors.UserError(f"{prefix}.warmup_steps must be at least 0",
+                           f"{prefix}.warmup_steps={tcfg.warmup_steps}",
+                           "pass 0 or a positive number of steps")
 
 
 @jax.jit
@@ -263,8 +326,6 @@ def _member_data(cfg: ml_collections.ConfigDict):
       cfg.data.get("public_fraction", 0.0), cfg.data.split_seed)
   keep = cfg.data.get("max_members")
   if keep is not None and int(keep) < len(members):
-    if int(keep) < 1:
-      raise ValueError(f"data.max_members must be >= 1, got {keep}")
     perm = np.random.default_rng([cfg.data.split_seed, 2]).permutation(
         len(members))
     dropped = members[np.sort(perm[int(keep):])]
@@ -295,7 +356,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *,
     logging.info("%s already holds the trained target; nothing to do",
                  target_dir)
     return target_dir
+  # One trainer per workdir: two would interleave orbax steps of different
+  # states and export a mix.
+  with rundir.lock(workdir, enabled=jax.process_index() == 0):
+    # Checked again under the lock: a run that held it may have finished
+    # or bound the workdir to its config since.
+    if _check_workdir(cfg, workdir, target_dir):
+      return target_dir
+    return _train(cfg, workdir, target_dir, max_steps_this_run)
 
+
+def _train(cfg: ml_collections.ConfigDict, workdir: str, target_dir: str,
+           max_steps_this_run: Optional[int]) -> Optional[str]:
+  """`train` after the checks, holding the workdir's lock."""
   source, members, nonmembers, public = _member_data(cfg)
   images = np.asarray(source.get(members)).astype(np.float32) / 127.5 - 1.0
   spec = InputSpec(resolution=images.shape[1], channels=images.shape[3])

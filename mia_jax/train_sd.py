@@ -272,6 +272,7 @@ def fit(workdir: str, name: str, loss_fn: Callable, params: Any,
     The EMA params (the params themselves when ``ema_decay`` is 0), or None
     when stopped before ``num_steps``.
   """
+  train_lib.check_train_settings(tcfg, name)
   optimizer = train_lib.make_optimizer(tcfg)
   state = init_state(params, optimizer)
   manager = ocp.CheckpointManager(

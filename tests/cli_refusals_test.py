@@ -282,3 +282,23 @@ def test_attack_refuses_a_bad_checkpoint(saved, tmp_path, how, expect):
                         f"--output={out}", "--attacks=naive",
                         "--max_samples=4", "--batch_size=4"]), ckpt, expect)
   assert not out.exists() or not os.listdir(out)
+
+
+@pytest.mark.parametrize("flag,name", [
+    ("--accel_tflops=-1", "--accel_tflops"),  # printed negative hours
+    ("--accel_tflops=0", "--accel_tflops"),   # failed after the whole run
+    ("--reps=0", "--reps"),
+    ("--attacks=naive,foo", "--attacks"),
+    ("--oms_steps=-1", "--oms_steps"),
+])
+def test_benchmark_refuses_meaningless_flags_before_work(flag, name):
+  _assert_refused(_run(["benchmark.py", "--quick", flag]), name)
+
+
+def test_train_binary_refuses_a_zero_learning_rate(tmp_path):
+  line = _assert_refused(_run(["train.py", f"--workdir={tmp_path / 'w'}",
+                               "--config=experiments/configs/"
+                               "train_digits.py:quick",
+                               "--config.train.lr=0.0"]), "train.lr")
+  assert "must be positive" in line
+  assert not (tmp_path / "w").exists()

@@ -155,3 +155,18 @@ def test_max_members_keeps_a_subset_and_the_public_split():
   _, m2, n2, _ = train._member_data(cfg)  # pylint: disable=protected-access
   np.testing.assert_array_equal(m2, parts["members"])
   np.testing.assert_array_equal(n2, parts["nonmembers"])
+
+
+def test_member_counts_the_split_cannot_hold_are_refused(tmp_path):
+  # data.max_members is a cap, so 5000 trained the split's 719 members while
+  # the summary said "5000 members" at epochs computed for 5000.
+  from mia_jax import errors
+  cfg = recipes.load_config_file(CONFIG + ":reduced")
+  cfg.memorization.member_counts = (32, 5000)
+  with pytest.raises(errors.UserError, match="asks for 5000 members"):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w" / "train_m32")
+  cfg.memorization.member_counts = ()
+  with pytest.raises(errors.UserError, match="member_counts"):
+    recipes.run_recipe(cfg, str(tmp_path / "v"), progress=False)
+  assert not os.path.exists(tmp_path / "v")

@@ -347,3 +347,31 @@ def test_summarize_many_equals_summarize_per_variant_in_order():
   assert list(many) == list(scores)
   for name, row in many.items():
     assert row == metrics.summarize(scores[name], y, bootstrap=30, seed=2)
+
+
+def test_tpr_at_an_fpr_the_nonmembers_cannot_measure_is_flagged():
+  from mia_jax import report
+  # 50 non-members: 1% of them is half a false positive, so the only
+  # threshold within budget sits above every non-member.
+  labels = np.r_[np.ones(50), np.zeros(50)].astype(int)
+  scores = np.r_[np.arange(50) + 100.0, np.arange(50.0)]
+  row = metrics.summarize(scores, labels, bootstrap=0)
+  assert row["tpr_at_1pct_fpr"] == 1.0  # the TPR at FPR 0
+  assert row["measurable_1pct"] is False and row["measurable_0.1pct"] is False
+  assert metrics.min_nonmembers(0.01) == 100
+  assert metrics.min_nonmembers(0.001) == 1000
+  assert metrics.measurable(0.01, 100) and not metrics.measurable(0.01, 99)
+  assert metrics.tpr_at_fpr(scores, labels, 0.0)["measurable"]
+  row["variant"] = "a_oms0"
+  table = report.format_table([row])
+  assert "n/a (< 100 non-members)" in table
+  assert table.splitlines()[2].count("n/a") == 2
+  _, body = report._metrics_table([row])  # pylint: disable=protected-access
+  assert body[0][4].startswith("n/a") and body[0][6].startswith("n/a")
+  notes = report._notes([row])  # pylint: disable=protected-access
+  assert any("TPR@1%FPR is not measured with 50 non-members" in n
+             for n in notes)
+  # Enough non-members: measured, shown as a number.
+  labels = np.r_[np.ones(10), np.zeros(100)].astype(int)
+  row = metrics.summarize(np.arange(110.0), labels, bootstrap=0)
+  assert row["measurable_1pct"] and not row["measurable_0.1pct"]

@@ -221,6 +221,8 @@ def test_epochs_recipe_on_given_checkpoints(tiny_target, tmp_path):
   assert [r["auc"] for r in a] == [r["auc"] for r in b]  # same model
   md = open(tmp_path / "epochs.md").read()
   assert f"| 1500 | pia_oms1 | {b[1]['auc']:.4f} |" in md
+  # 4 non-members measure neither FPR: n/a, not the TPR at FPR 0.
+  assert md.count("n/a (< 100 non-members)") == len(a) + len(b)
   assert os.path.getsize(tmp_path / "figure2a.png") > 0
   assert os.path.exists(tmp_path / "audit_epoch1000" / "report.html")
 
@@ -337,3 +339,110 @@ def test_qr_recipe_runs(tmp_path):
   assert [r["variant"] for r in res.rows] == [
       "secmi_oms0", "secmi_oms1", "qr_oms0", "qr_oms1"]
   assert "QR at its alpha levels" in open(tmp_path / "audit/report.md").read()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("audit.batch_size", 0, "audit.batch_size must be an integer >= 1"),
+    ("audit.oms_steps", -1, "audit.oms_steps must be an integer >= 0"),
+    ("audit.max_samples", 0, "audit.max_samples must be an integer >= 1"),
+    ("audit.bootstrap", -5, "audit.bootstrap must be an integer >= 0"),
+    ("lr", 0.0, "target.train.train.lr must be positive"),
+    ("ema_decay", 1.0, "target.train.train.ema_decay must be in"),
+    ("kind", "tables", "unknown recipe kind 'tables'"),
+    ("checkpoint", "/nonexistent/ckpt", "not a mia-jax checkpoint"),
+])
+def test_bad_recipe_fields_refused_before_any_work(tmp_path, field, value,
+                                                   match):
+  # A bad audit field used to be refused only after the target had trained
+  # (minutes); a bad training field trained silently wrong weights.
+  from mia_jax import errors
+  cfg = _tiny(_recipe("oms_table1"))
+  if field.startswith("audit."):
+    cfg.audit[field[6:]] = value
+  elif field == "kind":
+    cfg.kind = value
+  elif field == "checkpoint":
+    cfg.target.checkpoint = value
+  else:
+    cfg.target.train = dict(TINY_TRAIN, train=dict(TINY_TRAIN["train"],
+                                                    **{field: value}))
+  with pytest.raises(errors.UserError, match=match):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=os.path.basename)
+def test_every_reduced_recipe_passes_the_early_checks(path):
+  common.check_config(recipes.load_config_file(f"{path}:reduced"))
+
+
+@pytest.mark.parametrize("recipe,section,key,value,match", [
+    ("oms_fig2_timesteps", "sweep", "timesteps", (50, 100, 50),
+     "sweep.timesteps must be distinct"),
+    ("oms_fig2_timesteps", "sweep", "timesteps", (), "sweep.timesteps"),
+    ("oms_fig3", "chain", "num_steps", 0, "chain.num_steps must be"),
+    ("oms_fig2_epochs", "epochs", "snapshot_steps", (0, 10),
+     "epochs.snapshot_steps must be"),
+])
+def test_bad_sweep_fields_refused_before_any_work(tmp_path, recipe, section,
+                                                  key, value, match):
+  from mia_jax import errors
+  cfg = _tiny(_recipe(recipe))
+  cfg[section][key] = value
+  with pytest.raises(errors.UserError, match=match):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_epoch_labels_must_match_the_given_checkpoints(tiny_target, tmp_path):
+  # zip() dropped the third checkpoint silently.
+  from mia_jax import errors
+  cfg = _tiny(_recipe("oms_fig2_epochs"), tiny_target)
+  cfg.epochs.checkpoints = (tiny_target,) * 3
+  cfg.epochs.epoch_labels = (10.0, 20.0)
+  with pytest.raises(errors.UserError, match="2 entries for 3"):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  cfg.epochs.epoch_labels = (10.0, 20.0, 10.0)
+  with pytest.raises(errors.UserError, match="repeats a label"):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_full_epochs_recipe_with_snapshots_needs_no_target():
+  cfg = recipes.load_config_file(
+      os.path.join(REPO, "experiments/configs/oms_fig2_epochs.py:full"))
+  cfg.epochs.checkpoints = tuple(f"ckpts/ep{e}" for e in
+                                 cfg.epochs.epoch_labels)
+  common.check_config(cfg)  # the README's command: not refused
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+  from mia_jax import errors
+  path = tmp_path / "afile"
+  path.write_text("x")
+  with pytest.raises(errors.UserError, match="existing file"):
+    recipes.run_recipe(_tiny(_recipe("oms_table1")), str(path),
+                       progress=False)
+  assert path.read_text() == "x"
+
+
+def test_sweep_timestep_past_the_schedule_is_refused(tiny_target, tmp_path):
+  # It ran until the first batch came back NaN (JAX fills an index past the
+  # schedule) and then blamed the checkpoint.
+  from mia_jax import errors
+  cfg = _tiny(_recipe("oms_fig2_timesteps"), tiny_target)
+  cfg.sweep.timesteps = (50, 5000)
+  with pytest.raises(errors.UserError, match=r"5000.*sweep.timesteps"):
+    recipes.run_recipe(cfg, str(tmp_path / "w"), progress=False)
+  assert not os.path.exists(tmp_path / "w" / "timesteps" / "scores.npz")
+
+
+def test_t2i_stage_optimiser_settings_refused_before_pretraining(tmp_path):
+  # A fine-tuning lr of 0 was met only after the VAE and UNet pretraining.
+  from mia_jax import errors
+  cfg = recipes.load_config_file(
+      os.path.join(REPO, "experiments/configs/finetune_t2i.py:reduced"))
+  common.check_config(cfg)
+  cfg.finetune.train.lr = 0.0
+  with pytest.raises(errors.UserError, match="finetune.train.lr must be"):
+    common.check_config(cfg)

@@ -153,3 +153,21 @@ def test_extra_sections_are_a_parameter_and_rerender_from_the_run_dir(tmp_path):
   assert md.index("## Extra") < md.index("## Manifest")
   with open(os.path.join(run, "report.json")) as f:
     assert [s[1] for s in json.load(f)["sections"]] == ["A figure", "Extra"]
+
+
+def test_load_scores_refuses_a_torn_or_edited_file_in_one_line(tmp_path):
+  from mia_jax import errors
+  path = str(tmp_path / "scores.npz")
+  labels = np.r_[np.ones(3), np.zeros(3)].astype(np.int64)
+  np.savez(path, labels=labels, ids=np.arange(6), a_oms0=np.arange(6.0))
+  assert list(report.load_scores(path)[2]) == ["a_oms0"]
+  whole = open(path, "rb").read()
+  with open(path, "wb") as f:  # torn: a killed copy
+    f.write(whole[:len(whole) // 2])
+  with pytest.raises(errors.UserError, match="unreadable scores file"):
+    report.load_scores(path)
+  # Edited by hand: a NaN score (metrics refused it far from the file).
+  np.savez(path, labels=labels, a_oms0=np.r_[np.nan, np.arange(5.0)])
+  with pytest.raises(errors.UserError) as e:
+    report.load_scores(path)
+  assert "1 non-finite" in str(e.value) and path in str(e.value)

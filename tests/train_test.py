@@ -173,3 +173,59 @@ def test_finished_workdir_of_an_older_version_is_checked_by_provenance(
                      match=r"data.member_fraction: 0.4 -> 0.5"):
     train.train(changed, str(workdir))
   assert not (workdir / "train_config.json").exists()
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    ("train", "lr", 0.0, "train.lr must be positive"),
+    ("train", "lr", -1e-3, "train.lr must be positive"),
+    ("train", "lr", float("nan"), "train.lr must be a finite number"),
+    ("train", "grad_clip", 0.0, "train.grad_clip must be positive"),
+    ("train", "grad_clip", -1.0, "train.grad_clip must be positive"),
+    ("train", "ema_decay", 1.0, r"train.ema_decay must be in \[0, 1\)"),
+    ("train", "ema_decay", -0.5, r"train.ema_decay must be in \[0, 1\)"),
+    ("train", "ema_decay", 1.5, r"train.ema_decay must be in \[0, 1\)"),
+    ("train", "warmup_steps", -5, "train.warmup_steps must be at least 0"),
+    ("data", "max_members", 0, "data.max_members must be a positive"),
+    ("data", "public_fraction", -0.1, r"data.public_fraction must be in"),
+])
+def test_settings_that_train_silently_wrong_weights_are_refused(
+    tmp_path, section, key, value, match):
+  # Each of these trained and exported a target before (lr <= 0 or a clip
+  # <= 0: untrained or loss-ascending weights; ema_decay 1: the initial
+  # weights), which an audit then reported as not leaking.
+  from mia_jax import errors
+  cfg = tiny_config(num_steps=1)
+  cfg[section][key] = value
+  with pytest.raises(errors.UserError, match=match):
+    train.train(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
+  # train_sd (the t2i fine-tunes) shares the optimiser checks.
+  if section == "train" and key != "warmup_steps":
+    from mia_jax import train_sd
+    with pytest.raises(errors.UserError, match=match.replace("train.",
+                                                              "unet.")):
+      train_sd.fit(str(tmp_path / "sd"), "unet", None, {}, {}, {},
+                   cfg.train, seed=0)
+    assert not os.path.exists(tmp_path / "sd")
+
+
+def test_a_second_trainer_on_a_workdir_in_use_is_refused(tmp_path):
+  # Two trainers in one workdir interleaved orbax steps of two states.
+  from mia_jax import errors, rundir
+  workdir = str(tmp_path / "w")
+  with rundir.lock(workdir):
+    with pytest.raises(errors.UserError, match="in use by another run"):
+      train.train(tiny_config(num_steps=1), workdir)
+    assert os.listdir(workdir) == [rundir.LOCK_NAME]
+
+
+def test_a_fractional_step_count_is_refused(tmp_path):
+  # A config file that writes num_steps = 2.5 failed deep in the loop.
+  from mia_jax import errors
+  cfg = tiny_config()
+  cfg.train = ml_collections.ConfigDict(dict(cfg.train.to_dict(),
+                                             num_steps=2.5))
+  with pytest.raises(errors.UserError, match="train.num_steps must be at "
+                     "least 1"):
+    train.train(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")

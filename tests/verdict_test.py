@@ -238,3 +238,120 @@ def test_headline_prints_intervals_at_their_precision():
           in lines[1])
   assert f"TPR@1%FPR {100 * s['tpr_at_1pct_fpr']:.1f}% [" in lines[1]
   assert lines[2].startswith("Blind baseline (model-free): not computed")
+
+
+def _verdict_of(scores_by_variant, labels, bootstrap=200):
+  rows = []
+  for name, s in scores_by_variant.items():
+    row = metrics.summarize(s, labels, bootstrap=50)
+    row["variant"] = name
+    rows.append(row)
+  return verdict.build_verdict(rows, scores_by_variant, labels,
+                               bootstrap=bootstrap, seed=0)
+
+
+def test_no_level_from_too_few_nonmembers_for_a_1pct_fpr():
+  # 3 v 3 perfectly separated: the bootstrap interval collapses to
+  # [100%, 100%] and the old rule said STRONG; a 1% FPR is not measured with
+  # 3 non-members, and p = 0.05 is no rejection.
+  labels = np.r_[np.ones(3), np.zeros(3)].astype(int)
+  v = _verdict_of({"a_oms0": np.r_[5.0, 6.0, 7.0, 1.0, 2.0, 3.0]}, labels)
+  assert v["leakage"] == "inconclusive"
+  assert "not measured with 3 non-members" in v["reason"]
+  lines = verdict.headline(v)
+  assert lines[0].startswith("Leakage: INCONCLUSIVE (TPR@1%FPR not measured")
+  # Neither TPR is printed as a measured 100%.
+  assert "TPR@1%FPR n/a" in lines[1] and "TPR@0.1%FPR n/a" in lines[1]
+  assert "100.0%" not in lines[1]
+  # 10 v 10 separated: the dataset test rejects, so a signal (weak), with
+  # the reason that its strength at low FPR is not measured.
+  labels = np.r_[np.ones(10), np.zeros(10)].astype(int)
+  v = _verdict_of({"a_oms0": np.r_[np.arange(10) + 20.0, np.arange(10.0)]},
+                  labels)
+  assert v["leakage"] == "weak" and "cannot tell" in v["reason"]
+
+
+def test_none_only_when_the_interval_excludes_moderate_leakage():
+  # 20 members, 200 non-members, no signal: nothing detected, but 20
+  # members cannot exclude a TPR@1%FPR above 5% (Clopper-Pearson of 0/20
+  # reaches 17%): inconclusive, not "none".
+  labels = np.r_[np.ones(20), np.zeros(200)].astype(int)
+  s = np.r_[_quantile_scores(20), _quantile_scores(200)]
+  v = _verdict_of({"a_oms0": s}, labels)
+  assert v["leakage"] == "inconclusive"
+  assert v["tpr_at_1pct_fpr_upper_bound"] > verdict.MODERATE_TPR
+  assert "not excluded" in v["reason"]
+  assert "TPR@1%FPR interval [" in verdict.headline(v)[0]
+  # The bootstrap=0 path (rows' intervals only) keeps the exact bound.
+  v0 = _verdict_of({"a_oms0": s}, labels, bootstrap=0)
+  assert v0["leakage"] == "inconclusive"
+  # Enough samples: the same null is "none" with no reason.
+  assert _run(0.0)["leakage"] == "none" and _run(0.0)["reason"] is None
+
+
+def test_constant_scores_are_no_evidence_of_no_leakage():
+  labels = np.r_[np.ones(150), np.zeros(150)].astype(int)
+  flat = np.zeros(300)
+  v = _verdict_of({"a_oms0": flat, "a_oms1": flat + 1.0}, labels)
+  assert v["leakage"] == "inconclusive"
+  assert "same score" in v["reason"]
+  # One constant variant among informative ones is named, not fatal.
+  v = _verdict_of({"a_oms0": flat,
+                   "a_oms1": np.r_[_quantile_scores(150, 3.0),
+                                   _quantile_scores(150)]}, labels)
+  assert v["leakage"] == "strong" and v["constant_scores"] == ["a_oms0"]
+  assert any(l.startswith("Constant scores") and "a_oms0" in l
+             for l in verdict.headline(v))
+
+
+def test_clopper_pearson_bounds():
+  lo, hi = verdict.clopper_pearson(3, 3, 0.95)
+  assert lo == pytest.approx(0.025**(1 / 3)) and hi == 1.0
+  lo, hi = verdict.clopper_pearson(0, 20, 0.95)
+  assert lo == 0.0 and hi == pytest.approx(1 - 0.025**(1 / 20))
+
+
+def test_blind_baseline_is_called_at_chance_only_when_its_interval_is():
+  base = _run(2.5)
+  narrow = dict(auc=0.50, auc_ci=[0.47, 0.53], warn=False,
+                method="logistic_pixels")
+  wide = dict(narrow, auc_ci=[0.30, 0.70])  # few images: anything goes
+  line = verdict.headline(dict(base, blind_baseline=narrow))[2]
+  assert "(at chance" in line
+  line = verdict.headline(dict(base, blind_baseline=wide))[2]
+  assert "at chance" not in line and "cannot exclude" in line
+
+
+def _brute_force_p(s, y):
+  import itertools
+  r = stats.rankdata(s)
+  obs, k = r[y == 1].sum(), int(y.sum())
+  sums = [r[list(c)].sum() for c in itertools.combinations(range(len(s)), k)]
+  return float(np.mean(np.asarray(sums) >= obs - 1e-9))
+
+
+@pytest.mark.parametrize("members,nonmembers", [
+    ([1, 1, 1], [0, 0, 0]),       # normal approx. said 0.023: "significant"
+    ([2, 2, 1], [1, 1, 0]),
+    ([1.5, 2, 3, 0.1], [0.2, 1, 1, 5, 0.3]),
+    ([2, 1, 1, 0, 0, 0], [0, 0, 0, 2, 1, 2, 1]),
+])
+def test_dataset_test_is_exact_for_small_sets_with_ties(members, nonmembers):
+  s = np.asarray(members + nonmembers, float)
+  y = np.r_[np.ones(len(members)), np.zeros(len(nonmembers))].astype(int)
+  mw = verdict.mann_whitney(s, y)
+  assert mw["method"] == "exact"
+  assert mw["p_value"] == pytest.approx(_brute_force_p(s, y), rel=1e-9)
+  assert mw["auc"] == pytest.approx(metrics.auc(s, y))
+
+
+def test_dataset_test_permutes_when_one_side_is_small():
+  rng = np.random.default_rng(0)
+  y = np.r_[np.ones(3), np.zeros(500)].astype(int)
+  s = np.r_[np.zeros(3), np.zeros(500)]  # all tied: no evidence at all
+  mw = verdict.mann_whitney(s, y)
+  assert mw["method"] == "permutation" and mw["p_value"] == 1.0
+  s = np.r_[[9.0, 9.0, 9.0], rng.normal(size=500)]
+  # Exact: 1 / C(503, 3); the permutation p is bounded by 1 / (1 + R).
+  assert verdict.mann_whitney(s, y)["p_value"] == pytest.approx(
+      1 / (1 + verdict.PERMUTATIONS))

@@ -439,6 +439,14 @@ def check_settings(metadata: dict, output: str, checkpoint: str, *,
                            "name one or more, e.g. --timesteps 50,100")
   for t in timesteps:
     schedules.validate_timestep(sched, t, "--timesteps")
+  repeated = sorted({int(t) for t in timesteps
+                     if list(timesteps).count(t) > 1})
+  if repeated:
+    raise errors.UserError(
+        "a timestep is given more than once (its rows would be analysed "
+        "twice and counted twice in the summary)",
+        f"--timesteps {','.join(str(int(t)) for t in timesteps)}",
+        f"give each once (repeated: {', '.join(map(str, repeated))})")
   errors.check_int(num_samples, "--num_samples", minimum=1, allow_none=True)
   errors.check_int(batch_size, "--batch_size", minimum=1)
   errors.check_int(config.num_iterations, "--num_iterations", minimum=1)
@@ -484,11 +492,26 @@ def run(checkpoint: str, output: str, *, members: Optional[str] = None,
   Returns:
     The summary dict (also written to summary.json).
   """
-  from mia_jax import audit, checkpoints  # data layer, loaded on use.
+  from mia_jax import checkpoints  # pylint: disable=g-import-not-at-top
   metadata = checkpoints.read_metadata(checkpoint)
   check_settings(metadata, output, checkpoint, timesteps=timesteps,
                  config=config, num_samples=num_samples,
                  batch_size=batch_size)
+  from mia_jax import rundir  # pylint: disable=g-import-not-at-top
+  # One writer per output: two analyses would mix their shards.
+  with rundir.lock(output, enabled=jax.process_index() == 0):
+    return _run_locked(checkpoint, output, metadata, members=members,
+                       nonmembers=nonmembers, timesteps=timesteps,
+                       config=config, num_samples=num_samples,
+                       batch_size=batch_size, seed=seed, denoiser=denoiser,
+                       dtype=dtype)
+
+
+def _run_locked(checkpoint, output, metadata, *, members, nonmembers,
+                timesteps, config, num_samples, batch_size, seed, denoiser,
+                dtype) -> dict:
+  """`run` after its checks, holding the output's lock."""
+  from mia_jax import audit, checkpoints  # data layer, loaded on use.
   denoiser = denoiser or checkpoints.load_denoiser(checkpoint)
   dtype, denoiser = precision.resolve(dtype, denoiser)
   sets = audit.resolve_sets(

@@ -14,6 +14,8 @@ Installed, ``mia-jax benchmark`` runs this module with the same flags
 (``python experiments/benchmark.py`` in a clone).
 """
 
+import os
+
 from absl import flags
 
 from mia_jax import benchmark, benchmark_accel, cli, commands
@@ -47,8 +49,36 @@ _ACCEL = flags.DEFINE_float("accel_tflops", 19.5,
 _OUTPUT = flags.DEFINE_string("output", None, "JSON output path.")
 
 
+def _check_flags() -> None:
+  """Refuses counts and rates that would time nothing or project nonsense
+  (a negative --accel_tflops printed negative hours; 0 failed only after
+  the whole benchmark had run), before any work."""
+  import math  # pylint: disable=g-import-not-at-top
+  from mia_jax import errors  # pylint: disable=g-import-not-at-top
+  for flag, value in (("--batch_size", _BATCH.value), ("--reps", _REPS.value),
+                      ("--big_batch", _BIG_BATCH.value),
+                      ("--project_samples", _SAMPLES.value)):
+    errors.check_int(value, flag, minimum=1)
+  for flag, value in (("--accel_tflops", _ACCEL.value),
+                      ("--time_budget_s", _BUDGET.value)):
+    if not (math.isfinite(value) and value > 0):
+      raise errors.UserError(f"{flag} must be a positive number",
+                             f"{flag} {value}", "pass a number > 0")
+  unknown = [a for a in _ATTACKS.value if a not in benchmark.ATTACKS]
+  if unknown or not _ATTACKS.value:
+    raise errors.UserError(
+        f"unknown or no attack {unknown}", "--attacks",
+        f"name some of {', '.join(benchmark.ATTACKS)}")
+  for n in cli.parse_numbers(_OMS_STEPS.value, int, "--oms_steps"):
+    errors.check_int(n, "--oms_steps", minimum=0)
+  if _OUTPUT.value and os.path.isdir(_OUTPUT.value):
+    raise errors.UserError("--output is a directory", _OUTPUT.value,
+                           "name the JSON file to write")
+
+
 def main(argv):
   del argv  # extra arguments are refused by `commands.run`
+  _check_flags()
   compute_cfg = cli.apply_compute_flags()
   if _ACCELERATOR.value:
     return _accelerator_suite()

@@ -48,7 +48,7 @@ import os
 
 import ml_collections
 
-from mia_jax import report
+from mia_jax import errors, report
 from mia_jax.analysis import run as analysis_run
 from mia_jax.recipes import analysis, audits, chain, common, epochs
 from mia_jax.recipes import memorization, timesteps
@@ -74,8 +74,13 @@ def run_recipe(cfg: ml_collections.ConfigDict, workdir: str, *,
   """Runs recipe ``cfg`` in ``workdir`` (see the module docstring)."""
   kind = cfg.kind
   if kind not in KINDS:
-    raise ValueError(f"recipe kind {kind!r}; expected one of {KINDS}")
+    raise errors.UserError(f"unknown recipe kind {kind!r}", "kind",
+                           f"expected one of {', '.join(KINDS)}")
   check_requirements(cfg)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise errors.UserError("--workdir is an existing file", workdir,
+                           "pass a directory path (new, or a run to resume)")
+  common.check_config(cfg)
   if kind == "finetune_t2i":
     # Loaded on use: it brings the SD training and export code.
     from mia_jax.recipes import finetune_t2i  # pylint: disable=g-import-not-at-top

@@ -59,6 +59,104 @@ def check_requirements(cfg: ml_collections.ConfigDict) -> None:
         "checkout does not have yet; nothing was run.")
 
 
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a recipe whose audit or training fields are meaningless, before
+  any work (training a target takes minutes; its audit would refuse them
+  only afterwards).
+
+  Raises:
+    errors.UserError: naming the field, e.g. ``audit.batch_size``.
+  """
+  a = cfg.get("audit")
+  if a is not None:
+    for key, minimum, allow_none in (("oms_steps", 0, False),
+                                     ("batch_size", 1, False),
+                                     ("max_samples", 1, True),
+                                     ("bootstrap", 0, False),
+                                     ("seed", 0, False)):
+      if key in a and not (key == "batch_size" and a[key] == "auto"):
+        errors.check_int(a[key], f"audit.{key}", minimum=minimum,
+                         allow_none=allow_none)
+  m = cfg.get("memorization")
+  if m is not None:
+    counts, epochs = list(m.get("member_counts") or ()), list(
+        m.get("epochs") or ())
+    if not counts or not epochs or any(
+        isinstance(c, bool) or int(c) != c or c < 1 for c in counts) or any(
+            not float(e) > 0 for e in epochs):
+      raise errors.UserError(
+          "memorization.member_counts must be positive integers and "
+          ".epochs positive numbers, both non-empty",
+          f"member_counts={counts}, epochs={epochs}",
+          "e.g. member_counts=(32, 128), epochs=(100, 1000)")
+  from mia_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+
+  def optimiser_blocks(node, path):
+    # Every block of optimiser settings (the t2i recipe's pretraining and
+    # fine-tuning stages): refused now, not when that stage starts.
+    if isinstance(node, (ml_collections.ConfigDict, dict)):
+      if {"lr", "grad_clip", "ema_decay"} <= set(node.keys()):
+        train_lib.check_train_settings(node, path)
+      for key, value in node.items():
+        optimiser_blocks(value, f"{path}.{key}" if path else str(key))
+
+  optimiser_blocks(cfg, "")
+  sweep = cfg.get("sweep")
+  if sweep is not None and "timesteps" in sweep:
+    ts = list(sweep.timesteps or ())
+    if not ts or any(isinstance(t, bool) or int(t) != t or t < 0
+                     for t in ts) or len(set(ts)) != len(ts):
+      raise errors.UserError(
+          "sweep.timesteps must be distinct integers >= 0 (a repeat is "
+          "scored and plotted twice)", f"sweep.timesteps={ts}",
+          "e.g. (50, 100, 150, 200)")
+  chain = cfg.get("chain")
+  if chain is not None and "num_steps" in chain:
+    errors.check_int(chain.num_steps, "chain.num_steps", minimum=1)
+  ep = cfg.get("epochs")
+  if ep is not None and ep.get("checkpoints"):
+    labels, ckpts = list(ep.get("epoch_labels") or ()), list(ep.checkpoints)
+    if len(labels) != len(ckpts):
+      # zip() dropped the unlabelled checkpoints (or labels) silently.
+      raise errors.UserError(
+          f"epochs.epoch_labels has {len(labels)} entries for "
+          f"{len(ckpts)} epochs.checkpoints", "epochs.epoch_labels",
+          "give one epoch label per checkpoint, in the same order")
+    if len(set(map(float, labels))) != len(labels):
+      raise errors.UserError(
+          "epochs.epoch_labels repeats a label (two snapshots would share "
+          "one audit directory)", f"epochs.epoch_labels={labels}",
+          "give each checkpoint its own epoch count")
+  elif ep is not None and "snapshot_steps" in ep:
+    steps = list(ep.snapshot_steps or ())
+    if not steps:
+      raise errors.UserError("epochs.snapshot_steps is empty",
+                             "epochs.snapshot_steps",
+                             "give the training steps to audit")
+    for s_ in steps:
+      errors.check_int(s_, "epochs.snapshot_steps", minimum=1)
+  t = cfg.get("target")
+  if t is None or (ep is not None and ep.get("checkpoints")):
+    return  # the epochs recipe audits the given snapshots, no target
+  if t.get("checkpoint"):
+    if not t.get("seeds") and not os.path.exists(
+        os.path.join(t.checkpoint, "model.json")):
+      raise errors.MissingInputError(
+          "target.checkpoint is not a mia-jax checkpoint (no model.json)",
+          t.checkpoint, "convert one with experiments/convert.py or train "
+          "one with experiments/train.py")
+    return
+  if t.get("train") is None and not t.get("train_config"):
+    raise errors.UserError(
+        "the recipe has no target", f"recipe {cfg.get('name', '?')!r}",
+        "give target.checkpoint (a project checkpoint directory, e.g. one "
+        "converted with experiments/convert.py) or target.train_config / "
+        "target.train to train one")
+  tcfg = train_config(cfg)
+  if tcfg.get("train") is not None:
+    train_lib.check_train_settings(tcfg.train, "target train.train")
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """``get_config(ARG)`` of a config file given as ``PATH[:ARG]``.
 
@@ -69,8 +167,9 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   if not os.path.isabs(path) and not os.path.exists(path):
     path = os.path.join(REPO_ROOT, path)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {spec!r} not found (looked at "
-                            f"{path!r})")
+    raise errors.MissingInputError(
+        "config file not found", spec,
+        f"looked at {path}; pass PATH[:VARIANT] of an existing file")
   module_spec = importlib.util.spec_from_file_location(
       "_recipe_config_" + os.path.basename(path).replace(".", "_"), path)
   module = importlib.util.module_from_spec(module_spec)
@@ -108,7 +207,7 @@ def train_config(cfg: ml_collections.ConfigDict,
   elif t.get("train_config"):
     out = load_config_file(t.train_config)
   else:
-    raise ValueError(
+    raise errors.UserError(
         f"recipe {cfg.get('name', '?')!r}: give target.checkpoint (a project "
         "checkpoint directory, e.g. one converted with experiments/convert.py) "
         "or target.train_config / target.train to train one")
@@ -133,9 +232,9 @@ def ensure_target(cfg: ml_collections.ConfigDict, workdir: str,
   checkpoint = cfg.target.get("checkpoint")
   if checkpoint and seed is None:
     if not os.path.exists(os.path.join(checkpoint, "model.json")):
-      raise FileNotFoundError(
-          f"target.checkpoint={checkpoint!r} is not a mia-jax checkpoint "
-          "(no model.json); convert one with experiments/convert.py or train "
+      raise errors.MissingInputError(
+          "target.checkpoint is not a mia-jax checkpoint (no model.json)",
+          checkpoint, "convert one with experiments/convert.py or train "
           "one with experiments/train.py")
     return checkpoint
   train_dir = os.path.join(workdir, "train" if seed is None

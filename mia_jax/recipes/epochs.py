@@ -160,18 +160,19 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *, title: str,
     per_snapshot.append((epoch, rows))
     dirs.append(out)
   fig = epochs_figure(per_snapshot, os.path.join(workdir, "figure2a.png"))
-  summary = [{"epoch": e, **{k: r[k] for k in ("variant", "auc", "asr",
-                                               "tpr_at_1pct_fpr",
-                                               "tpr_at_0.1pct_fpr")}}
+  summary = [{"epoch": e, **{k: r.get(k) for k in (
+      "variant", "auc", "asr", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr",
+      "measurable_1pct", "measurable_0.1pct")}}
              for e, rows in per_snapshot for r in rows]
   report.atomic_write_text(os.path.join(workdir, "epochs.json"),
                            report.to_json(summary))
   lines = [f"# {title}\n", "![Figure 2a](figure2a.png)\n",
            "| epoch | variant | AUC | ASR | TPR@1%FPR | TPR@0.1%FPR |",
            "|---|---|---|---|---|---|"]
+  # TPR@x%FPR the non-members cannot measure reads n/a, not a number.
   lines += [f"| {s['epoch']:g} | {s['variant']} | {s['auc']:.4f} | "
-            f"{s['asr']:.4f} | {s['tpr_at_1pct_fpr']:.4f} | "
-            f"{s['tpr_at_0.1pct_fpr']:.4f} |" for s in summary]
+            f"{s['asr']:.4f} | {report.tpr_cell(s, '1pct')} | "
+            f"{report.tpr_cell(s, '0.1pct')} |" for s in summary]
   report.atomic_write_text(os.path.join(workdir, "epochs.md"),
                            "\n".join(lines) + "\n")
   return common.RecipeResult("epochs", per_snapshot[-1][1], dirs,

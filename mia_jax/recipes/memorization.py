@@ -32,7 +32,8 @@ from typing import Any, Optional, Sequence
 import ml_collections
 import numpy as np
 
-from mia_jax import audit, metrics, plots, report
+from mia_jax import audit, errors, metrics, plots, report
+from mia_jax import train as train_lib
 from mia_jax.recipes import common
 from mia_jax.recipes.epochs import train_with_snapshots
 
@@ -216,8 +217,21 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, *,
   counts = [int(m) for m in mem.member_counts]
   epochs = [float(e) for e in mem.epochs]
   if not counts or not epochs or min(counts) < 1 or min(epochs) <= 0:
-    raise ValueError(f"memorization.member_counts {counts} and .epochs "
-                     f"{epochs} must be non-empty and positive")
+    raise errors.UserError(
+        "memorization.member_counts and .epochs must be non-empty and "
+        "positive", f"member_counts={counts}, epochs={epochs}",
+        "e.g. member_counts=(32, 128), epochs=(100, 1000)")
+  for m in counts:
+    # data.max_members is a cap: above the split's member count training
+    # keeps them all, and this recipe would label (and time in epochs) a
+    # target of `m` members that had fewer.
+    available = len(train_lib._member_data(member_train_config(cfg, m))[1])  # pylint: disable=protected-access
+    if available != m:
+      raise errors.UserError(
+          f"memorization.member_counts asks for {m} members, the training "
+          f"split has {available}", f"member_counts={counts}",
+          f"use counts up to {available}, or raise the training config's "
+          "data.member_fraction")
   summary, dirs = [], []
   for m in counts:
     tcfg = member_train_config(cfg, m)

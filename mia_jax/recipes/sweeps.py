@@ -11,10 +11,12 @@ import json
 import os
 from typing import Optional, Sequence
 
+import jax
 import ml_collections
 
 from mia_jax import attacks as attacks_lib
 from mia_jax import audit, checkpoints, metrics, report, rundir, runner
+from mia_jax import schedules
 from mia_jax.attacks import base, naive, pia, schemes
 from mia_jax.recipes import common
 
@@ -83,11 +85,29 @@ def score_custom(cfg: ml_collections.ConfigDict, checkpoint: str, output: str,
                  title: Optional[str] = None) -> list[dict]:
   """Scores custom (sweep) attacks resumably and writes the run directory."""
   acfg = common.audit_config(cfg, checkpoint, output, attacks=())
+  rundir.check_output_path(output, (checkpoint,))
+  # One writer per run directory, as for an audit (`audit.run`).
+  with rundir.lock(output, enabled=jax.process_index() == 0):
+    return _score_custom(cfg, acfg, checkpoint, output, built, parse,
+                         progress=progress, title=title)
+
+
+def _score_custom(cfg, acfg, checkpoint, output, built, parse, *, progress,
+                  title) -> list[dict]:
   metadata = checkpoints.read_metadata(checkpoint)
   denoiser = checkpoints.load_denoiser(checkpoint)
   sets = audit.resolve_sets(acfg, metadata)
   if callable(built):
     built = built(denoiser)
+  for attack in built:
+    # Checked before scoring: inside the compiled sweep an index past the
+    # schedule gave NaN scores, refused after the first batch as a bad
+    # checkpoint.
+    for t in attack.config.get("timesteps") or (
+        [] if attack.timestep is None else [attack.timestep]):
+      schedules.validate_timestep(denoiser.schedule, t,
+                                  f"{attack.name} timestep (sweep.timesteps "
+                                  "/ audit.timestep)")
   os.makedirs(output, exist_ok=True)
   manifest = audit.run_manifest(acfg, denoiser, sets)
   resolved = {"recipe": common.plain(cfg), "checkpoint": checkpoint,

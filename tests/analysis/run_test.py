@@ -348,3 +348,39 @@ def test_float32_rounding_floor_against_float64(linear_setup):
       # 1e-7, not 1e-9: float64 reductions on GPUs order their sums
       # differently (8e-9 seen on an H200); float32 would be off by ~1e-3.
       np.testing.assert_allclose(r64["residuals"][i, si], res, rtol=1e-7)
+
+
+def _tiny_checkpoint(path):
+  from mia_jax import checkpoints, models, schedules
+  config = dict(ch=8, ch_mult=(1,), attn_levels=(), num_res_blocks=1,
+                dropout=0.0, in_channels=1, out_channels=1,
+                num_timesteps=1000, norm_groups=4)
+  module = models.build_module("ddpm_unet", config)
+  spec = InputSpec(resolution=8, channels=1)
+  params = models.init_params("ddpm_unet", module, jax.random.key(0), spec)
+  return checkpoints.save_denoiser(
+      path, family="ddpm_unet", model_config=config,
+      schedule=schedules.linear(), spec=spec, params=params,
+      data={"source": "digits", "members": list(range(4)),
+            "nonmembers": list(range(4, 8))})
+
+
+def test_run_refuses_repeated_timesteps_and_a_locked_output(tmp_path):
+  from mia_jax import errors, rundir
+  ckpt = _tiny_checkpoint(str(tmp_path / "ckpt"))
+  config = run.AnalysisConfig(num_iterations=1, chain_length=2,
+                              power_max_iterations=2, num_probes=2,
+                              num_pairs=1, pair_scales=(1.0,))
+  out = str(tmp_path / "out")
+  # Each repeat was analysed again and summarised twice.
+  with pytest.raises(errors.UserError, match=r"more than once.*repeated: 50"):
+    run.run(ckpt, out, timesteps=[50, 100, 50], config=config,
+            num_samples=1, batch_size=2)
+  assert not os.path.exists(out)
+  # A second analysis on an output in use refused at once (both wrote
+  # shards into the same folder before), and leaves it as it was.
+  with rundir.lock(out):
+    with pytest.raises(errors.UserError, match="in use by another run"):
+      run.run(ckpt, out, timesteps=[50], config=config, num_samples=1,
+              batch_size=2)
+    assert os.listdir(out) == [rundir.LOCK_NAME]
