@@ -346,11 +346,20 @@ def load_denoiser(directory: str) -> Denoiser:
 
   metadata = read_metadata(directory)
   family = metadata["family"]
-  sched = schedules.from_config(metadata["schedule"])
+  try:
+    sched = schedules.from_config(metadata["schedule"])
+  except errors.UserError as e:
+    # A hand-edited model.json: the params were trained under another
+    # schedule, so auditing with this one would give wrong numbers.
+    raise CheckpointError(
+        f"{_METADATA} records an invalid schedule: {e.what} ({e.input})",
+        os.path.join(directory, _METADATA), "restore the schedule the "
+        "model was trained with, or re-create the checkpoint") from None
   spec = InputSpec.from_config(metadata["spec"])
   if family == "sd":  # three networks and a tokenizer: see load_sd_denoiser.
     return load_sd_denoiser(directory, metadata)
   module = models.build_module(family, metadata["model_config"])
+  _check_time_table(module, sched, directory)
   abstract = models.abstract_params(family, module, spec)
   params = restore_params(directory, abstract, metadata)
   return Denoiser(
@@ -358,6 +367,26 @@ def load_denoiser(directory: str) -> Denoiser:
       schedule=sched, spec=spec, family=family,
       model_config=metadata["model_config"],
       provenance=metadata.get("provenance") or {})
+
+
+def _check_time_table(module: Any, sched: schedules.Schedule,
+                      directory: str) -> None:
+  """A pytorch-ddpm time table must have one row per schedule step.
+
+  The table ([num_timesteps, ch], `models.ddpm_unet`) is indexed by the
+  attack timestep: with more schedule steps than rows the high timesteps
+  hit no row, with fewer the schedule is not the one the network was
+  trained under. Either way the scores would describe another model.
+  """
+  if getattr(module, "time_embedding", None) != "ddpm_torch":
+    return
+  if module.num_timesteps != sched.num_timesteps:
+    raise CheckpointError(
+        f"{_METADATA} has a model with num_timesteps={module.num_timesteps} "
+        f"but a schedule of {sched.num_timesteps} steps",
+        os.path.join(directory, _METADATA), "restore the schedule and "
+        "model_config the model was trained with (their num_timesteps must "
+        "agree), or re-create the checkpoint")
 
 
 # ---------------------------------------------------------- Stable Diffusion

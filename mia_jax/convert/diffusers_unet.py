@@ -95,6 +95,13 @@ def model_config_from_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
   if attn_down != attn_up:
     problems.append(f"attention at down levels {sorted(attn_down)} but up "
                     f"levels {sorted(attn_up)}; DDPMUNet needs them equal")
+  if cfg.get("out_channels", 3) != cfg.get("in_channels", 3):
+    # e.g. 2 * in_channels for a learned-variance ("learned_range") model:
+    # the attacks read the output as eps of the input's shape.
+    problems.append(f"out_channels={cfg.get('out_channels', 3)} differs from "
+                    f"in_channels={cfg.get('in_channels', 3)} (the attacks "
+                    "need an eps of the image's shape; learned-variance "
+                    "outputs are not supported)")
   temb = cfg.get("time_embedding_dim")
   if temb is not None and temb != 4 * ch:
     problems.append(f"time_embedding_dim={temb} (supported: 4 * {ch})")
@@ -107,8 +114,10 @@ def model_config_from_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
     if head_dim is not None and c % head_dim:
       problems.append(f"attention_head_dim={head_dim} does not divide {c}")
   if problems:
-    raise ValueError("unsupported diffusers UNet2DModel config: "
-                     + "; ".join(problems))
+    raise errors.UserError("unsupported diffusers UNet2DModel config: "
+                           + "; ".join(problems), "config.json",
+                           "mia-jax converts the DDPM UNet2DModel blocks "
+                           "only (see mia_jax/convert/diffusers_unet.py)")
 
   return {
       "ch": ch,
@@ -172,25 +181,26 @@ def _find_scheduler_config(directory: str, unet_dir: str) -> Optional[str]:
   return None
 
 
-def schedule_from_scheduler_config(cfg: dict[str, Any]) -> dict[str, Any]:
+def schedule_from_scheduler_config(cfg: dict[str, Any],
+                                   path: str = "scheduler_config.json"
+                                   ) -> dict[str, Any]:
   """A `schedules.from_config` dict from a diffusers scheduler config.
 
+  `mia_jax.convert.sd.schedule_config` reads the betas (one reader for both
+  converters); here the model must also predict eps.
+
   Raises:
-    ValueError: non-eps prediction or an unsupported beta schedule.
+    UserError: non-eps prediction, or a schedule `sd.schedule_config`
+      refuses.
   """
+  from mia_jax.convert import sd  # pylint: disable=g-import-not-at-top
   prediction = cfg.get("prediction_type", "epsilon")
   if prediction != "epsilon":
-    raise ValueError(f"scheduler prediction_type={prediction!r}; mia-jax "
-                     "needs an eps-predicting model")
-  kind = cfg.get("beta_schedule", "linear")
-  t = int(cfg.get("num_train_timesteps", 1000))
-  if kind in ("linear", "scaled_linear"):
-    return {"kind": kind, "num_timesteps": t,
-            "beta_start": float(cfg.get("beta_start", 1e-4)),
-            "beta_end": float(cfg.get("beta_end", 0.02))}
-  if kind == "squaredcos_cap_v2":
-    return {"kind": "cosine", "num_timesteps": t}
-  raise ValueError(f"unsupported beta_schedule={kind!r}")
+    raise errors.UserError(
+        f"scheduler prediction_type={prediction!r}", path,
+        "the DDPM attacks need an eps-predicting model (prediction_type "
+        "'epsilon'); a v- or x0-predicting UNet2DModel is not supported")
+  return sd.schedule_config(cfg, path)
 
 
 def convert_diffusers_unet(
@@ -218,8 +228,8 @@ def convert_diffusers_unet(
   cfg = _read_json(config_path)
   try:
     config = ddpm_unet.resolve_config(model_config_from_diffusers(cfg))
-  except errors.UserError:
-    raise
+  except errors.UserError as e:
+    raise errors.UserError(e.what, config_path, e.todo) from None
   except (KeyError, TypeError, ValueError) as e:
     # A hand-edited or foreign config.json: name the file, not a traceback.
     raise ckpt_io.CheckpointReadError(
@@ -267,7 +277,15 @@ def convert_diffusers_unet(
   if sched_path is not None:
     provenance["scheduler_config_path"] = sched_path
     provenance["schedule"] = schedule_from_scheduler_config(
-        _read_json(sched_path))
+        _read_json(sched_path), sched_path)
+    unet_t = cfg.get("num_train_timesteps")
+    if unet_t is not None and unet_t != provenance["schedule"][
+        "num_timesteps"]:
+      raise errors.UserError(
+          f"the UNet config.json says num_train_timesteps={unet_t} but the "
+          f"scheduler config {provenance['schedule']['num_timesteps']}",
+          sched_path, "the two files come from different models; use the "
+          "scheduler saved with this UNet")
   return params, ddpm_convert._json_config(config), provenance  # pylint: disable=protected-access
 
 

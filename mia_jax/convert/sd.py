@@ -213,37 +213,68 @@ def convert_text_encoder(state: Mapping[str, np.ndarray],
   return _finish(state, module, clip.init_params, dtype, extra), cfg
 
 
-def schedule_config(scheduler_cfg: Mapping[str, Any]) -> dict[str, Any]:
+# diffusers scheduler classes that are not a discrete beta (VP) schedule:
+# variance-exploding, EDM / Karras sigmas, flow matching, consistency models.
+# Their configs carry no betas, so reading them as the default DDPM betas
+# would audit a model that does not exist.
+_NON_BETA_SCHEDULERS = ("FlowMatch", "ScoreSdeVe", "ScoreSdeVp", "KarrasVe",
+                        "EDM", "CMStochasticIterative", "IPNDM",
+                        "VQDiffusion", "Amused")
+
+
+def schedule_config(scheduler_cfg: Mapping[str, Any],
+                    path: str = "scheduler_config.json") -> dict[str, Any]:
   """A diffusers ``scheduler_config.json`` -> `schedules.from_config` dict.
 
   Only the training noise schedule matters to the attacks (not the sampler
   class): ``beta_schedule`` ``scaled_linear`` (SD), ``linear`` or
-  ``squaredcos_cap_v2``.
+  ``squaredcos_cap_v2``. The one reader of scheduler configs (the diffusers
+  UNet2DModel converter uses it too).
 
+  Args:
+    scheduler_cfg: the parsed file.
+    path: the file, named in errors.
   Raises:
-    ValueError: custom ``trained_betas``, zero-SNR rescaling or an unknown
-      ``beta_schedule``.
+    UserError: custom ``trained_betas``, zero-SNR rescaling, a scheduler
+      class without betas, an unknown ``beta_schedule`` or betas / step
+      counts no training run has (see `schedules`).
   """
+  def refuse(what):
+    raise errors.UserError(
+        f"the scheduler config {what}", path, "mia-jax reproduces the "
+        "discrete DDPM beta schedules (linear, scaled_linear, "
+        "squaredcos_cap_v2) only; audit a model trained with one")
+  cls = str(scheduler_cfg.get("_class_name") or "")
+  if any(name in cls for name in _NON_BETA_SCHEDULERS):
+    refuse(f"is a {cls}, which has no discrete beta schedule")
   if scheduler_cfg.get("trained_betas") is not None:
-    raise ValueError("scheduler config has trained_betas; custom betas are "
-                     "not supported")
+    refuse("has trained_betas (custom betas are not supported)")
   if scheduler_cfg.get("rescale_betas_zero_snr", False):
-    raise ValueError("scheduler config has rescale_betas_zero_snr=True, "
-                     "which is not supported")
-  t = int(scheduler_cfg.get("num_train_timesteps", 1000))
+    refuse("has rescale_betas_zero_snr=True, which is not supported")
+  try:
+    t = int(scheduler_cfg.get("num_train_timesteps", 1000))
+    b0 = float(scheduler_cfg.get("beta_start", 0.0001))
+    b1 = float(scheduler_cfg.get("beta_end", 0.02))
+  except (TypeError, ValueError):
+    refuse("has a num_train_timesteps / beta_start / beta_end that is not a "
+           "number")
   kind = scheduler_cfg.get("beta_schedule", "linear")
-  b0 = float(scheduler_cfg.get("beta_start", 0.0001))
-  b1 = float(scheduler_cfg.get("beta_end", 0.02))
   if kind == "scaled_linear":
-    return dict(kind="scaled_linear", num_timesteps=t, beta_start=b0,
-                beta_end=b1)
-  if kind == "linear":
-    return dict(kind="linear", num_timesteps=t, beta_start=b0, beta_end=b1)
-  if kind == "squaredcos_cap_v2":
-    return dict(kind="cosine", num_timesteps=t)
-  raise ValueError(f"scheduler config beta_schedule={kind!r} is not "
-                   "supported; expected 'scaled_linear', 'linear' or "
-                   "'squaredcos_cap_v2'")
+    out = dict(kind="scaled_linear", num_timesteps=t, beta_start=b0,
+               beta_end=b1)
+  elif kind == "linear":
+    out = dict(kind="linear", num_timesteps=t, beta_start=b0, beta_end=b1)
+  elif kind == "squaredcos_cap_v2":
+    out = dict(kind="cosine", num_timesteps=t)
+  else:
+    refuse(f"has beta_schedule={kind!r}; expected 'scaled_linear', 'linear' "
+           "or 'squaredcos_cap_v2'")
+  from mia_jax import schedules  # pylint: disable=g-import-not-at-top
+  try:
+    schedules.from_config(out)  # betas in (0, 1), increasing, T >= 2
+  except errors.UserError as e:
+    raise errors.UserError(e.what, f"{path}: {e.input}", e.todo) from None
+  return out
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -352,11 +383,14 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
   configs["scheduler"] = _read_json(
       os.path.join(dirs["scheduler"], "scheduler_config.json"),
       "scheduler config")
+  sched_path = os.path.join(dirs["scheduler"], "scheduler_config.json")
   prediction = configs["scheduler"].get("prediction_type", "epsilon")
   if prediction not in PREDICTION_TYPES:
-    raise ValueError(f"scheduler prediction_type={prediction!r} is not "
-                     f"supported; expected one of {PREDICTION_TYPES}")
-  sched = schedule_config(configs["scheduler"])
+    raise errors.UserError(
+        f"scheduler prediction_type={prediction!r} is not supported",
+        sched_path, f"the attacks need one of {PREDICTION_TYPES} (an "
+        "x0-predicting 'sample' model is not supported)")
+  sched = schedule_config(configs["scheduler"], sched_path)
   for fname in ("vocab.json", "merges.txt"):
     if not os.path.isfile(os.path.join(dirs["tokenizer"], fname)) and not (
         os.path.isfile(os.path.join(dirs["tokenizer"], "tokenizer.json"))):
