@@ -9,6 +9,7 @@ records the source file's sha256.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional
 
@@ -38,7 +39,9 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
     fmt: one of `FORMATS`.
     source: the checkpoint file or directory.
     output: the project checkpoint directory to create.
-    use_ema: pytorch-ddpm: take ``ema_model`` (default) or ``net_model``.
+    use_ema: pytorch-ddpm: take ``ema_model`` (default) or ``net_model``;
+      a U-ViT training directory: ``nnet_ema.pth`` or ``nnet.pth``. False
+      is refused for formats with one set of weights.
     model_config: architecture overrides or a preset name (pytorch-ddpm,
       U-ViT); diffusers and Stable Diffusion read their config.json.
     resolution: image resolution when the source does not record it
@@ -69,6 +72,27 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
   if lora is not None and not os.path.isfile(lora):
     raise errors.UserError("the LoRA file does not exist", lora,
                            "give pytorch_lora_weights.safetensors")
+  # Options the format has no use for were once dropped without a word, so
+  # the checkpoint was not the model the command line described.
+  if model_config is not None and fmt in ("diffusers", "stable_diffusion"):
+    raise errors.UserError(
+        f"--preset / --model_config do not apply to --format {fmt}",
+        str(model_config)[:80], "drop them: the architecture comes from the "
+        "folder's config.json")
+  if not use_ema and fmt in ("diffusers", "stable_diffusion"):
+    raise errors.UserError(
+        f"--weights net does not apply to --format {fmt}", "--weights",
+        "a diffusers folder holds one set of weights; drop --weights, or "
+        "convert the folder of the non-EMA weights")
+  if not math.isfinite(guidance_scale):
+    raise errors.UserError("--guidance_scale is not a finite number",
+                           str(guidance_scale), "give e.g. 1 (conditional "
+                           "eps only) or 7.5")
+  if guidance_scale != 1.0 and fmt != "stable_diffusion":
+    raise errors.UserError(
+        "--guidance_scale applies to Stable Diffusion only",
+        f"--format {fmt} --guidance_scale {guidance_scale}",
+        "drop --guidance_scale (unconditional models have no guidance)")
   if (trained_on is None) != (held_out is None):
     raise errors.UserError(
         "--trained_on and --held_out go together",
@@ -126,6 +150,8 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
       kwargs["preset"] = model_config
     elif model_config is not None:
       kwargs["model_config"] = model_config
+    # A training directory {step}.ckpt/ holds both; --weights picks one.
+    kwargs["directory_member"] = ("nnet_ema.pth" if use_ema else "nnet.pth")
     params, config, prov = uvit.convert_uvit(source, **kwargs)
     family = "uvit"
     # U-ViT CIFAR-10: continuous VP-SDE, attack index i -> t = i / 1000.

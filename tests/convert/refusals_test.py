@@ -167,3 +167,19 @@ def test_training_split_is_recorded_for_gsa_shadows(tmp_path, ddpm_ckpt):
                                    model_config=FLAX_SMALL, **kwargs)
     _one_line(e.value)
     assert not (tmp_path / f"bad{i}").exists()
+
+
+@pytest.mark.parametrize("fmt, kwargs, match", [
+    ("diffusers", dict(model_config="cifar10"), "--model_config do not apply"),
+    ("stable_diffusion", dict(use_ema=False), "--weights net does not apply"),
+    ("pytorch_ddpm", dict(guidance_scale=7.5), "Stable Diffusion only"),
+    ("stable_diffusion", dict(guidance_scale=float("nan")), "not a finite"),
+])
+def test_options_the_format_would_ignore_are_refused(tmp_path, ddpm_ckpt, fmt,
+                                                      kwargs, match):
+  # Each was dropped without a word: the checkpoint was converted from the
+  # folder's own config / weights, not what the command line asked for.
+  out = tmp_path / "out"
+  with pytest.raises(errors.UserError, match=match):
+    export.convert_to_checkpoint(fmt, ddpm_ckpt, str(out), **kwargs)
+  assert not out.exists()

@@ -108,6 +108,15 @@ def test_training_directory_reads_ema_weights(tmp_path):
       ckpt, preset="tiny", directory_member="nnet.pth")
   assert _outputs_match(params_raw, raw) <= 1e-5
 
+  # The binary's --weights net reads nnet.pth (it once read the EMA file).
+  from mia_jax import checkpoints
+  from mia_jax.convert import export
+  out = export.convert_to_checkpoint(
+      "uvit", str(ckpt), str(tmp_path / "raw"), use_ema=False,
+      model_config="tiny")
+  meta = checkpoints.read_metadata(out)
+  assert meta["provenance"]["source_file"].endswith("/nnet.pth")
+
   empty = tmp_path / "empty.ckpt"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="nnet_ema.pth"):
