@@ -154,10 +154,22 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
     kwargs["directory_member"] = ("nnet_ema.pth" if use_ema else "nnet.pth")
     params, config, prov = uvit.convert_uvit(source, **kwargs)
     family = "uvit"
+    # pos_embed fixes the image size, and no attack passes class labels:
+    # either would only fail later, at the first forward pass of an audit.
+    if resolution is not None and resolution != int(config["img_size"]):
+      raise errors.UserError(
+          f"--resolution {resolution} differs from the U-ViT's img_size "
+          f"{config['img_size']} (its position embedding fixes the size)",
+          source, "drop --resolution, or give the --preset/--model_config "
+          "of the checkpoint's img_size")
+    if int(config.get("num_classes", -1)) > 0:
+      raise errors.UserError(
+          f"the U-ViT is class-conditional (num_classes="
+          f"{config['num_classes']})", source, "the attacks score "
+          "unconditional models; convert an unconditional U-ViT")
     # U-ViT CIFAR-10: continuous VP-SDE, attack index i -> t = i / 1000.
     sched = schedules.vp_sde()
-    spec = InputSpec(resolution or int(config["img_size"]),
-                     int(config["in_chans"]))
+    spec = InputSpec(int(config["img_size"]), int(config["in_chans"]))
   return checkpoints.save_denoiser(
       output, family=family, model_config=config, schedule=sched, spec=spec,
       params=params, provenance={"converted_from": fmt, **prov}, data=record)

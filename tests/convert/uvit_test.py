@@ -236,3 +236,25 @@ def test_full_cifar10_checkpoint_file(tmp_path):
   err = _outputs_match(params, ref, config)
   print(f"converted cifar10_uvit_small (.pth): max rel err {err:.3g}")
   assert err <= 1e-5
+
+
+def test_resolution_and_class_labels_the_audits_cannot_use(tmp_path):
+  # Both converted, and the audit then failed with a traceback at the first
+  # forward pass (the position embedding fixes img_size; no attack passes
+  # class labels).
+  from mia_jax import errors
+  from mia_jax.convert import export
+  path = tmp_path / "nnet.pth"
+  torch.save(_reference().state_dict(), path)
+  with pytest.raises(errors.UserError, match="img_size"):
+    export.convert_to_checkpoint("uvit", str(path), str(tmp_path / "a"),
+                                 model_config="tiny",
+                                 resolution=2 * _TINY["img_size"])
+  cond = dict(_TINY, num_classes=3)
+  path = tmp_path / "cond.pth"
+  torch.save(_reference(config=cond).state_dict(), path)
+  with pytest.raises(errors.UserError, match="class-conditional"):
+    export.convert_to_checkpoint("uvit", str(path), str(tmp_path / "b"),
+                                 model_config={"preset": "tiny",
+                                               "num_classes": 3})
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
