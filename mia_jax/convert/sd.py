@@ -414,6 +414,16 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
       out[name] = fn(states.pop(name), configs[name], dtype=dtype)
     except common.ConversionError as e:
       raise common.ConversionError(f"component {name!r}: {e}") from e
+    except errors.UserError:
+      raise
+    except ValueError as e:
+      # The config translators (models.sd.*_config_from_*) name the option
+      # this port does not implement; one line, not a traceback.
+      raise common.ConversionError(
+          f"component {name!r}: unsupported config ({e})",
+          input=os.path.join(dirs[name], "config.json"),
+          todo="mia-jax converts Stable Diffusion 1.x / 2.x components") from e
+  _check_components_fit(out, dirs)
   scale, shift = vae.latent_scaling(configs["vae"])
   index_path = os.path.join(folder, "model_index.json")
   model_index = (_read_json(index_path, "model_index")
@@ -430,6 +440,36 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
                       model_index=model_index,
                       configs=configs, lora=lora_record))
   return out
+
+
+def _check_components_fit(out: Mapping[str, Any], dirs: Mapping[str, str]
+                          ) -> None:
+  """Refuses components that cannot work together (from different models).
+
+  Each converts on its own, so a VAE, text encoder or tokenizer of another
+  model would only fail (or give NaN scores) at the first audit batch.
+  """
+  unet, vae, text = (out[k][1] for k in ("unet", "vae", "text_encoder"))
+  problems = []
+  if not unet["in_channels"] == unet["out_channels"] == vae["latent_channels"]:
+    problems.append(
+        f"the UNet maps {unet['in_channels']} to {unet['out_channels']} "
+        f"channels but the VAE has {vae['latent_channels']} latent channels "
+        "(an inpainting or other-family UNet, or a VAE of another model)")
+  if unet["cross_attention_dim"] != text["hidden_size"]:
+    problems.append(
+        f"the UNet attends to {unet['cross_attention_dim']}-d text features "
+        f"but the text encoder has hidden_size {text['hidden_size']}")
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  size = len(CLIPTokenizer.from_pretrained(dirs["tokenizer"]))
+  if size > text["vocab_size"]:
+    problems.append(f"the tokenizer has {size} tokens but the text encoder "
+                    f"embeds {text['vocab_size']}")
+  if problems:
+    raise errors.UserError(
+        "the Stable Diffusion components do not fit together: "
+        + "; ".join(problems), os.path.dirname(dirs["unet"]),
+        "use the unet/, vae/, text_encoder/ and tokenizer/ of one model")
 
 
 # ------------------------------------------------------------ tokenizer

@@ -394,3 +394,44 @@ def test_convert_binary_path_and_audit_with_captions(sd_folder, tmp_path):
     audit.run_audit(audit.AuditConfig(**{**cfg.__dict__, "captions": str(short),
                                          "output": str(tmp_path / "r2")}),
                     progress=False)
+
+
+def test_components_of_different_models_are_refused(sd_folder, tmp_path):
+  # Each component converted on its own, and the audit failed (or scored
+  # NaN) at its first batch: a VAE with other latent channels, a tokenizer
+  # with ids the text encoder has no row for; an unsupported config option
+  # was a traceback.
+  from mia_jax import errors
+  root = str(tmp_path / "mixed")
+  shutil.copytree(sd_folder["root"], root)
+  shutil.rmtree(os.path.join(root, "vae"))
+  AutoencoderKL(block_out_channels=(8, 16),
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                norm_num_groups=4, latent_channels=8,
+                sample_size=16).save_pretrained(os.path.join(root, "vae"))
+  with pytest.raises(errors.UserError, match="8 latent channels"):
+    convert_sd.convert_stable_diffusion(root)
+
+  root = str(tmp_path / "tok")
+  shutil.copytree(sd_folder["root"], root)
+  vocab_path = os.path.join(root, "tokenizer", "vocab.json")
+  with open(vocab_path) as f:
+    vocab = json.load(f)
+  n = len(vocab)
+  vocab.update({f"extra{i}</w>": n + i for i in range(10)})
+  with open(vocab_path, "w") as f:
+    json.dump(vocab, f)
+  with pytest.raises(errors.UserError, match="tokenizer has"):
+    convert_sd.convert_stable_diffusion(root)
+
+  root = str(tmp_path / "act")
+  shutil.copytree(sd_folder["root"], root)
+  cfg_path = os.path.join(root, "unet", "config.json")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  with open(cfg_path, "w") as f:
+    json.dump({**cfg, "act_fn": "gelu"}, f)
+  with pytest.raises(errors.UserError, match="act_fn") as e:
+    convert_sd.convert_stable_diffusion(root)
+  assert cfg_path in str(e.value)
