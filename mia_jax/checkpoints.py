@@ -355,12 +355,23 @@ def load_denoiser(directory: str) -> Denoiser:
         f"{_METADATA} records an invalid schedule: {e.what} ({e.input})",
         os.path.join(directory, _METADATA), "restore the schedule the "
         "model was trained with, or re-create the checkpoint") from None
-  spec = InputSpec.from_config(metadata["spec"])
-  if family == "sd":  # three networks and a tokenizer: see load_sd_denoiser.
-    return load_sd_denoiser(directory, metadata)
-  module = models.build_module(family, metadata["model_config"])
+  try:
+    spec = InputSpec.from_config(metadata["spec"])
+    if family == "sd":  # three networks and a tokenizer: load_sd_denoiser.
+      return load_sd_denoiser(directory, metadata)
+    module = models.build_module(family, metadata["model_config"])
+    abstract = models.abstract_params(family, module, spec)
+  except errors.UserError:
+    raise
+  except (KeyError, TypeError, ValueError) as e:
+    # An unknown family, an unknown or missing model_config field, a spec
+    # the module cannot take: model.json was edited or written elsewhere.
+    raise CheckpointError(
+        f"{_METADATA} does not describe a model this mia-jax can build "
+        f"({type(e).__name__}: {_first_line(e)})",
+        os.path.join(directory, _METADATA), "restore the model.json written "
+        "with the parameters, or re-create the checkpoint") from e
   _check_time_table(module, sched, directory)
-  abstract = models.abstract_params(family, module, spec)
   params = restore_params(directory, abstract, metadata)
   return Denoiser(
       eps_fn=models.make_eps_fn(family, module, sched), params=params,

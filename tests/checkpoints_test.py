@@ -196,3 +196,19 @@ def test_edited_schedule_in_model_json_is_refused(saved, tmp_path, change,
   with pytest.raises(checkpoints.CheckpointError, match=match) as e:
     checkpoints.load_denoiser(ckpt)
   assert "model.json" in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("family", "nope"),
+    ("model_config", {"ch": 8, "bogus": 1}),
+    ("spec", {"resolution": 8}),
+])
+def test_model_json_that_builds_no_model_is_one_line(saved, tmp_path, key,
+                                                     value):
+  ckpt = _copy(saved, tmp_path)
+  path = os.path.join(ckpt, "model.json")
+  meta = json.load(open(path))
+  meta[key] = value
+  json.dump(meta, open(path, "w"))
+  with pytest.raises(checkpoints.CheckpointError, match="model.json"):
+    checkpoints.load_denoiser(ckpt)

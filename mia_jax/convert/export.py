@@ -25,6 +25,24 @@ def _pixel_spec(model_config: dict, provenance: dict, default_res: int,
   return InputSpec(resolution=int(res), channels=int(model_config[channels_key]))
 
 
+def _unet_spec(config: dict, resolution: Any, source: str) -> InputSpec:
+  """The DDPM UNet's input spec; the size must survive its downsamplings.
+
+  Otherwise the checkpoint was written and every audit of it failed at the
+  first forward pass.
+  """
+  if isinstance(resolution, (list, tuple)) and len(set(resolution)) == 1:
+    resolution = resolution[0]  # diffusers sample_size [H, W], square
+  factor = 2 ** (len(config["ch_mult"]) - 1)
+  if (isinstance(resolution, bool) or not isinstance(resolution, int)
+      or resolution <= 0 or resolution % factor):
+    raise errors.UserError(
+        f"image resolution {resolution!r} is not a positive multiple of "
+        f"{factor} (the UNet downsamples {len(config['ch_mult']) - 1} times)",
+        source, "pass --resolution with the training image size")
+  return InputSpec(resolution, int(config["in_channels"]))
+
+
 def convert_to_checkpoint(fmt: str, source: str, output: str, *,
                           use_ema: bool = True,
                           model_config: Optional[Any] = None,
@@ -84,6 +102,12 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
         f"--weights net does not apply to --format {fmt}", "--weights",
         "a diffusers folder holds one set of weights; drop --weights, or "
         "convert the folder of the non-EMA weights")
+  if resolution is not None and (isinstance(resolution, bool) or not isinstance(
+      resolution, int) or resolution <= 0):
+    # 0 was taken as "not given" and replaced by the default size.
+    raise errors.UserError("--resolution is not a positive integer",
+                           str(resolution), "give the image size in pixels "
+                           "(e.g. 32), or leave it out")
   if not math.isfinite(guidance_scale):
     raise errors.UserError("--guidance_scale is not a finite number",
                            str(guidance_scale), "give e.g. 1 (conditional "
@@ -134,15 +158,15 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
         source, use_ema=use_ema, model_config=model_config)
     family = "ddpm_unet"
     sched = schedules.from_config(prov.get("schedule") or {"kind": "linear"})
-    spec = InputSpec(resolution or prov.get("resolution") or 32,
-                     int(config["in_channels"]))
+    spec = _unet_spec(config, resolution or prov.get("resolution") or 32,
+                      source)
   elif fmt == "diffusers":
     from mia_jax.convert import diffusers_unet
     params, config, prov = diffusers_unet.convert_diffusers_unet(source)
     family = "ddpm_unet"
     sched = schedules.from_config(prov.get("schedule") or {"kind": "linear"})
-    spec = InputSpec(resolution or prov.get("resolution") or 32,
-                     int(config["in_channels"]))
+    spec = _unet_spec(config, resolution or prov.get("resolution") or 32,
+                      source)
   else:
     from mia_jax.convert import uvit
     kwargs = {}

@@ -183,3 +183,18 @@ def test_options_the_format_would_ignore_are_refused(tmp_path, ddpm_ckpt, fmt,
   with pytest.raises(errors.UserError, match=match):
     export.convert_to_checkpoint(fmt, ddpm_ckpt, str(out), **kwargs)
   assert not out.exists()
+
+
+@pytest.mark.parametrize("resolution, match", [
+    (0, "not a positive integer"),      # was taken as "not given": 32
+    (-4, "not a positive integer"),     # a traceback at load
+    (7, "not a positive multiple of 2"),  # written, then every audit failed
+])
+def test_resolution_the_unet_cannot_take(tmp_path, ddpm_ckpt, resolution,
+                                         match):
+  out = tmp_path / "out"
+  with pytest.raises(errors.UserError, match=match):
+    export.convert_to_checkpoint("pytorch_ddpm", ddpm_ckpt, str(out),
+                                 model_config=FLAX_SMALL,
+                                 resolution=resolution)
+  assert not out.exists()
