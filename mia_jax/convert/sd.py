@@ -313,8 +313,16 @@ def _read_weights(directory: str, name: str, variant: str | None = None
   names = _weight_file_names(name, variant)
   for fname in names:
     index = os.path.join(directory, fname + ".index.json")
+    weight_map = None
     if os.path.isfile(index):  # sharded checkpoint
-      shards = sorted(set(_read_json(index, name)["weight_map"].values()))
+      weight_map = _read_json(index, name).get("weight_map")
+      if not isinstance(weight_map, dict) or not weight_map or any(
+          not isinstance(v, str) or os.path.basename(v) != v
+          for v in weight_map.values()):
+        raise io.CheckpointReadError(
+            "the shard index has no weight_map of shard file names in its "
+            "folder", index, "use the index saved with the shards")
+      shards = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(directory, fname)):
       shards = [fname]
     else:
@@ -327,6 +335,15 @@ def _read_weights(directory: str, name: str, variant: str | None = None
       else:
         part = io.tensor_dict(io.read_torch_checkpoint(path), f"{name} {shard}")
       common.check_finite(part, path)
+      # A key in two shards, or in a shard the index does not name for it:
+      # one copy would silently win.
+      stray = sorted(k for k in part if k in state or (
+          weight_map is not None and weight_map.get(k) != shard))
+      if stray:
+        raise io.CheckpointReadError(
+            f"{len(stray)} tensor(s) are in another shard than the index "
+            f"says, or in two shards: {', '.join(stray[:5])}", path,
+            "use the shards and index of one save_pretrained")
       state.update(part)
       hashes[f"{name}/{shard}"] = io.sha256_file(path)
     return state, hashes

@@ -435,3 +435,29 @@ def test_components_of_different_models_are_refused(sd_folder, tmp_path):
   with pytest.raises(errors.UserError, match="act_fn") as e:
     convert_sd.convert_stable_diffusion(root)
   assert cfg_path in str(e.value)
+
+
+def test_sharded_weights_with_a_key_in_two_shards(sd_folder, tmp_path):
+  # state.update() let the last shard's copy of a tensor win silently.
+  from safetensors.numpy import load_file, save_file
+  from mia_jax import errors
+  root = str(tmp_path / "sharded")
+  shutil.copytree(sd_folder["root"], root)
+  text_dir = os.path.join(root, "text_encoder")
+  state = load_file(os.path.join(text_dir, "model.safetensors"))
+  os.remove(os.path.join(text_dir, "model.safetensors"))
+  keys = sorted(state)
+  half = {"a": keys[:len(keys) // 2], "b": keys[len(keys) // 2:]}
+  weight_map = {}
+  for shard, names in half.items():
+    fname = f"model-{shard}.safetensors"
+    save_file({k: state[k] for k in names}, os.path.join(text_dir, fname))
+    weight_map.update({k: fname for k in names})
+  with open(os.path.join(text_dir, "model.safetensors.index.json"), "w") as f:
+    json.dump({"weight_map": weight_map}, f)
+  out = convert_sd.convert_stable_diffusion(root)  # a proper split converts
+  assert len(out["provenance"]["sha256"]) == 4
+  dup = dict({k: state[k] for k in half["b"]}, **{keys[0]: state[keys[0]] + 1})
+  save_file(dup, os.path.join(text_dir, "model-b.safetensors"))
+  with pytest.raises(errors.UserError, match="two shards"):
+    convert_sd.convert_stable_diffusion(root)
