@@ -361,9 +361,9 @@ def load_denoiser(directory: str) -> Denoiser:
       return load_sd_denoiser(directory, metadata)
     module = models.build_module(family, metadata["model_config"])
     abstract = models.abstract_params(family, module, spec)
-  except errors.UserError:
+  except CheckpointError:
     raise
-  except (KeyError, TypeError, ValueError) as e:
+  except (KeyError, TypeError, ValueError) as e:  # UserError included
     # An unknown family, an unknown or missing model_config field, a spec
     # the module cannot take: model.json was edited or written elsewhere.
     raise CheckpointError(

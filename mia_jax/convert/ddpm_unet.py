@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from mia_jax import errors
 from mia_jax.convert import common
 from mia_jax.convert import io as ckpt_io
 
@@ -325,7 +326,14 @@ def convert_pytorch_ddpm(
   if model_config is not None:
     config_source = (f"preset:{model_config}" if isinstance(model_config, str)
                      else "argument")
-    config = ddpm_unet.resolve_config(model_config)
+    try:
+      config = ddpm_unet.resolve_config(model_config)
+    except errors.UserError:
+      raise
+    except (TypeError, ValueError) as e:
+      raise errors.UserError(f"invalid DDPMUNet model config ({e})",
+                             str(model_config)[:200], "fix --preset / "
+                             "--model_config") from None
     # A flagfile of another run (or of another architecture) beside the
     # checkpoint: its schedule would not be this model's either.
     conflicts = [f"{k}: flagfile {v}, model_config {config.get(k)}"
@@ -366,7 +374,7 @@ def convert_pytorch_ddpm(
     raise ckpt_io.CheckpointReadError(
         "the flagfile's --beta_1 / --beta_T is not a number", flagfile,
         "pass the flagfile.txt the training run wrote") from None
-  from mia_jax import errors, schedules  # pylint: disable=g-import-not-at-top
+  from mia_jax import schedules  # pylint: disable=g-import-not-at-top
   try:
     schedules.from_config(schedule)
   except errors.UserError as e:

@@ -198,3 +198,19 @@ def test_resolution_the_unet_cannot_take(tmp_path, ddpm_ckpt, resolution,
                                  model_config=FLAX_SMALL,
                                  resolution=resolution)
   assert not out.exists()
+
+
+@pytest.mark.parametrize("model_config, match", [
+    ("nope", "unknown DDPMUNet preset"),
+    (dict(FLAX_SMALL, bogus=1), "unknown DDPMUNet field"),
+    (dict(FLAX_SMALL, ch="32"), "ch='32'"),
+    (dict(FLAX_SMALL, attn_levels=(5,)), "attn_levels"),
+])
+def test_bad_model_config_is_one_line(tmp_path, ddpm_ckpt, model_config,
+                                      match):
+  # Each was a traceback (ValueError / TypeError deep in the module).
+  with pytest.raises(errors.UserError, match=match) as e:
+    export.convert_to_checkpoint("pytorch_ddpm", ddpm_ckpt,
+                                 str(tmp_path / "out"),
+                                 model_config=model_config)
+  _one_line(e.value)
