@@ -389,6 +389,9 @@ def convert_pytorch_ddpm(
       "step": _as_int(full.get("step")),
       "config_source": config_source,
       "schedule": schedule,
+      "schedule_source": (f"flagfile:{flagfile}" if flagfile is not None
+                          else "assumed: no flagfile; pytorch-ddpm's "
+                          "defaults --beta_1=1e-4 --beta_T=0.02"),
       "resolution": int(extras["img_size"]) if "img_size" in extras else None,
       "num_tensors": len(state),
   }

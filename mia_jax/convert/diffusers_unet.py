@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from absl import logging
+
 from mia_jax import errors
 from mia_jax.convert import common
 from mia_jax.convert import ddpm_unet as ddpm_convert
@@ -274,7 +276,21 @@ def convert_diffusers_unet(
                      else sample_size),
       "num_tensors": len(state),
   }
-  if sched_path is not None:
+  if sched_path is None:
+    # A bare save_pretrained UNet folder records no schedule: the DDPM
+    # default is assumed, said in the log and in model.json.
+    provenance["schedule"] = {"kind": "linear",
+                              "num_timesteps": config["num_timesteps"],
+                              "beta_start": 1e-4, "beta_end": 0.02}
+    provenance["schedule_source"] = (
+        "assumed: no scheduler_config.json beside the UNet; the DDPM "
+        "default (linear betas 1e-4..0.02)")
+    logging.warning("%s has no scheduler_config.json: assuming the DDPM "
+                    "training schedule (linear betas 1e-4..0.02, T=%d); add "
+                    "the scheduler/ folder of the model if it was trained "
+                    "with another", directory, config["num_timesteps"])
+  else:
+    provenance["schedule_source"] = sched_path
     provenance["scheduler_config_path"] = sched_path
     provenance["schedule"] = schedule_from_scheduler_config(
         _read_json(sched_path), sched_path)

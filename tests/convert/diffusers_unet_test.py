@@ -200,6 +200,12 @@ class ConvertDiffusersTest(absltest.TestCase):
     with self.assertRaisesRegex(errors.UserError, "num_train_timesteps=1000"):
       diffusers_unet.convert_diffusers_unet(d)
 
+  def test_assumed_schedule_is_recorded(self):
+    # A UNet-only folder is accepted with the DDPM default schedule, which
+    # model.json now says was assumed (it was indistinguishable from read).
+    self.assertStartsWith(self.prov["schedule_source"], "assumed")
+    self.assertEqual(self.prov["schedule"]["num_timesteps"], 1000)
+
   def test_learned_variance_output_is_refused(self):
     cfg = {**dict(self.model.config), "out_channels": 6}
     with self.assertRaisesRegex(errors.UserError, "out_channels=6"):
