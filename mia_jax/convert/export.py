@@ -191,6 +191,14 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
           f"the U-ViT is class-conditional (num_classes="
           f"{config['num_classes']})", source, "the attacks score "
           "unconditional models; convert an unconditional U-ViT")
+    if int(config["in_chans"]) == 4:
+      # baofff/U-ViT's latent models train on SD-VAE latents with the
+      # discrete SD schedule, not the continuous VP-SDE assumed below.
+      raise errors.UserError(
+          "the U-ViT takes 4-channel latents (a latent-space U-ViT, trained "
+          "with the discrete Stable Diffusion schedule)", source,
+          "only pixel-space, continuous-time U-ViTs (e.g. "
+          "cifar10_uvit_small) are supported")
     # U-ViT CIFAR-10: continuous VP-SDE, attack index i -> t = i / 1000.
     sched = schedules.vp_sde()
     spec = InputSpec(int(config["img_size"]), int(config["in_chans"]))

@@ -257,4 +257,11 @@ def test_resolution_and_class_labels_the_audits_cannot_use(tmp_path):
     export.convert_to_checkpoint("uvit", str(path), str(tmp_path / "b"),
                                  model_config={"preset": "tiny",
                                                "num_classes": 3})
-  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+  latent = dict(_TINY, in_chans=4)
+  path = tmp_path / "latent.pth"
+  torch.save(_reference(config=latent).state_dict(), path)
+  with pytest.raises(errors.UserError, match="latent"):
+    export.convert_to_checkpoint("uvit", str(path), str(tmp_path / "c"),
+                                 model_config={"preset": "tiny",
+                                               "in_chans": 4})
+  assert not any((tmp_path / n).exists() for n in "abc")
