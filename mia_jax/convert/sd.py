@@ -130,6 +130,11 @@ def _legacy_vae_attention(state: dict[str, np.ndarray]) -> dict[str, Any]:
       k = f"{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
       if v.ndim == 4:  # 1x1-conv form of the same linear map
         v = v[:, :, 0, 0]
+    if k in out:
+      # Both the legacy and the current name: one copy would silently win.
+      raise common.ConversionError(
+          f"the VAE holds {k} under both its legacy and its current name",
+          todo="keep one of the two tensors")
     out[k] = v
   return out
 

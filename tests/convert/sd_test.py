@@ -461,3 +461,14 @@ def test_sharded_weights_with_a_key_in_two_shards(sd_folder, tmp_path):
   save_file(dup, os.path.join(text_dir, "model-b.safetensors"))
   with pytest.raises(errors.UserError, match="two shards"):
     convert_sd.convert_stable_diffusion(root)
+
+
+def test_vae_attention_under_both_names_is_refused():
+  # The renamed legacy tensor overwrote (or was overwritten by) the current
+  # one, whichever came last.
+  k = "decoder.mid_block.attentions.0"
+  state = {f"{k}.query.weight": np.ones((4, 4), np.float32),
+           f"{k}.to_q.weight": np.zeros((4, 4), np.float32)}
+  from mia_jax.convert import common
+  with pytest.raises(common.ConversionError, match="legacy and its current"):
+    convert_sd._legacy_vae_attention(state)  # pylint: disable=protected-access
