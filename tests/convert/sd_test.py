@@ -472,3 +472,12 @@ def test_vae_attention_under_both_names_is_refused():
   from mia_jax.convert import common
   with pytest.raises(common.ConversionError, match="legacy and its current"):
     convert_sd._legacy_vae_attention(state)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("scale", [0, -0.18215, float("nan")])
+def test_vae_scaling_factor_that_is_not_positive(scale):
+  # A zero scale sent every image to the same latent; the audit ran.
+  from mia_jax import errors
+  from mia_jax.models.sd import vae as vae_lib
+  with pytest.raises(errors.UserError, match="scaling_factor"):
+    vae_lib.latent_scaling({"scaling_factor": scale})
