@@ -370,10 +370,11 @@ def convert_pytorch_ddpm(
     schedule = {"kind": "linear", "num_timesteps": config["num_timesteps"],
                 "beta_start": float(extras.get("beta_1", 1e-4)),
                 "beta_end": float(extras.get("beta_T", 0.02))}
+    resolution = int(extras["img_size"]) if "img_size" in extras else None
   except ValueError:
     raise ckpt_io.CheckpointReadError(
-        "the flagfile's --beta_1 / --beta_T is not a number", flagfile,
-        "pass the flagfile.txt the training run wrote") from None
+        "the flagfile's --beta_1 / --beta_T / --img_size is not a number",
+        flagfile, "pass the flagfile.txt the training run wrote") from None
   from mia_jax import schedules  # pylint: disable=g-import-not-at-top
   try:
     schedules.from_config(schedule)
@@ -392,7 +393,7 @@ def convert_pytorch_ddpm(
       "schedule_source": (f"flagfile:{flagfile}" if flagfile is not None
                           else "assumed: no flagfile; pytorch-ddpm's "
                           "defaults --beta_1=1e-4 --beta_T=0.02"),
-      "resolution": int(extras["img_size"]) if "img_size" in extras else None,
+      "resolution": resolution,
       "num_tensors": len(state),
   }
   return params, _json_config(config), provenance
