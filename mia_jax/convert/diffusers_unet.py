@@ -48,9 +48,28 @@ _REQUIRED = {
 }
 
 
-def find_unet_dir(directory: str | os.PathLike) -> str:
-  """``directory`` itself, or its ``unet/`` subfolder for a pipeline."""
+def _is_unet_dir(d: str) -> bool:
+  return os.path.isfile(os.path.join(d, "config.json")) and any(
+      os.path.isfile(os.path.join(d, w)) for w in WEIGHTS_NAMES)
+
+
+def find_unet_dir(directory: str | os.PathLike, use_ema: bool = True) -> str:
+  """``directory`` itself, or its ``unet/`` subfolder for a pipeline.
+
+  A diffusers training checkpoint (``checkpoint-N/`` of train_unconditional
+  with ``--use_ema``) holds the raw weights in ``unet/`` and the EMA ones,
+  which the pipeline it saves at the end uses, in ``unet_ema/``:
+  ``use_ema`` picks ``unet_ema/`` there. Where there is no ``unet_ema/``,
+  ``use_ema=False`` is refused (there is only one set of weights).
+  """
   directory = os.fspath(directory)
+  ema_dir = os.path.join(directory, "unet_ema")
+  if _is_unet_dir(ema_dir):
+    return ema_dir if use_ema else os.path.join(directory, "unet")
+  if not use_ema:
+    raise errors.UserError(
+        "--weights net: the diffusers folder has no unet_ema/ beside unet/, "
+        "so it holds one set of weights", directory, "drop --weights")
   for d in (directory, os.path.join(directory, "unet")):
     if os.path.isfile(os.path.join(d, "config.json")) and any(
         os.path.isfile(os.path.join(d, w)) for w in WEIGHTS_NAMES):
@@ -206,13 +225,15 @@ def schedule_from_scheduler_config(cfg: dict[str, Any],
 
 
 def convert_diffusers_unet(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike, use_ema: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
   """Converts a diffusers ``UNet2DModel`` (DDPM blocks) directory.
 
   Args:
     directory: a ``save_pretrained`` UNet directory or a pipeline directory
       with ``unet/``.
+    use_ema: with a ``unet_ema/`` beside ``unet/`` (a training
+      checkpoint), read it; False reads ``unet/`` (see `find_unet_dir`).
   Returns:
     ``(params, model_config, provenance)``; provenance holds the weights
     path and sha256, the diffusers config, ``resolution`` (sample_size) and,
@@ -225,7 +246,7 @@ def convert_diffusers_unet(
   """
   from mia_jax.models import ddpm_unet  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.fspath(directory))
-  unet_dir = find_unet_dir(directory)
+  unet_dir = find_unet_dir(directory, use_ema)
   config_path = os.path.join(unet_dir, "config.json")
   cfg = _read_json(config_path)
   try:
@@ -268,6 +289,7 @@ def convert_diffusers_unet(
       "format": "diffusers-UNet2DModel",
       "converter": "mia_jax.convert.diffusers_unet.convert_diffusers_unet",
       "source": weights_path,
+      "weights": os.path.basename(unet_dir),
       "sha256": ckpt_io.sha256_file(weights_path),
       "config_path": os.path.join(unet_dir, "config.json"),
       "diffusers_config": cfg,

@@ -58,8 +58,9 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
     source: the checkpoint file or directory.
     output: the project checkpoint directory to create.
     use_ema: pytorch-ddpm: take ``ema_model`` (default) or ``net_model``;
-      a U-ViT training directory: ``nnet_ema.pth`` or ``nnet.pth``. False
-      is refused for formats with one set of weights.
+      a U-ViT training directory: ``nnet_ema.pth`` or ``nnet.pth``; a
+      diffusers folder with ``unet_ema/``: it or ``unet/``. False is
+      refused where there is one set of weights.
     model_config: architecture overrides or a preset name (pytorch-ddpm,
       U-ViT); diffusers and Stable Diffusion read their config.json.
     resolution: image resolution when the source does not record it
@@ -97,11 +98,6 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
         f"--preset / --model_config do not apply to --format {fmt}",
         str(model_config)[:80], "drop them: the architecture comes from the "
         "folder's config.json")
-  if not use_ema and fmt in ("diffusers", "stable_diffusion"):
-    raise errors.UserError(
-        f"--weights net does not apply to --format {fmt}", "--weights",
-        "a diffusers folder holds one set of weights; drop --weights, or "
-        "convert the folder of the non-EMA weights")
   if resolution is not None and (isinstance(resolution, bool) or not isinstance(
       resolution, int) or resolution <= 0):
     # 0 was taken as "not given" and replaced by the default size.
@@ -147,7 +143,8 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
   """`convert_to_checkpoint` after its boundary checks."""
   if fmt == "stable_diffusion":
     from mia_jax.convert import sd  # heavy; only when asked for
-    converted = sd.convert_stable_diffusion(source, lora=lora)
+    converted = sd.convert_stable_diffusion(source, lora=lora,
+                                            use_ema=use_ema)
     return checkpoints.save_sd_denoiser(output, converted,
                                         guidance_scale=guidance_scale,
                                         image_resolution=resolution,
@@ -162,7 +159,8 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
                       source)
   elif fmt == "diffusers":
     from mia_jax.convert import diffusers_unet
-    params, config, prov = diffusers_unet.convert_diffusers_unet(source)
+    params, config, prov = diffusers_unet.convert_diffusers_unet(
+        source, use_ema=use_ema)
     family = "ddpm_unet"
     sched = schedules.from_config(prov.get("schedule") or {"kind": "linear"})
     spec = _unet_spec(config, resolution or prov.get("resolution") or 32,

@@ -360,8 +360,8 @@ def _read_weights(directory: str, name: str, variant: str | None = None
 def convert_stable_diffusion(folder: str | os.PathLike, *,
                              dtype: str = "float32",
                              variant: str | None = None,
-                             lora: str | os.PathLike | None = None
-                             ) -> dict[str, Any]:
+                             lora: str | os.PathLike | None = None,
+                             use_ema: bool = True) -> dict[str, Any]:
   """Converts a diffusers Stable Diffusion folder.
 
   Args:
@@ -375,6 +375,9 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
       safetensors``) fused into the UNet and text encoder weights before the
       conversion, strictly (`mia_jax.convert.lora.merge_lora`); its sha256
       and ranks go into the provenance.
+    use_ema: a folder with ``unet_ema/`` beside ``unet/`` (a diffusers
+      training checkpoint with ``--use_ema``) is read from ``unet_ema/``;
+      False reads ``unet/``, and is refused where there is no ``unet_ema/``.
   Returns:
     A dict with
       ``unet``, ``vae``, ``text_encoder``: ``(params, module_config)``;
@@ -399,6 +402,16 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
                                 "not exist")
   _check_dtype(dtype)
   dirs = {name: _component_dir(folder, name) for name in COMPONENTS}
+  ema_dir = os.path.join(folder, "unet_ema")
+  if os.path.isdir(ema_dir):
+    # Reading unet/ here silently audited the raw weights, not the EMA ones
+    # the fine-tune's final pipeline carries.
+    if use_ema:
+      dirs["unet"] = ema_dir
+  elif not use_ema:
+    raise errors.UserError(
+        "--weights net: the folder has no unet_ema/ beside unet/, so it "
+        "holds one set of weights", folder, "drop --weights")
   configs = {
       name: _read_json(os.path.join(dirs[name], "config.json"),
                        f"{name} config") for name in _WEIGHT_FILES}
@@ -458,6 +471,7 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
       latent_scaling=dict(scaling_factor=scale, shift_factor=shift),
       text_skip_last_layers=0,
       provenance=dict(format="diffusers_stable_diffusion", source=folder,
+                      unet_weights=os.path.basename(dirs["unet"]),
                       sha256=hashes, dtype=dtype, variant=variant,
                       model_index=model_index,
                       configs=configs, lora=lora_record))

@@ -200,6 +200,23 @@ class ConvertDiffusersTest(absltest.TestCase):
     with self.assertRaisesRegex(errors.UserError, "num_train_timesteps=1000"):
       diffusers_unet.convert_diffusers_unet(d)
 
+  def test_training_checkpoint_with_unet_ema(self):
+    # checkpoint-N/ of diffusers' train_unconditional --use_ema: unet/ is the
+    # raw model, unet_ema/ what the final pipeline carries. unet/ was read.
+    d = self._write(self.model.state_dict(), sub="unet")
+    ema = make_unet(SMALL_A, seed=2)
+    ema.save_pretrained(os.path.join(d, "unet_ema"))
+    params, _, prov = diffusers_unet.convert_diffusers_unet(d)
+    self.assertEqual(prov["weights"], "unet_ema")
+    self.assertFalse(np.array_equal(params["head"]["kernel"],
+                                    self.params["head"]["kernel"]))
+    params, _, prov = diffusers_unet.convert_diffusers_unet(d, use_ema=False)
+    self.assertEqual(prov["weights"], "unet")
+    jax.tree.map(np.testing.assert_array_equal, params, self.params)
+    # Without unet_ema/ there is nothing for --weights net to choose.
+    with self.assertRaisesRegex(errors.UserError, "no unet_ema"):
+      diffusers_unet.convert_diffusers_unet(self.dir, use_ema=False)
+
   def test_assumed_schedule_is_recorded(self):
     # A UNet-only folder is accepted with the DDPM default schedule, which
     # model.json now says was assumed (it was indistinguishable from read).

@@ -171,7 +171,6 @@ def test_training_split_is_recorded_for_gsa_shadows(tmp_path, ddpm_ckpt):
 
 @pytest.mark.parametrize("fmt, kwargs, match", [
     ("diffusers", dict(model_config="cifar10"), "--model_config do not apply"),
-    ("stable_diffusion", dict(use_ema=False), "--weights net does not apply"),
     ("pytorch_ddpm", dict(guidance_scale=7.5), "Stable Diffusion only"),
     ("stable_diffusion", dict(guidance_scale=float("nan")), "not a finite"),
 ])

@@ -481,3 +481,22 @@ def test_vae_scaling_factor_that_is_not_positive(scale):
   from mia_jax.models.sd import vae as vae_lib
   with pytest.raises(errors.UserError, match="scaling_factor"):
     vae_lib.latent_scaling({"scaling_factor": scale})
+
+
+def test_fine_tune_checkpoint_with_unet_ema(sd_folder, tmp_path):
+  # A diffusers train_text_to_image --use_ema folder: unet/ was read and the
+  # raw weights audited instead of the EMA ones.
+  from mia_jax import errors
+  root = str(tmp_path / "ema")
+  shutil.copytree(sd_folder["root"], root)
+  ema = _randomize(UNet2DConditionModel.from_pretrained(
+      os.path.join(root, "unet")), 7)
+  ema.save_pretrained(os.path.join(root, "unet_ema"))
+  got = convert_sd.convert_stable_diffusion(root)
+  assert got["provenance"]["unet_weights"] == "unet_ema"
+  raw = convert_sd.convert_stable_diffusion(root, use_ema=False)
+  assert raw["provenance"]["unet_weights"] == "unet"
+  assert not np.array_equal(got["unet"][0]["conv_in"]["kernel"],
+                            raw["unet"][0]["conv_in"]["kernel"])
+  with pytest.raises(errors.UserError, match="no unet_ema"):
+    convert_sd.convert_stable_diffusion(sd_folder["root"], use_ema=False)
