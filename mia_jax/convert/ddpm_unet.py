@@ -257,6 +257,13 @@ def _select_state_dict(obj: Any, use_ema: bool, path: str):
     return ckpt_io.tensor_dict(obj[key], f"{key!r} state dict"), key, obj
   if isinstance(obj, dict) and obj and all(
       isinstance(v, np.ndarray) for v in obj.values()):
+    if not use_ema:
+      # Asked for the raw weights of a file that holds one unnamed set: the
+      # audit would be labelled with a choice that was never made.
+      raise ckpt_io.CheckpointReadError(
+          "--weights net: the checkpoint is a bare state dict with one set "
+          "of weights (no 'net_model' / 'ema_model')", path,
+          "drop --weights (the file's weights are converted as they are)")
     return obj, "state_dict", {}
   keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
   raise ckpt_io.CheckpointReadError(
@@ -275,7 +282,7 @@ def convert_pytorch_ddpm(
     path: ``ckpt.pt`` (``torch.save`` dict with ``net_model``/``ema_model``)
       or a bare state dict file.
     use_ema: take ``ema_model`` (what every attack uses) rather than
-      ``net_model``. Ignored for bare state dicts.
+      ``net_model``. False is refused for a bare state dict.
     model_config: a `DDPMUNet` config dict or preset name. Default: the
       ``flagfile`` if given, else ``flagfile.txt`` beside ``path`` if present,
       else the ``"cifar10"`` preset.

@@ -174,6 +174,11 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
       kwargs["model_config"] = model_config
     # A training directory {step}.ckpt/ holds both; --weights picks one.
     kwargs["directory_member"] = ("nnet_ema.pth" if use_ema else "nnet.pth")
+    if not use_ema and not os.path.isdir(source):
+      raise errors.UserError(
+          "--weights net: a single U-ViT file holds one set of weights",
+          source, "drop --weights, or pass the training directory "
+          "({step}.ckpt/ with nnet.pth and nnet_ema.pth)")
     params, config, prov = uvit.convert_uvit(source, **kwargs)
     family = "uvit"
     # pos_embed fixes the image size, and no attack passes class labels:

@@ -155,6 +155,10 @@ class ConvertPytorchDDPMTest(absltest.TestCase):
         path, model_config=FLAX_SMALL)
     self.assertEqual(prov["weights"], "state_dict")
     jax.tree.map(np.testing.assert_array_equal, params, self.params)
+    # --weights net cannot be honoured (it was ignored, recorded nowhere).
+    with self.assertRaisesRegex(ckpt_io.CheckpointReadError, "bare state"):
+      ddpm_convert.convert_pytorch_ddpm(path, use_ema=False,
+                                        model_config=FLAX_SMALL)
 
   def test_missing_key(self):
     state = dict(self.ema.state_dict())

@@ -109,13 +109,17 @@ def test_training_directory_reads_ema_weights(tmp_path):
   assert _outputs_match(params_raw, raw) <= 1e-5
 
   # The binary's --weights net reads nnet.pth (it once read the EMA file).
-  from mia_jax import checkpoints
+  from mia_jax import checkpoints, errors
   from mia_jax.convert import export
   out = export.convert_to_checkpoint(
       "uvit", str(ckpt), str(tmp_path / "raw"), use_ema=False,
       model_config="tiny")
   meta = checkpoints.read_metadata(out)
   assert meta["provenance"]["source_file"].endswith("/nnet.pth")
+  with pytest.raises(errors.UserError, match="one set of weights"):
+    export.convert_to_checkpoint(
+        "uvit", str(ckpt / "nnet.pth"), str(tmp_path / "file"),
+        use_ema=False, model_config="tiny")
 
   empty = tmp_path / "empty.ckpt"
   empty.mkdir()
