@@ -346,18 +346,58 @@ def load_denoiser(directory: str) -> Denoiser:
 
   metadata = read_metadata(directory)
   family = metadata["family"]
-  sched = schedules.from_config(metadata["schedule"])
-  spec = InputSpec.from_config(metadata["spec"])
-  if family == "sd":  # three networks and a tokenizer: see load_sd_denoiser.
-    return load_sd_denoiser(directory, metadata)
-  module = models.build_module(family, metadata["model_config"])
-  abstract = models.abstract_params(family, module, spec)
+  try:
+    sched = schedules.from_config(metadata["schedule"])
+  except errors.UserError as e:
+    # A hand-edited model.json: the params were trained under another
+    # schedule, so auditing with this one would give wrong numbers.
+    raise CheckpointError(
+        f"{_METADATA} records an invalid schedule: {e.what} ({e.input})",
+        os.path.join(directory, _METADATA), "restore the schedule the "
+        "model was trained with, or re-create the checkpoint") from None
+  try:
+    spec = InputSpec.from_config(metadata["spec"])
+    if family == "sd":  # three networks and a tokenizer: load_sd_denoiser.
+      return load_sd_denoiser(directory, metadata)
+    module = models.build_module(family, metadata["model_config"])
+    abstract = models.abstract_params(family, module, spec)
+  except CheckpointError:
+    raise
+  except (KeyError, TypeError, ValueError) as e:  # UserError included
+    # An unknown family, an unknown or missing model_config field, a spec
+    # the module cannot take: model.json was edited or written elsewhere.
+    raise CheckpointError(
+        f"{_METADATA} does not describe a model this mia-jax can build "
+        f"({type(e).__name__}: {_first_line(e)})",
+        os.path.join(directory, _METADATA), "restore the model.json written "
+        "with the parameters, or re-create the checkpoint") from e
+  _check_time_table(module, sched, directory)
   params = restore_params(directory, abstract, metadata)
   return Denoiser(
       eps_fn=models.make_eps_fn(family, module, sched), params=params,
       schedule=sched, spec=spec, family=family,
       model_config=metadata["model_config"],
       provenance=metadata.get("provenance") or {})
+
+
+def _check_time_table(module: Any, sched: schedules.Schedule,
+                      directory: str) -> None:
+  """A pytorch-ddpm time table must have one row per schedule step.
+
+  The table ([num_timesteps, ch], `models.ddpm_unet`) is indexed by the
+  attack timestep: with more schedule steps than rows the high timesteps
+  hit no row, with fewer the schedule is not the one the network was
+  trained under. Either way the scores would describe another model.
+  """
+  if getattr(module, "time_embedding", None) != "ddpm_torch":
+    return
+  if module.num_timesteps != sched.num_timesteps:
+    raise CheckpointError(
+        f"{_METADATA} has a model with num_timesteps={module.num_timesteps} "
+        f"but a schedule of {sched.num_timesteps} steps",
+        os.path.join(directory, _METADATA), "restore the schedule and "
+        "model_config the model was trained with (their num_timesteps must "
+        "agree), or re-create the checkpoint")
 
 
 # ---------------------------------------------------------- Stable Diffusion

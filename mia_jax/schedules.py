@@ -62,11 +62,57 @@ class Schedule:
     return {"kind": self.kind, **dict(self.params)}
 
 
+def _refuse(kind: str, params: dict, what: str, todo: str):
+  from mia_jax import errors  # pylint: disable=g-import-not-at-top
+  shown = ", ".join(f"{k}={v!r}" for k, v in sorted(params.items()))
+  raise errors.UserError(f"the noise schedule is invalid: {what}",
+                         f"{kind}({shown})", todo)
+
+
+def _check_params(kind: str, params: dict) -> None:
+  """Refuses constructor arguments no training run can have used.
+
+  A schedule comes from a user's file (a diffusers scheduler_config.json, a
+  pytorch-ddpm flagfile, a checkpoint's model.json); one with betas outside
+  (0, 1), decreasing betas or fewer than two steps would still give
+  alphas_cumprod in (0, 1] and so attack numbers for a model that does not
+  exist.
+  """
+  t = params["num_timesteps"]
+  if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 2:
+    _refuse(kind, params, f"num_timesteps={t!r} is not an integer >= 2",
+            "give the number of training timesteps (1000 for DDPM / SD)")
+  values = {k: v for k, v in params.items() if k != "num_timesteps"}
+  for name, value in values.items():
+    if (isinstance(value, bool) or not isinstance(value, (int, float,
+                                                          np.number))
+        or not np.isfinite(value)):
+      _refuse(kind, params, f"{name}={value!r} is not a finite number",
+              "give the training schedule's numbers")
+  if kind in ("linear", "scaled_linear"):
+    b0, b1 = values["beta_start"], values["beta_end"]
+    if not 0 < b0 <= b1 < 1:
+      _refuse(kind, params, f"beta_start={b0!r}, beta_end={b1!r} is outside "
+              "0 < beta_start <= beta_end < 1 (betas outside (0, 1) or "
+              "decreasing)", "give the betas the model was trained with "
+              "(DDPM: 1e-4, 0.02; Stable Diffusion: 0.00085, 0.012)")
+  elif kind == "cosine":
+    if not 0 < values["max_beta"] < 1 or values["s"] < 0:
+      _refuse(kind, params, "needs 0 < max_beta < 1 and s >= 0",
+              "give the training schedule's numbers (s=0.008, "
+              "max_beta=0.999)")
+  elif kind == "vp_sde":
+    if not 0 <= values["beta_min"] <= values["beta_max"] or not (
+        values["beta_max"] > 0):
+      _refuse(kind, params, "needs 0 <= beta_min <= beta_max, beta_max > 0",
+              "give the training schedule's numbers (U-ViT: 0.1, 20)")
+
+
 def _finish(betas64: np.ndarray, abar64: np.ndarray, kind: str,
             time_input: str = "index", **params) -> Schedule:
   if np.any(~np.isfinite(abar64)) or np.any(abar64 <= 0) or np.any(abar64 > 1):
-    raise ValueError(f"schedule {kind!r} with {params} gives alphas_cumprod "
-                     "outside (0, 1]")
+    _refuse(kind, params, "alphas_cumprod falls outside (0, 1]",
+            "give the training schedule's numbers")
   return Schedule(
       betas=jnp.asarray(betas64.astype(np.float32)),
       alphas_cumprod=jnp.asarray(abar64.astype(np.float32)),
@@ -83,6 +129,8 @@ def linear_betas_np(num_timesteps: int, beta_start: float,
 def linear(num_timesteps: int = 1000, beta_start: float = 1e-4,
            beta_end: float = 0.02) -> Schedule:
   """DDPM linear schedule (pytorch-ddpm, SecMI, PIA, diffusers "linear")."""
+  _check_params("linear", dict(num_timesteps=num_timesteps,
+                               beta_start=beta_start, beta_end=beta_end))
   betas = linear_betas_np(num_timesteps, beta_start, beta_end)
   return _finish(betas, np.cumprod(1.0 - betas), "linear",
                  num_timesteps=num_timesteps, beta_start=beta_start,
@@ -92,6 +140,9 @@ def linear(num_timesteps: int = 1000, beta_start: float = 1e-4,
 def scaled_linear(num_timesteps: int = 1000, beta_start: float = 0.00085,
                   beta_end: float = 0.012) -> Schedule:
   """Stable Diffusion's schedule: linspace(sqrt(b0), sqrt(b1), T) ** 2."""
+  _check_params("scaled_linear", dict(num_timesteps=num_timesteps,
+                                      beta_start=beta_start,
+                                      beta_end=beta_end))
   betas = np.linspace(beta_start**0.5, beta_end**0.5, num_timesteps,
                       dtype=np.float64)**2
   return _finish(betas, np.cumprod(1.0 - betas), "scaled_linear",
@@ -102,6 +153,8 @@ def scaled_linear(num_timesteps: int = 1000, beta_start: float = 0.00085,
 def cosine(num_timesteps: int = 1000, s: float = 0.008,
            max_beta: float = 0.999) -> Schedule:
   """Nichol & Dhariwal cosine schedule (diffusers "squaredcos_cap_v2")."""
+  _check_params("cosine", dict(num_timesteps=num_timesteps, s=s,
+                               max_beta=max_beta))
   def f(u):
     return np.cos((u + s) / (1 + s) * np.pi / 2)**2
   steps = np.arange(num_timesteps, dtype=np.float64)
@@ -125,6 +178,8 @@ def vp_sde(num_timesteps: int = 1001, beta_min: float = 0.1,
   With the default ``T = 1001`` an attack timestep of 100 is continuous time
   0.1, as in the OMS paper's U-ViT experiments; index 0 is t = 0 (abar = 1).
   """
+  _check_params("vp_sde", dict(num_timesteps=num_timesteps, beta_min=beta_min,
+                               beta_max=beta_max))
   t = np.arange(num_timesteps, dtype=np.float64) / (num_timesteps - 1)
   abar = vp_sde_alpha_bar_np(t, beta_min, beta_max)
   prev = np.concatenate([[1.0], abar[:-1]])
@@ -140,11 +195,23 @@ _CONSTRUCTORS = {"linear": linear, "scaled_linear": scaled_linear,
 
 def from_config(config: dict[str, Any]) -> Schedule:
   """Builds a schedule from ``{"kind": ..., **kwargs}`` (see `to_config`)."""
+  from mia_jax import errors  # pylint: disable=g-import-not-at-top
+  if not isinstance(config, dict):
+    raise errors.UserError(f"a schedule config must be a JSON object, got "
+                           f"{type(config).__name__}", repr(config)[:80],
+                           "give {\"kind\": ..., ...}")
   config = dict(config)
   kind = config.pop("kind", None)
   if kind not in _CONSTRUCTORS:
-    raise ValueError(f"unknown schedule kind {kind!r}; expected one of "
-                     f"{sorted(_CONSTRUCTORS)}")
+    raise errors.UserError(f"unknown schedule kind {kind!r}", "schedule",
+                           f"use one of {sorted(_CONSTRUCTORS)}")
+  import inspect  # pylint: disable=g-import-not-at-top
+  known = set(inspect.signature(_CONSTRUCTORS[kind]).parameters)
+  unknown = sorted(set(config) - known)
+  if unknown:
+    # A field we would ignore is a schedule we would not reproduce.
+    raise errors.UserError(f"unknown {kind} schedule field(s) {unknown}",
+                           "schedule", f"use only {sorted(known)}")
   return _CONSTRUCTORS[kind](**config)
 
 

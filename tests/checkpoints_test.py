@@ -173,3 +173,42 @@ def test_full_disk_names_the_path_and_leaves_nothing(tmp_path, monkeypatch,
   line = errors.one_line(e.value)
   assert "No space left on device" in line and out in line
   assert not os.path.exists(out)
+
+
+def _edit_schedule(ckpt, **change):
+  path = os.path.join(ckpt, "model.json")
+  meta = json.load(open(path))
+  meta["schedule"].update(change)
+  json.dump(meta, open(path, "w"))
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"beta_start": 0.02, "beta_end": 1e-4}, "invalid schedule"),
+    ({"kind": "nope"}, "invalid schedule"),
+    ({"num_timesteps": 500}, "num_timesteps=1000 but a schedule of 500"),
+])
+def test_edited_schedule_in_model_json_is_refused(saved, tmp_path, change,
+                                                  match):
+  # The params hash does not cover model.json: a schedule edited there once
+  # loaded and was audited (a shorter one under the model's 1000-row table).
+  ckpt = _copy(saved, tmp_path)
+  _edit_schedule(ckpt, **change)
+  with pytest.raises(checkpoints.CheckpointError, match=match) as e:
+    checkpoints.load_denoiser(ckpt)
+  assert "model.json" in str(e.value)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("family", "nope"),
+    ("model_config", {"ch": 8, "bogus": 1}),
+    ("spec", {"resolution": 8}),
+])
+def test_model_json_that_builds_no_model_is_one_line(saved, tmp_path, key,
+                                                     value):
+  ckpt = _copy(saved, tmp_path)
+  path = os.path.join(ckpt, "model.json")
+  meta = json.load(open(path))
+  meta[key] = value
+  json.dump(meta, open(path, "w"))
+  with pytest.raises(checkpoints.CheckpointError, match="model.json"):
+    checkpoints.load_denoiser(ckpt)

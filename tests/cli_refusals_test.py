@@ -199,6 +199,22 @@ def test_convert_invalid_diffusers_config_json(tmp_path):
   assert not (tmp_path / "out").exists()
 
 
+def test_convert_x0_model_flagfile_with_model_config(tmp_path, ddpm_source):
+  # With --model_config the flagfile beside the checkpoint was not read: an
+  # x0-predicting model converted as eps and every audit of it ran.
+  ckpt, config = ddpm_source
+  src = tmp_path / "run"
+  src.mkdir()
+  shutil.copy(ckpt, src / "ckpt.pt")
+  (src / "flagfile.txt").write_text("--mean_type=xstart\n")
+  _assert_refused(_run(["convert.py", "--format=pytorch_ddpm",
+                        f"--source={src / 'ckpt.pt'}",
+                        f"--model_config={config}",
+                        f"--output={tmp_path / 'out'}"]),
+                  src / "flagfile.txt", "mean_type='xstart'")
+  assert not (tmp_path / "out").exists()
+
+
 def test_convert_random_bytes_pt(tmp_path):
   path = tmp_path / "random.pt"
   path.write_bytes(np.random.default_rng(0).bytes(4096))

@@ -65,3 +65,19 @@ def test_config_round_trip_and_errors():
     schedules.linear(10, 0.5, 1.5)
   with pytest.raises(ValueError, match="out of range"):
     schedules.validate_timestep(schedules.linear(10), 10)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"kind": "linear", "beta_start": 0.02, "beta_end": 1e-4}, "decreasing"),
+    ({"kind": "linear", "beta_start": 0.0}, "outside"),
+    ({"kind": "scaled_linear", "beta_end": 1.0}, "outside"),
+    ({"kind": "linear", "num_timesteps": 1}, "num_timesteps=1"),
+    ({"kind": "linear", "beta_start": float("nan")}, "finite"),
+    ({"kind": "cosine", "max_beta": 1.5}, "max_beta"),
+    ({"kind": "linear", "beta_min": 0.1}, "unknown linear schedule field"),
+])
+def test_schedules_no_training_run_has_are_refused(config, match):
+  # These once built a schedule (abar still in (0, 1]) and the audit ran on it.
+  from mia_jax import errors
+  with pytest.raises(errors.UserError, match=match):
+    schedules.from_config(config)

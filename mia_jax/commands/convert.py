@@ -34,7 +34,9 @@ _FORMAT = flags.DEFINE_enum("format", None, list(export.FORMATS),
 _SOURCE = flags.DEFINE_string("source", None, "Checkpoint file or folder.")
 _OUTPUT = flags.DEFINE_string("output", None, "Project checkpoint directory.")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "net"],
-                             "pytorch-ddpm: which weights of the dict.")
+                             "pytorch-ddpm: which weights of the dict; U-ViT "
+                             "training directory: nnet_ema.pth or nnet.pth; "
+                             "diffusers folder with unet_ema/: it or unet/.")
 _PRESET = flags.DEFINE_string(
     "preset", None, "Architecture preset (pytorch-ddpm: cifar10; uvit: "
     "cifar10_uvit_small) when the source does not describe it.")

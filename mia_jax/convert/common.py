@@ -293,7 +293,14 @@ def apply_key_table(source: Mapping[str, np.ndarray], table: Iterable[Rule],
       if (cast_floats and value.dtype != dtype
           and np.issubdtype(value.dtype, np.floating)
           and np.issubdtype(dtype, np.floating)):
-        value = value.astype(dtype)
+        cast = value.astype(dtype)
+        if not np.isfinite(cast).all() and np.isfinite(value).all():
+          # float64 weights beyond the float32 range would become inf.
+          mismatched.append(f"{t} <- {', '.join(r.sources)}: values "
+                            f"overflow {dtype} (max |x| = "
+                            f"{float(np.abs(value).max()):.3g})")
+          continue
+        value = cast
       if tuple(value.shape) != shape or value.dtype != dtype:
         mismatched.append(
             f"{t} <- {', '.join(r.sources)}: got {tuple(value.shape)} "

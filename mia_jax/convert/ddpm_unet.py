@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from mia_jax import errors
 from mia_jax.convert import common
 from mia_jax.convert import io as ckpt_io
 
@@ -256,6 +257,13 @@ def _select_state_dict(obj: Any, use_ema: bool, path: str):
     return ckpt_io.tensor_dict(obj[key], f"{key!r} state dict"), key, obj
   if isinstance(obj, dict) and obj and all(
       isinstance(v, np.ndarray) for v in obj.values()):
+    if not use_ema:
+      # Asked for the raw weights of a file that holds one unnamed set: the
+      # audit would be labelled with a choice that was never made.
+      raise ckpt_io.CheckpointReadError(
+          "--weights net: the checkpoint is a bare state dict with one set "
+          "of weights (no 'net_model' / 'ema_model')", path,
+          "drop --weights (the file's weights are converted as they are)")
     return obj, "state_dict", {}
   keys = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
   raise ckpt_io.CheckpointReadError(
@@ -274,11 +282,15 @@ def convert_pytorch_ddpm(
     path: ``ckpt.pt`` (``torch.save`` dict with ``net_model``/``ema_model``)
       or a bare state dict file.
     use_ema: take ``ema_model`` (what every attack uses) rather than
-      ``net_model``. Ignored for bare state dicts.
+      ``net_model``. False is refused for a bare state dict.
     model_config: a `DDPMUNet` config dict or preset name. Default: the
       ``flagfile`` if given, else ``flagfile.txt`` beside ``path`` if present,
       else the ``"cifar10"`` preset.
-    flagfile: an absl flagfile written by the training run.
+    flagfile: an absl flagfile written by the training run. It (or
+      ``flagfile.txt`` beside ``path``) is read whenever present, also with
+      ``model_config``: its ``--beta_1``/``--beta_T`` give the schedule, a
+      ``--mean_type`` other than epsilon is refused, and its architecture
+      flags must agree with ``model_config``.
   Returns:
     ``(params, model_config, provenance)``: a params tree of float32 NumPy
     arrays for ``DDPMUNet(**model_config)``, the resolved JSON-able config
@@ -297,26 +309,57 @@ def convert_pytorch_ddpm(
   state = common.strip_prefix(state, "module.")
   common.check_finite(state, path)
 
+  # The flagfile records the training run's schedule and prediction target
+  # even when the architecture is given, so it is always read when present.
+  if flagfile is None:
+    beside = os.path.join(os.path.dirname(path), "flagfile.txt")
+    flagfile = beside if os.path.isfile(beside) else None
+  overrides: dict[str, Any] = {}
   extras: dict[str, Any] = {}
+  if flagfile is not None:
+    flagfile = os.path.abspath(os.fspath(flagfile))
+    try:
+      overrides, extras = parse_flagfile(flagfile)
+    except ValueError as e:
+      raise ckpt_io.CheckpointReadError(
+          f"cannot parse the flagfile ({e})", flagfile,
+          "pass the flagfile.txt the training run wrote") from None
+    mean_type = extras.get("mean_type", "epsilon")
+    if mean_type != "epsilon":
+      raise ckpt_io.CheckpointReadError(
+          f"the flagfile records mean_type={mean_type!r}", flagfile,
+          "the attacks need an eps-predicting model (--mean_type=epsilon); "
+          "an x0- or x_prev-predicting pytorch-ddpm model is not supported")
   if model_config is not None:
     config_source = (f"preset:{model_config}" if isinstance(model_config, str)
                      else "argument")
-    config = ddpm_unet.resolve_config(model_config)
-  else:
-    if flagfile is None:
-      beside = os.path.join(os.path.dirname(path), "flagfile.txt")
-      flagfile = beside if os.path.isfile(beside) else None
+    try:
+      config = ddpm_unet.resolve_config(model_config)
+    except errors.UserError:
+      raise
+    except (TypeError, ValueError) as e:
+      raise errors.UserError(f"invalid DDPMUNet model config ({e})",
+                             str(model_config)[:200], "fix --preset / "
+                             "--model_config") from None
+    # A flagfile of another run (or of another architecture) beside the
+    # checkpoint: its schedule would not be this model's either.
+    conflicts = [f"{k}: flagfile {v}, model_config {config.get(k)}"
+                 for k, v in sorted(overrides.items())
+                 if k != "dropout" and _as_tuple(v) != _as_tuple(config.get(k))]
+    if conflicts:
+      raise ckpt_io.CheckpointReadError(
+          f"the flagfile disagrees with the given model config ("
+          f"{'; '.join(conflicts)})", flagfile, "drop --preset/--model_config"
+          " to use the flagfile's architecture, or move the flagfile of "
+          "another run away")
     if flagfile is not None:
-      overrides, extras = parse_flagfile(flagfile)
-      config_source = f"flagfile:{os.path.abspath(flagfile)}"
-      config = ddpm_unet.resolve_config({"preset": "cifar10", **overrides})
-      mean_type = extras.get("mean_type", "epsilon")
-      if mean_type != "epsilon":
-        raise ValueError(f"flagfile {flagfile!r} has mean_type={mean_type!r};"
-                         " mia-jax needs an eps-predicting model")
-    else:
-      config_source = "preset:cifar10"
-      config = ddpm_unet.resolve_config("cifar10")
+      config_source += f"; schedule from flagfile:{flagfile}"
+  elif flagfile is not None:
+    config_source = f"flagfile:{flagfile}"
+    config = ddpm_unet.resolve_config({"preset": "cifar10", **overrides})
+  else:
+    config_source = "preset:cifar10"
+    config = ddpm_unet.resolve_config("cifar10")
 
   module = ddpm_unet.build_module(config)
   abstract = ddpm_unet.abstract_params(module)
@@ -330,9 +373,21 @@ def convert_pytorch_ddpm(
         f"architecture.\n  {e}", missing=e.missing, unexpected=e.unexpected,
         mismatched=e.mismatched, duplicated=e.duplicated) from None
 
-  schedule = {"kind": "linear", "num_timesteps": config["num_timesteps"],
-              "beta_start": float(extras.get("beta_1", 1e-4)),
-              "beta_end": float(extras.get("beta_T", 0.02))}
+  try:
+    schedule = {"kind": "linear", "num_timesteps": config["num_timesteps"],
+                "beta_start": float(extras.get("beta_1", 1e-4)),
+                "beta_end": float(extras.get("beta_T", 0.02))}
+    resolution = int(extras["img_size"]) if "img_size" in extras else None
+  except ValueError:
+    raise ckpt_io.CheckpointReadError(
+        "the flagfile's --beta_1 / --beta_T / --img_size is not a number",
+        flagfile, "pass the flagfile.txt the training run wrote") from None
+  from mia_jax import schedules  # pylint: disable=g-import-not-at-top
+  try:
+    schedules.from_config(schedule)
+  except errors.UserError as e:
+    raise errors.UserError(e.what, f"{flagfile or path}: {e.input}",
+                           e.todo) from None
   provenance = {
       "format": "pytorch-ddpm",
       "converter": "mia_jax.convert.ddpm_unet.convert_pytorch_ddpm",
@@ -342,7 +397,10 @@ def convert_pytorch_ddpm(
       "step": _as_int(full.get("step")),
       "config_source": config_source,
       "schedule": schedule,
-      "resolution": int(extras["img_size"]) if "img_size" in extras else None,
+      "schedule_source": (f"flagfile:{flagfile}" if flagfile is not None
+                          else "assumed: no flagfile; pytorch-ddpm's "
+                          "defaults --beta_1=1e-4 --beta_T=0.02"),
+      "resolution": resolution,
       "num_tensors": len(state),
   }
   return params, _json_config(config), provenance
@@ -353,6 +411,10 @@ def _as_int(x: Any) -> Optional[int]:
     return int(np.asarray(x)) if x is not None else None
   except (TypeError, ValueError):
     return None
+
+
+def _as_tuple(value: Any) -> Any:
+  return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _json_config(config: dict[str, Any]) -> dict[str, Any]:

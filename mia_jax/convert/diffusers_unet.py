@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from absl import logging
+
 from mia_jax import errors
 from mia_jax.convert import common
 from mia_jax.convert import ddpm_unet as ddpm_convert
@@ -46,9 +48,28 @@ _REQUIRED = {
 }
 
 
-def find_unet_dir(directory: str | os.PathLike) -> str:
-  """``directory`` itself, or its ``unet/`` subfolder for a pipeline."""
+def _is_unet_dir(d: str) -> bool:
+  return os.path.isfile(os.path.join(d, "config.json")) and any(
+      os.path.isfile(os.path.join(d, w)) for w in WEIGHTS_NAMES)
+
+
+def find_unet_dir(directory: str | os.PathLike, use_ema: bool = True) -> str:
+  """``directory`` itself, or its ``unet/`` subfolder for a pipeline.
+
+  A diffusers training checkpoint (``checkpoint-N/`` of train_unconditional
+  with ``--use_ema``) holds the raw weights in ``unet/`` and the EMA ones,
+  which the pipeline it saves at the end uses, in ``unet_ema/``:
+  ``use_ema`` picks ``unet_ema/`` there. Where there is no ``unet_ema/``,
+  ``use_ema=False`` is refused (there is only one set of weights).
+  """
   directory = os.fspath(directory)
+  ema_dir = os.path.join(directory, "unet_ema")
+  if _is_unet_dir(ema_dir):
+    return ema_dir if use_ema else os.path.join(directory, "unet")
+  if not use_ema:
+    raise errors.UserError(
+        "--weights net: the diffusers folder has no unet_ema/ beside unet/, "
+        "so it holds one set of weights", directory, "drop --weights")
   for d in (directory, os.path.join(directory, "unet")):
     if os.path.isfile(os.path.join(d, "config.json")) and any(
         os.path.isfile(os.path.join(d, w)) for w in WEIGHTS_NAMES):
@@ -95,6 +116,13 @@ def model_config_from_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
   if attn_down != attn_up:
     problems.append(f"attention at down levels {sorted(attn_down)} but up "
                     f"levels {sorted(attn_up)}; DDPMUNet needs them equal")
+  if cfg.get("out_channels", 3) != cfg.get("in_channels", 3):
+    # e.g. 2 * in_channels for a learned-variance ("learned_range") model:
+    # the attacks read the output as eps of the input's shape.
+    problems.append(f"out_channels={cfg.get('out_channels', 3)} differs from "
+                    f"in_channels={cfg.get('in_channels', 3)} (the attacks "
+                    "need an eps of the image's shape; learned-variance "
+                    "outputs are not supported)")
   temb = cfg.get("time_embedding_dim")
   if temb is not None and temb != 4 * ch:
     problems.append(f"time_embedding_dim={temb} (supported: 4 * {ch})")
@@ -107,8 +135,10 @@ def model_config_from_diffusers(cfg: dict[str, Any]) -> dict[str, Any]:
     if head_dim is not None and c % head_dim:
       problems.append(f"attention_head_dim={head_dim} does not divide {c}")
   if problems:
-    raise ValueError("unsupported diffusers UNet2DModel config: "
-                     + "; ".join(problems))
+    raise errors.UserError("unsupported diffusers UNet2DModel config: "
+                           + "; ".join(problems), "config.json",
+                           "mia-jax converts the DDPM UNet2DModel blocks "
+                           "only (see mia_jax/convert/diffusers_unet.py)")
 
   return {
       "ch": ch,
@@ -172,35 +202,38 @@ def _find_scheduler_config(directory: str, unet_dir: str) -> Optional[str]:
   return None
 
 
-def schedule_from_scheduler_config(cfg: dict[str, Any]) -> dict[str, Any]:
+def schedule_from_scheduler_config(cfg: dict[str, Any],
+                                   path: str = "scheduler_config.json"
+                                   ) -> dict[str, Any]:
   """A `schedules.from_config` dict from a diffusers scheduler config.
 
+  `mia_jax.convert.sd.schedule_config` reads the betas (one reader for both
+  converters); here the model must also predict eps.
+
   Raises:
-    ValueError: non-eps prediction or an unsupported beta schedule.
+    UserError: non-eps prediction, or a schedule `sd.schedule_config`
+      refuses.
   """
+  from mia_jax.convert import sd  # pylint: disable=g-import-not-at-top
   prediction = cfg.get("prediction_type", "epsilon")
   if prediction != "epsilon":
-    raise ValueError(f"scheduler prediction_type={prediction!r}; mia-jax "
-                     "needs an eps-predicting model")
-  kind = cfg.get("beta_schedule", "linear")
-  t = int(cfg.get("num_train_timesteps", 1000))
-  if kind in ("linear", "scaled_linear"):
-    return {"kind": kind, "num_timesteps": t,
-            "beta_start": float(cfg.get("beta_start", 1e-4)),
-            "beta_end": float(cfg.get("beta_end", 0.02))}
-  if kind == "squaredcos_cap_v2":
-    return {"kind": "cosine", "num_timesteps": t}
-  raise ValueError(f"unsupported beta_schedule={kind!r}")
+    raise errors.UserError(
+        f"scheduler prediction_type={prediction!r}", path,
+        "the DDPM attacks need an eps-predicting model (prediction_type "
+        "'epsilon'); a v- or x0-predicting UNet2DModel is not supported")
+  return sd.schedule_config(cfg, path)
 
 
 def convert_diffusers_unet(
-    directory: str | os.PathLike,
+    directory: str | os.PathLike, use_ema: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
   """Converts a diffusers ``UNet2DModel`` (DDPM blocks) directory.
 
   Args:
     directory: a ``save_pretrained`` UNet directory or a pipeline directory
       with ``unet/``.
+    use_ema: with a ``unet_ema/`` beside ``unet/`` (a training
+      checkpoint), read it; False reads ``unet/`` (see `find_unet_dir`).
   Returns:
     ``(params, model_config, provenance)``; provenance holds the weights
     path and sha256, the diffusers config, ``resolution`` (sample_size) and,
@@ -213,13 +246,13 @@ def convert_diffusers_unet(
   """
   from mia_jax.models import ddpm_unet  # pylint: disable=g-import-not-at-top
   directory = os.path.abspath(os.fspath(directory))
-  unet_dir = find_unet_dir(directory)
+  unet_dir = find_unet_dir(directory, use_ema)
   config_path = os.path.join(unet_dir, "config.json")
   cfg = _read_json(config_path)
   try:
     config = ddpm_unet.resolve_config(model_config_from_diffusers(cfg))
-  except errors.UserError:
-    raise
+  except errors.UserError as e:
+    raise errors.UserError(e.what, config_path, e.todo) from None
   except (KeyError, TypeError, ValueError) as e:
     # A hand-edited or foreign config.json: name the file, not a traceback.
     raise ckpt_io.CheckpointReadError(
@@ -256,6 +289,7 @@ def convert_diffusers_unet(
       "format": "diffusers-UNet2DModel",
       "converter": "mia_jax.convert.diffusers_unet.convert_diffusers_unet",
       "source": weights_path,
+      "weights": os.path.basename(unet_dir),
       "sha256": ckpt_io.sha256_file(weights_path),
       "config_path": os.path.join(unet_dir, "config.json"),
       "diffusers_config": cfg,
@@ -264,10 +298,32 @@ def convert_diffusers_unet(
                      else sample_size),
       "num_tensors": len(state),
   }
-  if sched_path is not None:
+  if sched_path is None:
+    # A bare save_pretrained UNet folder records no schedule: the DDPM
+    # default is assumed, said in the log and in model.json.
+    provenance["schedule"] = {"kind": "linear",
+                              "num_timesteps": config["num_timesteps"],
+                              "beta_start": 1e-4, "beta_end": 0.02}
+    provenance["schedule_source"] = (
+        "assumed: no scheduler_config.json beside the UNet; the DDPM "
+        "default (linear betas 1e-4..0.02)")
+    logging.warning("%s has no scheduler_config.json: assuming the DDPM "
+                    "training schedule (linear betas 1e-4..0.02, T=%d); add "
+                    "the scheduler/ folder of the model if it was trained "
+                    "with another", directory, config["num_timesteps"])
+  else:
+    provenance["schedule_source"] = sched_path
     provenance["scheduler_config_path"] = sched_path
     provenance["schedule"] = schedule_from_scheduler_config(
-        _read_json(sched_path))
+        _read_json(sched_path), sched_path)
+    unet_t = cfg.get("num_train_timesteps")
+    if unet_t is not None and unet_t != provenance["schedule"][
+        "num_timesteps"]:
+      raise errors.UserError(
+          f"the UNet config.json says num_train_timesteps={unet_t} but the "
+          f"scheduler config {provenance['schedule']['num_timesteps']}",
+          sched_path, "the two files come from different models; use the "
+          "scheduler saved with this UNet")
   return params, ddpm_convert._json_config(config), provenance  # pylint: disable=protected-access
 
 

@@ -9,6 +9,7 @@ records the source file's sha256.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional
 
@@ -22,6 +23,24 @@ def _pixel_spec(model_config: dict, provenance: dict, default_res: int,
                 channels_key: str) -> InputSpec:
   res = provenance.get("resolution") or default_res
   return InputSpec(resolution=int(res), channels=int(model_config[channels_key]))
+
+
+def _unet_spec(config: dict, resolution: Any, source: str) -> InputSpec:
+  """The DDPM UNet's input spec; the size must survive its downsamplings.
+
+  Otherwise the checkpoint was written and every audit of it failed at the
+  first forward pass.
+  """
+  if isinstance(resolution, (list, tuple)) and len(set(resolution)) == 1:
+    resolution = resolution[0]  # diffusers sample_size [H, W], square
+  factor = 2 ** (len(config["ch_mult"]) - 1)
+  if (isinstance(resolution, bool) or not isinstance(resolution, int)
+      or resolution <= 0 or resolution % factor):
+    raise errors.UserError(
+        f"image resolution {resolution!r} is not a positive multiple of "
+        f"{factor} (the UNet downsamples {len(config['ch_mult']) - 1} times)",
+        source, "pass --resolution with the training image size")
+  return InputSpec(resolution, int(config["in_channels"]))
 
 
 def convert_to_checkpoint(fmt: str, source: str, output: str, *,
@@ -38,7 +57,10 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
     fmt: one of `FORMATS`.
     source: the checkpoint file or directory.
     output: the project checkpoint directory to create.
-    use_ema: pytorch-ddpm: take ``ema_model`` (default) or ``net_model``.
+    use_ema: pytorch-ddpm: take ``ema_model`` (default) or ``net_model``;
+      a U-ViT training directory: ``nnet_ema.pth`` or ``nnet.pth``; a
+      diffusers folder with ``unet_ema/``: it or ``unet/``. False is
+      refused where there is one set of weights.
     model_config: architecture overrides or a preset name (pytorch-ddpm,
       U-ViT); diffusers and Stable Diffusion read their config.json.
     resolution: image resolution when the source does not record it
@@ -69,6 +91,28 @@ def convert_to_checkpoint(fmt: str, source: str, output: str, *,
   if lora is not None and not os.path.isfile(lora):
     raise errors.UserError("the LoRA file does not exist", lora,
                            "give pytorch_lora_weights.safetensors")
+  # Options the format has no use for were once dropped without a word, so
+  # the checkpoint was not the model the command line described.
+  if model_config is not None and fmt in ("diffusers", "stable_diffusion"):
+    raise errors.UserError(
+        f"--preset / --model_config do not apply to --format {fmt}",
+        str(model_config)[:80], "drop them: the architecture comes from the "
+        "folder's config.json")
+  if resolution is not None and (isinstance(resolution, bool) or not isinstance(
+      resolution, int) or resolution <= 0):
+    # 0 was taken as "not given" and replaced by the default size.
+    raise errors.UserError("--resolution is not a positive integer",
+                           str(resolution), "give the image size in pixels "
+                           "(e.g. 32), or leave it out")
+  if not math.isfinite(guidance_scale):
+    raise errors.UserError("--guidance_scale is not a finite number",
+                           str(guidance_scale), "give e.g. 1 (conditional "
+                           "eps only) or 7.5")
+  if guidance_scale != 1.0 and fmt != "stable_diffusion":
+    raise errors.UserError(
+        "--guidance_scale applies to Stable Diffusion only",
+        f"--format {fmt} --guidance_scale {guidance_scale}",
+        "drop --guidance_scale (unconditional models have no guidance)")
   if (trained_on is None) != (held_out is None):
     raise errors.UserError(
         "--trained_on and --held_out go together",
@@ -99,7 +143,8 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
   """`convert_to_checkpoint` after its boundary checks."""
   if fmt == "stable_diffusion":
     from mia_jax.convert import sd  # heavy; only when asked for
-    converted = sd.convert_stable_diffusion(source, lora=lora)
+    converted = sd.convert_stable_diffusion(source, lora=lora,
+                                            use_ema=use_ema)
     return checkpoints.save_sd_denoiser(output, converted,
                                         guidance_scale=guidance_scale,
                                         image_resolution=resolution,
@@ -110,15 +155,16 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
         source, use_ema=use_ema, model_config=model_config)
     family = "ddpm_unet"
     sched = schedules.from_config(prov.get("schedule") or {"kind": "linear"})
-    spec = InputSpec(resolution or prov.get("resolution") or 32,
-                     int(config["in_channels"]))
+    spec = _unet_spec(config, resolution or prov.get("resolution") or 32,
+                      source)
   elif fmt == "diffusers":
     from mia_jax.convert import diffusers_unet
-    params, config, prov = diffusers_unet.convert_diffusers_unet(source)
+    params, config, prov = diffusers_unet.convert_diffusers_unet(
+        source, use_ema=use_ema)
     family = "ddpm_unet"
     sched = schedules.from_config(prov.get("schedule") or {"kind": "linear"})
-    spec = InputSpec(resolution or prov.get("resolution") or 32,
-                     int(config["in_channels"]))
+    spec = _unet_spec(config, resolution or prov.get("resolution") or 32,
+                      source)
   else:
     from mia_jax.convert import uvit
     kwargs = {}
@@ -126,12 +172,39 @@ def _convert(fmt: str, source: str, output: str, *, use_ema: bool,
       kwargs["preset"] = model_config
     elif model_config is not None:
       kwargs["model_config"] = model_config
+    # A training directory {step}.ckpt/ holds both; --weights picks one.
+    kwargs["directory_member"] = ("nnet_ema.pth" if use_ema else "nnet.pth")
+    if not use_ema and not os.path.isdir(source):
+      raise errors.UserError(
+          "--weights net: a single U-ViT file holds one set of weights",
+          source, "drop --weights, or pass the training directory "
+          "({step}.ckpt/ with nnet.pth and nnet_ema.pth)")
     params, config, prov = uvit.convert_uvit(source, **kwargs)
     family = "uvit"
+    # pos_embed fixes the image size, and no attack passes class labels:
+    # either would only fail later, at the first forward pass of an audit.
+    if resolution is not None and resolution != int(config["img_size"]):
+      raise errors.UserError(
+          f"--resolution {resolution} differs from the U-ViT's img_size "
+          f"{config['img_size']} (its position embedding fixes the size)",
+          source, "drop --resolution, or give the --preset/--model_config "
+          "of the checkpoint's img_size")
+    if int(config.get("num_classes", -1)) > 0:
+      raise errors.UserError(
+          f"the U-ViT is class-conditional (num_classes="
+          f"{config['num_classes']})", source, "the attacks score "
+          "unconditional models; convert an unconditional U-ViT")
+    if int(config["in_chans"]) == 4:
+      # baofff/U-ViT's latent models train on SD-VAE latents with the
+      # discrete SD schedule, not the continuous VP-SDE assumed below.
+      raise errors.UserError(
+          "the U-ViT takes 4-channel latents (a latent-space U-ViT, trained "
+          "with the discrete Stable Diffusion schedule)", source,
+          "only pixel-space, continuous-time U-ViTs (e.g. "
+          "cifar10_uvit_small) are supported")
     # U-ViT CIFAR-10: continuous VP-SDE, attack index i -> t = i / 1000.
     sched = schedules.vp_sde()
-    spec = InputSpec(resolution or int(config["img_size"]),
-                     int(config["in_chans"]))
+    spec = InputSpec(int(config["img_size"]), int(config["in_chans"]))
   return checkpoints.save_denoiser(
       output, family=family, model_config=config, schedule=sched, spec=spec,
       params=params, provenance={"converted_from": fmt, **prov}, data=record)

@@ -23,7 +23,11 @@ exactly once, every adapted layer has both factors with one rank, the rank
 matches the metadata, and every target exists in the base model with the
 shapes ``B @ A`` needs. Formats it does not implement (kohya ``lora_down`` /
 ``lora_up`` / ``alpha`` keys, DoRA, per-module alpha or rank patterns, convs
-larger than 1x1, LoRA on the VAE) are refused with the offending keys named.
+larger than 1x1, LoRA on the VAE) are refused with the offending keys named,
+and so are files that would merge a different update than diffusers or none
+at all: metadata without ``r`` / ``lora_alpha`` (diffusers would fill in
+peft's defaults), ``lora_alpha <= 0``, ``fan_in_fan_out`` factors, NaN/Inf
+factors, a file with no tensors and one whose every ``B @ A`` is zero.
 """
 
 from __future__ import annotations
@@ -56,11 +60,28 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, np.ndarray],
                     "save the LoRA with save_lora_weights(..., "
                     "safe_serialization=True)")
   tensors = io.read_safetensors(path)
+  if not tensors:
+    # Merging nothing would audit the base model under the LoRA's name.
+    raise LoraError("the LoRA file holds no tensors", path,
+                    "give the pytorch_lora_weights.safetensors the fine-tune "
+                    "saved")
+  from mia_jax.convert import common  # pylint: disable=g-import-not-at-top
+  common.check_finite(tensors, path)
   from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   with safe_open(path, framework="numpy") as f:
     header = f.metadata() or {}
   meta = header.get("lora_adapter_metadata")
-  return tensors, (json.loads(meta) if meta else {})
+  if not meta:
+    return tensors, {}
+  try:
+    parsed = json.loads(meta)
+  except ValueError as e:
+    parsed = e
+  if not isinstance(parsed, dict):
+    raise LoraError("the LoRA file's lora_adapter_metadata is not a JSON "
+                    "object", path, "re-save the LoRA with diffusers' "
+                    "save_lora_weights")
+  return tensors, parsed
 
 
 def _component_config(meta: Mapping[str, Any], component: str
@@ -81,12 +102,36 @@ def _scale(cfg: Mapping[str, Any], rank: int, component: str) -> float:
     raise LoraError("DoRA adapters are not supported", f"{component}.use_dora",
                     "merge with diffusers' fuse_lora and convert the fused "
                     "folder instead")
+  if cfg.get("fan_in_fan_out"):
+    # Factors stored transposed (GPT-2 Conv1D layout): B @ A would be the
+    # transpose of the update, and square weights would not notice.
+    raise LoraError("fan_in_fan_out LoRA factors are not supported",
+                    f"{component}.fan_in_fan_out", "Stable Diffusion LoRAs "
+                    "store [out, in] factors; re-save it with diffusers")
   r = int(cfg.get("r", rank))
   if r != rank:
     raise LoraError(f"the metadata says rank {r} but the tensors have rank "
                     f"{rank}", f"{component}.r", "the LoRA file is "
                     "inconsistent; re-save it")
-  alpha = float(cfg.get("lora_alpha", r))
+  for key in ("r", "lora_alpha"):
+    if key not in cfg:
+      # diffusers builds peft's LoraConfig from this metadata, whose default
+      # (lora_alpha = r = 8) is not what the file's ranks imply: the scale
+      # is ambiguous, so no number is guessed.
+      raise LoraError(f"the LoRA metadata for the {component} has no {key}",
+                      f"{component}.{key}", "re-save the LoRA with diffusers' "
+                      "save_lora_weights(..., "
+                      f"{component}_lora_adapter_metadata=config.to_dict())")
+  try:
+    alpha = float(cfg["lora_alpha"])
+  except (TypeError, ValueError):
+    alpha = float("nan")
+  if not math.isfinite(alpha) or alpha <= 0:
+    # alpha 0 merges nothing (the base model audited as the fine-tune); a
+    # negative one subtracts the fine-tune.
+    raise LoraError(f"lora_alpha={cfg['lora_alpha']!r} is not a positive "
+                    "number", f"{component}.lora_alpha", "give the alpha the "
+                    "LoRA was trained with (the scale is alpha / r)")
   return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
 
@@ -151,6 +196,7 @@ def merge_lora(states: Mapping[str, dict[str, np.ndarray]],
   layers = split_lora(tensors)
   record = {"source": os.path.abspath(os.fspath(lora_path)),
             "sha256": io.sha256_file(lora_path), "components": {}}
+  nonzero = False
   for component, pairs in layers.items():
     if not pairs:
       continue
@@ -188,6 +234,14 @@ def merge_lora(states: Mapping[str, dict[str, np.ndarray]],
                       "the LoRA was trained for another model")
     record["components"][component] = {"layers": len(pairs), "rank": rank,
                                        "scale": scale}
+    nonzero = nonzero or any(np.any(p["B"]) and np.any(p["A"])
+                             for p in pairs.values())
+  if not nonzero:
+    # peft initialises B = 0: a LoRA saved before training merges to the base
+    # model, which would then be audited as the fine-tune.
+    raise LoraError("every LoRA update B @ A is zero (an untrained adapter)",
+                    os.fspath(lora_path), "give the LoRA saved after "
+                    "fine-tuning")
   return record
 
 

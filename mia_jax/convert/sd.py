@@ -130,6 +130,11 @@ def _legacy_vae_attention(state: dict[str, np.ndarray]) -> dict[str, Any]:
       k = f"{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
       if v.ndim == 4:  # 1x1-conv form of the same linear map
         v = v[:, :, 0, 0]
+    if k in out:
+      # Both the legacy and the current name: one copy would silently win.
+      raise common.ConversionError(
+          f"the VAE holds {k} under both its legacy and its current name",
+          todo="keep one of the two tensors")
     out[k] = v
   return out
 
@@ -213,37 +218,68 @@ def convert_text_encoder(state: Mapping[str, np.ndarray],
   return _finish(state, module, clip.init_params, dtype, extra), cfg
 
 
-def schedule_config(scheduler_cfg: Mapping[str, Any]) -> dict[str, Any]:
+# diffusers scheduler classes that are not a discrete beta (VP) schedule:
+# variance-exploding, EDM / Karras sigmas, flow matching, consistency models.
+# Their configs carry no betas, so reading them as the default DDPM betas
+# would audit a model that does not exist.
+_NON_BETA_SCHEDULERS = ("FlowMatch", "ScoreSdeVe", "ScoreSdeVp", "KarrasVe",
+                        "EDM", "CMStochasticIterative", "IPNDM",
+                        "VQDiffusion", "Amused")
+
+
+def schedule_config(scheduler_cfg: Mapping[str, Any],
+                    path: str = "scheduler_config.json") -> dict[str, Any]:
   """A diffusers ``scheduler_config.json`` -> `schedules.from_config` dict.
 
   Only the training noise schedule matters to the attacks (not the sampler
   class): ``beta_schedule`` ``scaled_linear`` (SD), ``linear`` or
-  ``squaredcos_cap_v2``.
+  ``squaredcos_cap_v2``. The one reader of scheduler configs (the diffusers
+  UNet2DModel converter uses it too).
 
+  Args:
+    scheduler_cfg: the parsed file.
+    path: the file, named in errors.
   Raises:
-    ValueError: custom ``trained_betas``, zero-SNR rescaling or an unknown
-      ``beta_schedule``.
+    UserError: custom ``trained_betas``, zero-SNR rescaling, a scheduler
+      class without betas, an unknown ``beta_schedule`` or betas / step
+      counts no training run has (see `schedules`).
   """
+  def refuse(what):
+    raise errors.UserError(
+        f"the scheduler config {what}", path, "mia-jax reproduces the "
+        "discrete DDPM beta schedules (linear, scaled_linear, "
+        "squaredcos_cap_v2) only; audit a model trained with one")
+  cls = str(scheduler_cfg.get("_class_name") or "")
+  if any(name in cls for name in _NON_BETA_SCHEDULERS):
+    refuse(f"is a {cls}, which has no discrete beta schedule")
   if scheduler_cfg.get("trained_betas") is not None:
-    raise ValueError("scheduler config has trained_betas; custom betas are "
-                     "not supported")
+    refuse("has trained_betas (custom betas are not supported)")
   if scheduler_cfg.get("rescale_betas_zero_snr", False):
-    raise ValueError("scheduler config has rescale_betas_zero_snr=True, "
-                     "which is not supported")
-  t = int(scheduler_cfg.get("num_train_timesteps", 1000))
+    refuse("has rescale_betas_zero_snr=True, which is not supported")
+  try:
+    t = int(scheduler_cfg.get("num_train_timesteps", 1000))
+    b0 = float(scheduler_cfg.get("beta_start", 0.0001))
+    b1 = float(scheduler_cfg.get("beta_end", 0.02))
+  except (TypeError, ValueError):
+    refuse("has a num_train_timesteps / beta_start / beta_end that is not a "
+           "number")
   kind = scheduler_cfg.get("beta_schedule", "linear")
-  b0 = float(scheduler_cfg.get("beta_start", 0.0001))
-  b1 = float(scheduler_cfg.get("beta_end", 0.02))
   if kind == "scaled_linear":
-    return dict(kind="scaled_linear", num_timesteps=t, beta_start=b0,
-                beta_end=b1)
-  if kind == "linear":
-    return dict(kind="linear", num_timesteps=t, beta_start=b0, beta_end=b1)
-  if kind == "squaredcos_cap_v2":
-    return dict(kind="cosine", num_timesteps=t)
-  raise ValueError(f"scheduler config beta_schedule={kind!r} is not "
-                   "supported; expected 'scaled_linear', 'linear' or "
-                   "'squaredcos_cap_v2'")
+    out = dict(kind="scaled_linear", num_timesteps=t, beta_start=b0,
+               beta_end=b1)
+  elif kind == "linear":
+    out = dict(kind="linear", num_timesteps=t, beta_start=b0, beta_end=b1)
+  elif kind == "squaredcos_cap_v2":
+    out = dict(kind="cosine", num_timesteps=t)
+  else:
+    refuse(f"has beta_schedule={kind!r}; expected 'scaled_linear', 'linear' "
+           "or 'squaredcos_cap_v2'")
+  from mia_jax import schedules  # pylint: disable=g-import-not-at-top
+  try:
+    schedules.from_config(out)  # betas in (0, 1), increasing, T >= 2
+  except errors.UserError as e:
+    raise errors.UserError(e.what, f"{path}: {e.input}", e.todo) from None
+  return out
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -282,8 +318,16 @@ def _read_weights(directory: str, name: str, variant: str | None = None
   names = _weight_file_names(name, variant)
   for fname in names:
     index = os.path.join(directory, fname + ".index.json")
+    weight_map = None
     if os.path.isfile(index):  # sharded checkpoint
-      shards = sorted(set(_read_json(index, name)["weight_map"].values()))
+      weight_map = _read_json(index, name).get("weight_map")
+      if not isinstance(weight_map, dict) or not weight_map or any(
+          not isinstance(v, str) or os.path.basename(v) != v
+          for v in weight_map.values()):
+        raise io.CheckpointReadError(
+            "the shard index has no weight_map of shard file names in its "
+            "folder", index, "use the index saved with the shards")
+      shards = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(directory, fname)):
       shards = [fname]
     else:
@@ -296,6 +340,15 @@ def _read_weights(directory: str, name: str, variant: str | None = None
       else:
         part = io.tensor_dict(io.read_torch_checkpoint(path), f"{name} {shard}")
       common.check_finite(part, path)
+      # A key in two shards, or in a shard the index does not name for it:
+      # one copy would silently win.
+      stray = sorted(k for k in part if k in state or (
+          weight_map is not None and weight_map.get(k) != shard))
+      if stray:
+        raise io.CheckpointReadError(
+            f"{len(stray)} tensor(s) are in another shard than the index "
+            f"says, or in two shards: {', '.join(stray[:5])}", path,
+            "use the shards and index of one save_pretrained")
       state.update(part)
       hashes[f"{name}/{shard}"] = io.sha256_file(path)
     return state, hashes
@@ -307,8 +360,8 @@ def _read_weights(directory: str, name: str, variant: str | None = None
 def convert_stable_diffusion(folder: str | os.PathLike, *,
                              dtype: str = "float32",
                              variant: str | None = None,
-                             lora: str | os.PathLike | None = None
-                             ) -> dict[str, Any]:
+                             lora: str | os.PathLike | None = None,
+                             use_ema: bool = True) -> dict[str, Any]:
   """Converts a diffusers Stable Diffusion folder.
 
   Args:
@@ -322,6 +375,9 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
       safetensors``) fused into the UNet and text encoder weights before the
       conversion, strictly (`mia_jax.convert.lora.merge_lora`); its sha256
       and ranks go into the provenance.
+    use_ema: a folder with ``unet_ema/`` beside ``unet/`` (a diffusers
+      training checkpoint with ``--use_ema``) is read from ``unet_ema/``;
+      False reads ``unet/``, and is refused where there is no ``unet_ema/``.
   Returns:
     A dict with
       ``unet``, ``vae``, ``text_encoder``: ``(params, module_config)``;
@@ -346,17 +402,30 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
                                 "not exist")
   _check_dtype(dtype)
   dirs = {name: _component_dir(folder, name) for name in COMPONENTS}
+  ema_dir = os.path.join(folder, "unet_ema")
+  if os.path.isdir(ema_dir):
+    # Reading unet/ here silently audited the raw weights, not the EMA ones
+    # the fine-tune's final pipeline carries.
+    if use_ema:
+      dirs["unet"] = ema_dir
+  elif not use_ema:
+    raise errors.UserError(
+        "--weights net: the folder has no unet_ema/ beside unet/, so it "
+        "holds one set of weights", folder, "drop --weights")
   configs = {
       name: _read_json(os.path.join(dirs[name], "config.json"),
                        f"{name} config") for name in _WEIGHT_FILES}
   configs["scheduler"] = _read_json(
       os.path.join(dirs["scheduler"], "scheduler_config.json"),
       "scheduler config")
+  sched_path = os.path.join(dirs["scheduler"], "scheduler_config.json")
   prediction = configs["scheduler"].get("prediction_type", "epsilon")
   if prediction not in PREDICTION_TYPES:
-    raise ValueError(f"scheduler prediction_type={prediction!r} is not "
-                     f"supported; expected one of {PREDICTION_TYPES}")
-  sched = schedule_config(configs["scheduler"])
+    raise errors.UserError(
+        f"scheduler prediction_type={prediction!r} is not supported",
+        sched_path, f"the attacks need one of {PREDICTION_TYPES} (an "
+        "x0-predicting 'sample' model is not supported)")
+  sched = schedule_config(configs["scheduler"], sched_path)
   for fname in ("vocab.json", "merges.txt"):
     if not os.path.isfile(os.path.join(dirs["tokenizer"], fname)) and not (
         os.path.isfile(os.path.join(dirs["tokenizer"], "tokenizer.json"))):
@@ -380,6 +449,16 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
       out[name] = fn(states.pop(name), configs[name], dtype=dtype)
     except common.ConversionError as e:
       raise common.ConversionError(f"component {name!r}: {e}") from e
+    except errors.UserError:
+      raise
+    except ValueError as e:
+      # The config translators (models.sd.*_config_from_*) name the option
+      # this port does not implement; one line, not a traceback.
+      raise common.ConversionError(
+          f"component {name!r}: unsupported config ({e})",
+          input=os.path.join(dirs[name], "config.json"),
+          todo="mia-jax converts Stable Diffusion 1.x / 2.x components") from e
+  _check_components_fit(out, dirs)
   scale, shift = vae.latent_scaling(configs["vae"])
   index_path = os.path.join(folder, "model_index.json")
   model_index = (_read_json(index_path, "model_index")
@@ -392,10 +471,41 @@ def convert_stable_diffusion(folder: str | os.PathLike, *,
       latent_scaling=dict(scaling_factor=scale, shift_factor=shift),
       text_skip_last_layers=0,
       provenance=dict(format="diffusers_stable_diffusion", source=folder,
+                      unet_weights=os.path.basename(dirs["unet"]),
                       sha256=hashes, dtype=dtype, variant=variant,
                       model_index=model_index,
                       configs=configs, lora=lora_record))
   return out
+
+
+def _check_components_fit(out: Mapping[str, Any], dirs: Mapping[str, str]
+                          ) -> None:
+  """Refuses components that cannot work together (from different models).
+
+  Each converts on its own, so a VAE, text encoder or tokenizer of another
+  model would only fail (or give NaN scores) at the first audit batch.
+  """
+  unet, vae, text = (out[k][1] for k in ("unet", "vae", "text_encoder"))
+  problems = []
+  if not unet["in_channels"] == unet["out_channels"] == vae["latent_channels"]:
+    problems.append(
+        f"the UNet maps {unet['in_channels']} to {unet['out_channels']} "
+        f"channels but the VAE has {vae['latent_channels']} latent channels "
+        "(an inpainting or other-family UNet, or a VAE of another model)")
+  if unet["cross_attention_dim"] != text["hidden_size"]:
+    problems.append(
+        f"the UNet attends to {unet['cross_attention_dim']}-d text features "
+        f"but the text encoder has hidden_size {text['hidden_size']}")
+  from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+  size = len(CLIPTokenizer.from_pretrained(dirs["tokenizer"]))
+  if size > text["vocab_size"]:
+    problems.append(f"the tokenizer has {size} tokens but the text encoder "
+                    f"embeds {text['vocab_size']}")
+  if problems:
+    raise errors.UserError(
+        "the Stable Diffusion components do not fit together: "
+        + "; ".join(problems), os.path.dirname(dirs["unet"]),
+        "use the unet/, vae/, text_encoder/ and tokenizer/ of one model")
 
 
 # ------------------------------------------------------------ tokenizer

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from mia_jax import errors
 from mia_jax.convert import common
 from mia_jax.convert import io as ckpt_io
 from mia_jax.convert.common import ConversionError, Rule, rule
@@ -113,7 +114,14 @@ def resolve_model_config(preset: str = "cifar10_uvit_small",
     ValueError: unknown preset or field.
   """
   from mia_jax.models import uvit  # pylint: disable=g-import-not-at-top
-  return uvit.resolve_config({"preset": preset, **dict(model_config or {})})
+  try:
+    return uvit.resolve_config({"preset": preset, **dict(model_config or {})})
+  except errors.UserError:
+    raise
+  except (TypeError, ValueError) as e:
+    raise errors.UserError(f"invalid U-ViT model config ({e})",
+                           str(model_config or preset)[:200],
+                           "fix --preset / --model_config") from None
 
 
 def abstract_params(model_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mia_jax.models import layers
 from mia_jax.models import presets
@@ -341,6 +342,42 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+_POSITIVE_INTS = ("ch", "num_res_blocks", "in_channels", "out_channels",
+                  "num_timesteps", "norm_groups")
+
+
+def _check_types(config: dict[str, Any]) -> None:
+  """Refuses field values no DDPMUNet has (a string size, an empty ch_mult,
+  an attention level past the last one), before any module is built."""
+  from mia_jax import errors  # pylint: disable=g-import-not-at-top
+
+  def is_int(v, low):
+    return (not isinstance(v, bool) and isinstance(v, (int, np.integer))
+            and v >= low)
+
+  bad = [f"{k}={config[k]!r}" for k in _POSITIVE_INTS
+         if not is_int(config[k], 1)]
+  mult, attn = config["ch_mult"], config["attn_levels"]
+  if not isinstance(mult, (list, tuple)) or not mult or not all(
+      is_int(v, 1) for v in mult):
+    bad.append(f"ch_mult={mult!r}")
+  elif not isinstance(attn, (list, tuple)) or not all(
+      is_int(v, 0) and v < len(mult) for v in attn):
+    bad.append(f"attn_levels={attn!r}")
+  head = config["attn_head_dim"]
+  if head is not None and not is_int(head, 1):
+    bad.append(f"attn_head_dim={head!r}")
+  dropout = config["dropout"]
+  if isinstance(dropout, bool) or not isinstance(
+      dropout, (int, float)) or not 0 <= dropout < 1:
+    bad.append(f"dropout={dropout!r}")
+  if bad:
+    raise errors.UserError(f"invalid DDPMUNet config: {', '.join(bad)}",
+                           "model_config", "sizes are positive integers, "
+                           "ch_mult a non-empty list of them, attn_levels "
+                           "indices into ch_mult, dropout in [0, 1)")
+
+
 def resolve_config(model_config: dict[str, Any] | str | None) -> dict[str, Any]:
   """A complete, JSON-able model config from a preset name or dict.
 
@@ -353,6 +390,7 @@ def resolve_config(model_config: dict[str, Any] | str | None) -> dict[str, Any]:
     model_config = "cifar10"
   out = presets.merge_with_defaults(model_config, PRESETS, DDPMUNet,
                                     "DDPMUNet")
+  _check_types(out)
   for key in ("ch_mult", "attn_levels"):
     out[key] = tuple(int(v) for v in out[key])
   out["freq_shift"] = float(out["freq_shift"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from mia_jax import errors
+
 
 def merge_with_defaults(model_config: Mapping[str, Any] | str,
                         presets: Mapping[str, Mapping[str, Any]],
@@ -23,7 +25,7 @@ def merge_with_defaults(model_config: Mapping[str, Any] | str,
     JSON-able); values not yet type-normalised.
 
   Raises:
-    ValueError: unknown preset or field.
+    UserError: unknown preset or field (a ValueError).
   """
   if isinstance(model_config, str):
     model_config = {"preset": model_config}
@@ -31,15 +33,18 @@ def merge_with_defaults(model_config: Mapping[str, Any] | str,
   preset = config.pop("preset", None)
   if preset is not None:
     if preset not in presets:
-      raise ValueError(f"unknown {family} preset {preset!r}; expected one "
-                       f"of {sorted(presets)}")
+      raise errors.UserError(f"unknown {family} preset {preset!r}",
+                             "--preset / model_config",
+                             f"use one of {sorted(presets)}")
     config = {**presets[preset], **config}
   fields = tuple(f.name for f in dataclasses.fields(module_cls)
                  if f.name not in ("parent", "name"))
   unknown = sorted(set(config) - set(fields))
   if unknown:
-    raise ValueError(f"unknown {family} field(s) {unknown}; expected some "
-                     f"of {list(fields)}")
+    # A field we would drop is an architecture we would not build.
+    raise errors.UserError(f"unknown {family} field(s) {unknown}",
+                           "--model_config / model_config",
+                           f"use only {list(fields)}")
   config.pop("dtype", None)
   out = {f: getattr(module_cls, f) for f in fields if f != "dtype"}
   out.update(config)

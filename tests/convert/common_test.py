@@ -134,6 +134,16 @@ class ApplyKeyTableTest(absltest.TestCase):
     self.assertLen(cm.exception.mismatched, 6)
     self.assertIn("float16", cm.exception.mismatched[0])
 
+  def test_float64_beyond_float32_range_is_refused(self):
+    # The cast made them inf after check_finite had passed the float64s.
+    src = {k: v.astype(np.float64) for k, v in
+           _source(np.random.default_rng(0)).items()}
+    src["c.bias"] = np.full(src["c.bias"].shape, 1e39)
+    with self.assertRaises(common.ConversionError) as cm:
+      common.apply_key_table(src, _table(), _abstract())
+    self.assertLen(cm.exception.mismatched, 1)
+    self.assertIn("overflow", cm.exception.mismatched[0])
+
   def test_integer_source_is_not_cast(self):
     src = _source(np.random.default_rng(0))
     src["c.bias"] = np.zeros(4, np.int64)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from mia_jax import errors
 from mia_jax.convert import common
 from mia_jax.convert import diffusers_unet
 from mia_jax.convert import io as ckpt_io
@@ -168,6 +169,64 @@ class ConvertDiffusersTest(absltest.TestCase):
       json.dump({**sched, "prediction_type": "v_prediction"}, f)
     with self.assertRaisesRegex(ValueError, "prediction_type"):
       diffusers_unet.convert_diffusers_unet(d)
+
+  def test_scheduler_configs_that_would_audit_another_model(self):
+    # Each once converted with the default DDPM betas (or its own wrong
+    # ones) and gave attack numbers for a model that does not exist.
+    d = self._write(self.model.state_dict(), sub="unet")
+    os.makedirs(os.path.join(d, "scheduler"))
+    sched_path = os.path.join(d, "scheduler", "scheduler_config.json")
+    base = {"_class_name": "DDPMScheduler", "beta_schedule": "linear",
+            "beta_start": 0.0001, "beta_end": 0.02,
+            "num_train_timesteps": 1000, "prediction_type": "epsilon"}
+    for change, match in (
+        ({"trained_betas": [0.01] * 1000}, "trained_betas"),
+        ({"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+        ({"beta_start": 0.02, "beta_end": 0.0001}, "decreasing"),
+        ({"beta_start": 0.0}, "outside"),
+        ({"num_train_timesteps": 1}, "num_timesteps=1"),
+        ({"_class_name": "ScoreSdeVeScheduler"}, "ScoreSdeVeScheduler"),
+        ({"prediction_type": "sample"}, "prediction_type='sample'")):
+      with open(sched_path, "w") as f:
+        json.dump({**base, **change}, f)
+      with self.assertRaisesRegex(errors.UserError, match) as cm:
+        diffusers_unet.convert_diffusers_unet(d)
+      self.assertIn(sched_path, str(cm.exception))
+    # The UNet's own num_train_timesteps must agree with the scheduler's.
+    with open(sched_path, "w") as f:
+      json.dump({**base, "num_train_timesteps": 500}, f)
+    with open(os.path.join(d, "unet", "config.json"), "w") as f:
+      json.dump({**dict(self.model.config), "num_train_timesteps": 1000}, f)
+    with self.assertRaisesRegex(errors.UserError, "num_train_timesteps=1000"):
+      diffusers_unet.convert_diffusers_unet(d)
+
+  def test_training_checkpoint_with_unet_ema(self):
+    # checkpoint-N/ of diffusers' train_unconditional --use_ema: unet/ is the
+    # raw model, unet_ema/ what the final pipeline carries. unet/ was read.
+    d = self._write(self.model.state_dict(), sub="unet")
+    ema = make_unet(SMALL_A, seed=2)
+    ema.save_pretrained(os.path.join(d, "unet_ema"))
+    params, _, prov = diffusers_unet.convert_diffusers_unet(d)
+    self.assertEqual(prov["weights"], "unet_ema")
+    self.assertFalse(np.array_equal(params["head"]["kernel"],
+                                    self.params["head"]["kernel"]))
+    params, _, prov = diffusers_unet.convert_diffusers_unet(d, use_ema=False)
+    self.assertEqual(prov["weights"], "unet")
+    jax.tree.map(np.testing.assert_array_equal, params, self.params)
+    # Without unet_ema/ there is nothing for --weights net to choose.
+    with self.assertRaisesRegex(errors.UserError, "no unet_ema"):
+      diffusers_unet.convert_diffusers_unet(self.dir, use_ema=False)
+
+  def test_assumed_schedule_is_recorded(self):
+    # A UNet-only folder is accepted with the DDPM default schedule, which
+    # model.json now says was assumed (it was indistinguishable from read).
+    self.assertStartsWith(self.prov["schedule_source"], "assumed")
+    self.assertEqual(self.prov["schedule"]["num_timesteps"], 1000)
+
+  def test_learned_variance_output_is_refused(self):
+    cfg = {**dict(self.model.config), "out_channels": 6}
+    with self.assertRaisesRegex(errors.UserError, "out_channels=6"):
+      diffusers_unet.model_config_from_diffusers(cfg)
 
   def test_unsupported_config_lists_every_problem(self):
     cfg = {**dict(self.model.config), "resnet_time_scale_shift":

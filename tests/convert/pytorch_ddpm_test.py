@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from mia_jax import errors
 from mia_jax.convert import common
 from mia_jax.convert import ddpm_unet as ddpm_convert
 from mia_jax.convert import io as ckpt_io
@@ -154,6 +155,10 @@ class ConvertPytorchDDPMTest(absltest.TestCase):
         path, model_config=FLAX_SMALL)
     self.assertEqual(prov["weights"], "state_dict")
     jax.tree.map(np.testing.assert_array_equal, params, self.params)
+    # --weights net cannot be honoured (it was ignored, recorded nowhere).
+    with self.assertRaisesRegex(ckpt_io.CheckpointReadError, "bare state"):
+      ddpm_convert.convert_pytorch_ddpm(path, use_ema=False,
+                                        model_config=FLAX_SMALL)
 
   def test_missing_key(self):
     state = dict(self.ema.state_dict())
@@ -226,6 +231,35 @@ class ConvertPytorchDDPMTest(absltest.TestCase):
       f.write("--mean_type=xstart\n")
     with self.assertRaisesRegex(ValueError, "mean_type"):
       ddpm_convert.convert_pytorch_ddpm(path)
+
+  def test_flagfile_is_read_when_the_architecture_is_given(self):
+    # With --preset / --model_config the flagfile beside the checkpoint was
+    # skipped: its schedule and mean_type were lost and the model converted
+    # with the default betas (or as eps while it predicts x0).
+    d = _tempdir(self)
+    path = os.path.join(d, "checkpoint.pt")
+    shutil.copy(self.path, path)
+    arch = ["--ch=32", "--ch_mult=1", "--ch_mult=2", "--attn=1",
+            "--num_res_blocks=1"]
+
+    def write(*flags):
+      with open(os.path.join(d, "flagfile.txt"), "w") as f:
+        f.write("\n".join(arch + list(flags)) + "\n")
+
+    write("--beta_1=0.0002", "--beta_T=0.03")
+    _, _, prov = ddpm_convert.convert_pytorch_ddpm(path,
+                                                   model_config=FLAX_SMALL)
+    self.assertEqual((prov["schedule"]["beta_start"],
+                      prov["schedule"]["beta_end"]), (0.0002, 0.03))
+    self.assertIn("flagfile", prov["config_source"])
+    for flags, match in ((["--mean_type=xstart"], "mean_type='xstart'"),
+                         (["--T=500"], "num_timesteps: flagfile 500"),
+                         (["--beta_1=0.03", "--beta_T=0.0002"],
+                          "decreasing")):
+      write(*flags)
+      with self.assertRaisesRegex(errors.UserError, match) as cm:
+        ddpm_convert.convert_pytorch_ddpm(path, model_config=FLAX_SMALL)
+      self.assertIn("flagfile.txt", str(cm.exception))
 
   def test_parse_flagfile_comma_lists(self):
     path = os.path.join(_tempdir(self), "flagfile.txt")

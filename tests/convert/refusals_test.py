@@ -167,3 +167,49 @@ def test_training_split_is_recorded_for_gsa_shadows(tmp_path, ddpm_ckpt):
                                    model_config=FLAX_SMALL, **kwargs)
     _one_line(e.value)
     assert not (tmp_path / f"bad{i}").exists()
+
+
+@pytest.mark.parametrize("fmt, kwargs, match", [
+    ("diffusers", dict(model_config="cifar10"), "--model_config do not apply"),
+    ("pytorch_ddpm", dict(guidance_scale=7.5), "Stable Diffusion only"),
+    ("stable_diffusion", dict(guidance_scale=float("nan")), "not a finite"),
+])
+def test_options_the_format_would_ignore_are_refused(tmp_path, ddpm_ckpt, fmt,
+                                                      kwargs, match):
+  # Each was dropped without a word: the checkpoint was converted from the
+  # folder's own config / weights, not what the command line asked for.
+  out = tmp_path / "out"
+  with pytest.raises(errors.UserError, match=match):
+    export.convert_to_checkpoint(fmt, ddpm_ckpt, str(out), **kwargs)
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("resolution, match", [
+    (0, "not a positive integer"),      # was taken as "not given": 32
+    (-4, "not a positive integer"),     # a traceback at load
+    (7, "not a positive multiple of 2"),  # written, then every audit failed
+])
+def test_resolution_the_unet_cannot_take(tmp_path, ddpm_ckpt, resolution,
+                                         match):
+  out = tmp_path / "out"
+  with pytest.raises(errors.UserError, match=match):
+    export.convert_to_checkpoint("pytorch_ddpm", ddpm_ckpt, str(out),
+                                 model_config=FLAX_SMALL,
+                                 resolution=resolution)
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("model_config, match", [
+    ("nope", "unknown DDPMUNet preset"),
+    (dict(FLAX_SMALL, bogus=1), "unknown DDPMUNet field"),
+    (dict(FLAX_SMALL, ch="32"), "ch='32'"),
+    (dict(FLAX_SMALL, attn_levels=(5,)), "attn_levels"),
+])
+def test_bad_model_config_is_one_line(tmp_path, ddpm_ckpt, model_config,
+                                      match):
+  # Each was a traceback (ValueError / TypeError deep in the module).
+  with pytest.raises(errors.UserError, match=match) as e:
+    export.convert_to_checkpoint("pytorch_ddpm", ddpm_ckpt,
+                                 str(tmp_path / "out"),
+                                 model_config=model_config)
+  _one_line(e.value)

@@ -154,6 +154,36 @@ def test_rank_mismatch_with_metadata_is_refused(tmp_path):
     lora_lib.merge_lora(_state(), path)
 
 
+_A = np.ones((2, 3), np.float32)
+_B = np.ones((4, 2), np.float32)
+_PAIR = {"unet.a.to_q.lora_A.weight": _A, "unet.a.to_q.lora_B.weight": _B}
+
+
+@pytest.mark.parametrize("tensors,metadata,match", [
+    # Each merged silently: nothing, the base model itself, or a guessed
+    # scale (diffusers' peft default lora_alpha = 8, ours alpha = r).
+    ({}, None, "no tensors"),
+    ({**_PAIR, "unet.a.to_q.lora_B.weight": np.zeros((4, 2), np.float32)},
+     None, "zero"),
+    ({**_PAIR, "unet.a.to_q.lora_A.weight": np.full((2, 3), np.nan,
+                                                    np.float32)},
+     None, "NaN"),
+    (_PAIR, '{"unet.r": 2}', "no lora_alpha"),
+    (_PAIR, '{"unet.r": 2, "unet.lora_alpha": 0}', "not a positive"),
+    (_PAIR, '{"unet.r": 2, "unet.lora_alpha": -4}', "not a positive"),
+    (_PAIR, '{"unet.r": 2, "unet.lora_alpha": 2, "unet.fan_in_fan_out": '
+            'true}', "fan_in_fan_out"),
+    (_PAIR, '{"unet.r": 2, "unet.lora_alpha": ', "not a JSON object"),
+])
+def test_lora_that_would_merge_the_wrong_update_is_refused(tmp_path, tensors,
+                                                           metadata, match):
+  from mia_jax import errors
+  path = _write(tmp_path, tensors, metadata and {
+      "lora_adapter_metadata": metadata})
+  with pytest.raises(errors.UserError, match=match):
+    lora_lib.merge_lora(_state(), path)
+
+
 def test_trained_lora_exports_to_the_same_merge(tmp_path):
   """train_sd.lora_merge (what LoRA training optimises) == the converter's
   merge of the exported diffusers LoRA file."""

@@ -394,3 +394,109 @@ def test_convert_binary_path_and_audit_with_captions(sd_folder, tmp_path):
     audit.run_audit(audit.AuditConfig(**{**cfg.__dict__, "captions": str(short),
                                          "output": str(tmp_path / "r2")}),
                     progress=False)
+
+
+def test_components_of_different_models_are_refused(sd_folder, tmp_path):
+  # Each component converted on its own, and the audit failed (or scored
+  # NaN) at its first batch: a VAE with other latent channels, a tokenizer
+  # with ids the text encoder has no row for; an unsupported config option
+  # was a traceback.
+  from mia_jax import errors
+  root = str(tmp_path / "mixed")
+  shutil.copytree(sd_folder["root"], root)
+  shutil.rmtree(os.path.join(root, "vae"))
+  AutoencoderKL(block_out_channels=(8, 16),
+                down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                norm_num_groups=4, latent_channels=8,
+                sample_size=16).save_pretrained(os.path.join(root, "vae"))
+  with pytest.raises(errors.UserError, match="8 latent channels"):
+    convert_sd.convert_stable_diffusion(root)
+
+  root = str(tmp_path / "tok")
+  shutil.copytree(sd_folder["root"], root)
+  vocab_path = os.path.join(root, "tokenizer", "vocab.json")
+  with open(vocab_path) as f:
+    vocab = json.load(f)
+  n = len(vocab)
+  vocab.update({f"extra{i}</w>": n + i for i in range(10)})
+  with open(vocab_path, "w") as f:
+    json.dump(vocab, f)
+  with pytest.raises(errors.UserError, match="tokenizer has"):
+    convert_sd.convert_stable_diffusion(root)
+
+  root = str(tmp_path / "act")
+  shutil.copytree(sd_folder["root"], root)
+  cfg_path = os.path.join(root, "unet", "config.json")
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  with open(cfg_path, "w") as f:
+    json.dump({**cfg, "act_fn": "gelu"}, f)
+  with pytest.raises(errors.UserError, match="act_fn") as e:
+    convert_sd.convert_stable_diffusion(root)
+  assert cfg_path in str(e.value)
+
+
+def test_sharded_weights_with_a_key_in_two_shards(sd_folder, tmp_path):
+  # state.update() let the last shard's copy of a tensor win silently.
+  from safetensors.numpy import load_file, save_file
+  from mia_jax import errors
+  root = str(tmp_path / "sharded")
+  shutil.copytree(sd_folder["root"], root)
+  text_dir = os.path.join(root, "text_encoder")
+  state = load_file(os.path.join(text_dir, "model.safetensors"))
+  os.remove(os.path.join(text_dir, "model.safetensors"))
+  keys = sorted(state)
+  half = {"a": keys[:len(keys) // 2], "b": keys[len(keys) // 2:]}
+  weight_map = {}
+  for shard, names in half.items():
+    fname = f"model-{shard}.safetensors"
+    save_file({k: state[k] for k in names}, os.path.join(text_dir, fname))
+    weight_map.update({k: fname for k in names})
+  with open(os.path.join(text_dir, "model.safetensors.index.json"), "w") as f:
+    json.dump({"weight_map": weight_map}, f)
+  out = convert_sd.convert_stable_diffusion(root)  # a proper split converts
+  assert len(out["provenance"]["sha256"]) == 4
+  dup = dict({k: state[k] for k in half["b"]}, **{keys[0]: state[keys[0]] + 1})
+  save_file(dup, os.path.join(text_dir, "model-b.safetensors"))
+  with pytest.raises(errors.UserError, match="two shards"):
+    convert_sd.convert_stable_diffusion(root)
+
+
+def test_vae_attention_under_both_names_is_refused():
+  # The renamed legacy tensor overwrote (or was overwritten by) the current
+  # one, whichever came last.
+  k = "decoder.mid_block.attentions.0"
+  state = {f"{k}.query.weight": np.ones((4, 4), np.float32),
+           f"{k}.to_q.weight": np.zeros((4, 4), np.float32)}
+  from mia_jax.convert import common
+  with pytest.raises(common.ConversionError, match="legacy and its current"):
+    convert_sd._legacy_vae_attention(state)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("scale", [0, -0.18215, float("nan")])
+def test_vae_scaling_factor_that_is_not_positive(scale):
+  # A zero scale sent every image to the same latent; the audit ran.
+  from mia_jax import errors
+  from mia_jax.models.sd import vae as vae_lib
+  with pytest.raises(errors.UserError, match="scaling_factor"):
+    vae_lib.latent_scaling({"scaling_factor": scale})
+
+
+def test_fine_tune_checkpoint_with_unet_ema(sd_folder, tmp_path):
+  # A diffusers train_text_to_image --use_ema folder: unet/ was read and the
+  # raw weights audited instead of the EMA ones.
+  from mia_jax import errors
+  root = str(tmp_path / "ema")
+  shutil.copytree(sd_folder["root"], root)
+  ema = _randomize(UNet2DConditionModel.from_pretrained(
+      os.path.join(root, "unet")), 7)
+  ema.save_pretrained(os.path.join(root, "unet_ema"))
+  got = convert_sd.convert_stable_diffusion(root)
+  assert got["provenance"]["unet_weights"] == "unet_ema"
+  raw = convert_sd.convert_stable_diffusion(root, use_ema=False)
+  assert raw["provenance"]["unet_weights"] == "unet"
+  assert not np.array_equal(got["unet"][0]["conv_in"]["kernel"],
+                            raw["unet"][0]["conv_in"]["kernel"])
+  with pytest.raises(errors.UserError, match="no unet_ema"):
+    convert_sd.convert_stable_diffusion(sd_folder["root"], use_ema=False)

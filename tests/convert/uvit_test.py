@@ -108,6 +108,19 @@ def test_training_directory_reads_ema_weights(tmp_path):
       ckpt, preset="tiny", directory_member="nnet.pth")
   assert _outputs_match(params_raw, raw) <= 1e-5
 
+  # The binary's --weights net reads nnet.pth (it once read the EMA file).
+  from mia_jax import checkpoints, errors
+  from mia_jax.convert import export
+  out = export.convert_to_checkpoint(
+      "uvit", str(ckpt), str(tmp_path / "raw"), use_ema=False,
+      model_config="tiny")
+  meta = checkpoints.read_metadata(out)
+  assert meta["provenance"]["source_file"].endswith("/nnet.pth")
+  with pytest.raises(errors.UserError, match="one set of weights"):
+    export.convert_to_checkpoint(
+        "uvit", str(ckpt / "nnet.pth"), str(tmp_path / "file"),
+        use_ema=False, model_config="tiny")
+
   empty = tmp_path / "empty.ckpt"
   empty.mkdir()
   with pytest.raises(FileNotFoundError, match="nnet_ema.pth"):
@@ -227,3 +240,32 @@ def test_full_cifar10_checkpoint_file(tmp_path):
   err = _outputs_match(params, ref, config)
   print(f"converted cifar10_uvit_small (.pth): max rel err {err:.3g}")
   assert err <= 1e-5
+
+
+def test_resolution_and_class_labels_the_audits_cannot_use(tmp_path):
+  # Both converted, and the audit then failed with a traceback at the first
+  # forward pass (the position embedding fixes img_size; no attack passes
+  # class labels).
+  from mia_jax import errors
+  from mia_jax.convert import export
+  path = tmp_path / "nnet.pth"
+  torch.save(_reference().state_dict(), path)
+  with pytest.raises(errors.UserError, match="img_size"):
+    export.convert_to_checkpoint("uvit", str(path), str(tmp_path / "a"),
+                                 model_config="tiny",
+                                 resolution=2 * _TINY["img_size"])
+  cond = dict(_TINY, num_classes=3)
+  path = tmp_path / "cond.pth"
+  torch.save(_reference(config=cond).state_dict(), path)
+  with pytest.raises(errors.UserError, match="class-conditional"):
+    export.convert_to_checkpoint("uvit", str(path), str(tmp_path / "b"),
+                                 model_config={"preset": "tiny",
+                                               "num_classes": 3})
+  latent = dict(_TINY, in_chans=4)
+  path = tmp_path / "latent.pth"
+  torch.save(_reference(config=latent).state_dict(), path)
+  with pytest.raises(errors.UserError, match="latent"):
+    export.convert_to_checkpoint("uvit", str(path), str(tmp_path / "c"),
+                                 model_config={"preset": "tiny",
+                                               "in_chans": 4})
+  assert not any((tmp_path / n).exists() for n in "abc")

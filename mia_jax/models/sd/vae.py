@@ -14,6 +14,8 @@ model's ``scaling_factor`` is the caller's job (`mia_jax.models.sd.pipeline`).
 
 from __future__ import annotations
 
+import math
+
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -239,7 +241,21 @@ def latent_scaling(cfg: Mapping[str, Any]) -> tuple[float, float]:
   Latents the UNet sees are ``(z - shift) * scale`` (SD: 0.18215, no shift).
   """
   shift = cfg.get("shift_factor")
-  return float(cfg.get("scaling_factor", 0.18215)), float(shift or 0.0)
+  try:
+    scale, shift = float(cfg.get("scaling_factor", 0.18215)), float(
+        shift or 0.0)
+  except (TypeError, ValueError):
+    scale = shift = float("nan")
+  if not (math.isfinite(scale) and scale > 0 and math.isfinite(shift)):
+    # A zero scale maps every image to the same latent: the attacks would
+    # still return numbers.
+    from mia_jax import errors  # pylint: disable=g-import-not-at-top
+    raise errors.UserError(
+        f"VAE scaling_factor={cfg.get('scaling_factor')!r} / shift_factor="
+        f"{cfg.get('shift_factor')!r} are not a positive and a finite "
+        "number", "vae/config.json", "use the VAE config saved with the "
+        "model (SD 1.x/2.x: scaling_factor 0.18215)")
+  return scale, shift
 
 
 PRESETS: dict[str, dict[str, Any]] = {
