@@ -4,7 +4,6 @@ Each case checks the refusal, that its message names the input, and, for the
 run directory, that nothing in it changed.
 """
 
-import io
 import json
 import os
 import shutil
