@@ -67,6 +67,11 @@ def test_digits_training_split_matches_the_data_specs():
   np.testing.assert_array_equal(data.parse_spec("digits:public").ids, p)
   with pytest.raises(ValueError):
     data.three_way_split(100, 0.6, 0.5, 0)
+  # A negative or NaN public share is no "no public set": it is refused.
+  for bad in (-0.1, float("nan"), 1.0):
+    with pytest.raises(ValueError, match="public_fraction"):
+      data.three_way_split(100, 0.4, bad, 0)
+  assert len(data.three_way_split(100, 0.4, 0.0, 0)[2]) == 0
 
 
 def _state_steps(workdir):

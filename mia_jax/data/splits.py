@@ -70,8 +70,13 @@ def three_way_split(num: int, member_fraction: float, public_fraction: float,
   attacks may fit on (QR's public set, GSA's shadow models) and that is never
   audited. Each part is sorted; together they are ``range(num)``.
   """
+  if not 0.0 <= public_fraction < 1.0:  # NaN too: a negative one meant 0 silently
+    raise errors.UserError(
+        f"public_fraction must be in [0, 1), got {public_fraction}",
+        "three_way_split", "give the share of the data kept as public "
+        "reference images (0 for none)")
   members, rest = member_split(num, member_fraction, seed)
-  if public_fraction <= 0:
+  if public_fraction == 0:
     return members, rest, np.zeros(0, np.int64)
   if member_fraction + public_fraction >= 1.0:
     raise errors.UserError(f"three_way_split: member_fraction {member_fraction} + "
