@@ -282,9 +282,14 @@ def validate_timesteps(sched: Schedule, value, what: str) -> tuple[int, ...]:
   if not items or items == [""]:
     raise errors.UserError("no timesteps given", what,
                            "give a list, e.g. [499,999]")
-  return tuple(validate_timestep(sched, int(v) if isinstance(v, str)
-                                 and v.lstrip("-").isdigit() else v, what)
-               for v in items)
+  steps = tuple(validate_timestep(sched, int(v) if isinstance(v, str)
+                                  and v.lstrip("-").isdigit() else v, what)
+                for v in items)
+  repeated = sorted({t for t in steps if steps.count(t) > 1})
+  if repeated:  # GSA would weight a repeated timestep twice, silently
+    raise errors.UserError(f"timesteps {repeated} are given more than once",
+                           what, "give each timestep once")
+  return steps
 
 
 __all__ = ["Schedule", "linear", "scaled_linear", "cosine", "vp_sde",

@@ -398,7 +398,7 @@ def test_analyze_refuses_bad_flags_in_one_line(ckpt, tmp_path, args, match):
   assert not out.exists()
 
 
-@pytest.mark.parametrize("value", ["[5000]", "[1,x]", "[]"])
+@pytest.mark.parametrize("value", ["[5000]", "[1,x]", "[]", "[99,499,99]"])
 def test_bad_gsa_timesteps_refused_before_any_write(ckpt, tmp_path, value):
   """Checked against the model's schedule before scoring, so the run
   directory stays untouched (not refused after the loss attacks ran)."""
