@@ -256,6 +256,11 @@ def sweep_rows(scores: dict[str, np.ndarray], labels: np.ndarray,
 
 
 def _fmt(row: dict, key: str) -> str:
+  if key.startswith("tpr_at_") and key.endswith("_fpr"):
+    fpr_key = key[len("tpr_at_"):-len("_fpr")]  # "1pct"
+    if row.get(f"measurable_{fpr_key}") is False:  # the TPR at FPR 0, not x%
+      need = metrics.min_nonmembers(metrics.FPR_TARGETS[fpr_key])
+      return f"n/a (< {need} non-members)"
   ci = row.get(f"{key}_ci")
   text = f"{row[key]:.3f}"
   if ci:
