@@ -293,7 +293,8 @@ def check_data(cfg: AuditConfig, sets, reference, *, metadata=None,
   kept = integrity.check_sample_sets(
       [(role, s.source, s.indices) for role, s in named],
       drop_overlap=cfg.drop_overlap, captions=captions, recorded=recorded,
-      pixel_hashes=pixel_hashes)
+      pixel_hashes=pixel_hashes, recorded_sha256=(
+          (metadata or {}).get("data") or {}).get("content_sha256"))
   if metadata is not None:
     sides = _recorded_sides(cfg, metadata, named)
     indices = dict(named)

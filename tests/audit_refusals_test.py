@@ -572,10 +572,13 @@ def test_recorded_split_unchanged_or_given_explicitly_runs(
     assert os.path.exists(tmp_path / name / "metrics.json")
     assert reads == again
   assert "could not be verified" not in caplog.text
-  # Edited: the documented way out, both sides given, runs.
+  # Edited: the documented way out, both sides given, runs; the edited
+  # record is not used to judge the given sides.
   _edit_one_recorded(npz, ckpt, "members")
-  audit.run_audit(_cfg(ckpt, tmp_path / "c", members=f"{npz}:members:seed=1",
-                       nonmembers=f"{npz}:nonmembers:seed=1"), progress=False)
+  with caplog.at_level("WARNING"):
+    audit.run_audit(_cfg(ckpt, tmp_path / "c", members=f"{npz}:members:seed=1",
+                         nonmembers=f"{npz}:nonmembers:seed=1"), progress=False)
+  assert "recorded members are not the images it was trained on" in caplog.text
 
 
 def test_recorded_split_without_digest_runs_with_one_log_line(tmp_path, caplog):

@@ -214,14 +214,27 @@ _RECORDED_AS = {"members": "members (trained on)",
                 "public": "public reference images (never trained on)"}
 
 
-def _check_record(named_sets, digests, recorded, captions: bool) -> None:
-  """Refuses a given set that the checkpoint's recorded split contradicts."""
+def _check_record(named_sets, digests, recorded, captions: bool,
+                  recorded_sha256: Optional[dict]) -> None:
+  """Refuses a given set that the checkpoint's recorded split contradicts.
+
+  A recorded role whose images no longer match its ``recorded_sha256``
+  (edited since training) is not evidence: it is left out, with a warning.
+  """
   recorded_digests = {}
   for role, source, positions in recorded:
     if role == "members" or any(role in _CONTRADICTS.get(r, ())
                                 for r, _, _ in named_sets):
-      recorded_digests[role] = content_hashes(
-          source, positions, role=f"recorded {role}", captions=captions)
+      hashes, _, pixels = _scan(source, positions, role=f"recorded {role}",
+                                captions=captions)
+      want = (recorded_sha256 or {}).get(role)
+      if want is not None and split_digest(pixels) != want:
+        logging.warning(
+            "the checkpoint's recorded %s are not the images it was trained "
+            "on (%s changed since training); the given sets are not checked "
+            "against them", role, getattr(source, "name", "the data"))
+        continue
+      recorded_digests[role] = hashes
   for role, source, positions in named_sets:
     for other in _CONTRADICTS.get(role, ()):
       if other not in recorded_digests:
@@ -268,7 +281,8 @@ def check_pixel_levels(peak: int, role: str, name: str) -> None:
 def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
                       drop_overlap: bool = False, captions: bool = True,
                       recorded: Sequence[tuple[str, Any, np.ndarray]] = (),
-                      pixel_hashes: Optional[dict] = None
+                      pixel_hashes: Optional[dict] = None,
+                      recorded_sha256: Optional[dict] = None
                       ) -> dict[str, np.ndarray]:
   """Reads every image once; refuses unreadable ones and cross-set overlap.
 
@@ -287,6 +301,8 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
       every given position (before ``drop_overlap``), read in the same pass:
       what a caller compares with a checkpoint's `record_digests` without
       reading the images again.
+    recorded_sha256: the checkpoint's `record_digests` of ``recorded``; a
+      recorded role that no longer matches it is not checked against.
   Returns:
     role -> [K'] positions to keep (all of them unless ``drop_overlap``).
   Raises:
@@ -337,5 +353,5 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
       logging.warning("--drop_overlap: dropped %d %s sample(s) whose content "
                       "is also in another set", int((~keep).sum()), role)
   _check_record([(role, source, kept[role]) for role, source, _ in named_sets],
-                kept_digests, recorded, captions)
+                kept_digests, recorded, captions, recorded_sha256)
   return kept
