@@ -235,12 +235,32 @@ def parse_attack_option(option: str) -> tuple[str, str, Any]:
   return name, key, value
 
 
-def resolve_sets(cfg: AuditConfig, metadata: dict):
+def resolve_sets(cfg: AuditConfig, metadata: dict, *, verify: bool = True):
   """The member and non-member `runner.SampleSet`s of a run
-  (`sample_sets.resolve` with the config's data flags)."""
+  (`sample_sets.resolve` with the config's data flags). ``verify=False``
+  leaves the recorded split's digest check to `check_data`, which reads the
+  images anyway."""
   return sample_sets.resolve(metadata, members=cfg.members,
                              nonmembers=cfg.nonmembers,
-                             max_samples=cfg.max_samples)
+                             max_samples=cfg.max_samples,
+                             checkpoint=cfg.checkpoint, verify=verify)
+
+
+def _recorded_sides(cfg: AuditConfig, metadata: dict, named) -> list:
+  """(role, source, every recorded position, named role) of the sets of
+  ``named`` that were taken from the checkpoint's record."""
+  recorded = metadata.get("data") or {}
+  from_record = {"members": cfg.members in (None, RECORDED),
+                 "nonmembers": cfg.nonmembers in (None, RECORDED),
+                 "reference": cfg.reference is None}
+  out = []
+  for role, s in named:
+    record_role = "public" if role == "reference" else role
+    if from_record[role] and recorded.get(record_role):
+      positions = sample_sets.positions_of(s.source, recorded[record_role],
+                                           record_role)
+      out.append((record_role, s.source, positions, role))
+  return out
 
 
 def check_data(cfg: AuditConfig, sets, reference, *, metadata=None,
@@ -250,7 +270,9 @@ def check_data(cfg: AuditConfig, sets, reference, *, metadata=None,
   Args:
     metadata: the checkpoint's metadata; given sides are checked against the
       split it records (`sample_sets.recorded_parts`), unless both sides are
-      that record.
+      that record; sides taken from the record are checked against its
+      content digest (`sample_sets.verify_recorded`), reusing the hashes
+      read here.
     captions: whether the model reads captions (they are then part of a
       sample's content).
 
@@ -267,9 +289,23 @@ def check_data(cfg: AuditConfig, sets, reference, *, metadata=None,
   recorded = ([] if metadata is None or (both_recorded and
                                            cfg.reference is None)
               else sample_sets.recorded_parts(metadata))
+  pixel_hashes = {}
   kept = integrity.check_sample_sets(
       [(role, s.source, s.indices) for role, s in named],
-      drop_overlap=cfg.drop_overlap, captions=captions, recorded=recorded)
+      drop_overlap=cfg.drop_overlap, captions=captions, recorded=recorded,
+      pixel_hashes=pixel_hashes, recorded_sha256=(
+          (metadata or {}).get("data") or {}).get("content_sha256"))
+  if metadata is not None:
+    sides = _recorded_sides(cfg, metadata, named)
+    indices = dict(named)
+    # The hashes just read are those of the whole recorded side unless
+    # --max_samples kept only its first ones; those are read again.
+    reuse = {record_role: pixel_hashes[role]
+             for record_role, _, positions, role in sides
+             if np.array_equal(indices[role].indices, positions)}
+    sample_sets.verify_recorded(
+        metadata, [(r, src, pos) for r, src, pos, _ in sides],
+        checkpoint=cfg.checkpoint, pixel_hashes=reuse)
   named = [(role, dataclasses.replace(s, indices=kept[role]))
            for role, s in named]
   for role, s in named:
@@ -476,7 +512,7 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
     raise errors.UserError(
         f"the model ({denoiser.family}) reads no captions", "--captions",
         "leave --captions out for an unconditional model")
-  sets = resolve_sets(cfg, metadata)
+  sets = resolve_sets(cfg, metadata, verify=False)  # in check_data
   if cfg.captions is not None:
     sets = attach_captions(sets, cfg.captions)
   if cfg.latent_sample:

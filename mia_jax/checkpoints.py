@@ -8,8 +8,12 @@ A checkpoint directory holds
                  writes to a temporary directory and renames it).
 
 ``data`` records the exact member and non-member ids of a target the project
-trained (``{"source": spec, "members": [...], "nonmembers": [...]}``), so
-`experiments/attack.py` audits the right split by default.
+trained (``{"source": spec, "members": [...], "nonmembers": [...], "public":
+[...], "content_sha256": {role: digest}}``), so `experiments/attack.py` audits
+the right split by default. ``content_sha256`` (`data.integrity.
+record_digests`, pixels only) lets a reader of the split refuse data edited
+under the same ids since training (`sample_sets.verify_recorded`); records
+written before it existed are read with a warning.
 
 Integrity: ``model.json`` records ``params_sha256``, the `params_fingerprint`
 of the tree as saved (paths, shapes, dtypes and bytes). `load_denoiser`
@@ -90,7 +94,8 @@ def save_denoiser(directory: str, *, family: str, model_config: dict,
     spec: the model's input spec.
     params: the parameter pytree (EMA weights for trained targets).
     provenance: source hashes, training run, converter version, ...
-    data: optional member / non-member ids of the training split.
+    data: optional member / non-member ids of the training split, with
+      their ``content_sha256`` (see the module docstring).
   Returns:
     The absolute directory path.
   """

@@ -5,13 +5,15 @@ random horizontal flips, orbax checkpoints of the whole training state that
 resume after a kill at the same step with the same state. Everything random is
 a function of (seed, step), so a resumed run reproduces an uninterrupted one.
 At the end the EMA weights are exported as a project checkpoint
-(`mia_jax.checkpoints`) that records the exact member and non-member ids.
+(`mia_jax.checkpoints`) that records the exact member and non-member ids
+and a digest of their pixels (read before the first step).
 
 A workdir belongs to one training config. The first invocation records it in
 ``WORKDIR/train_config.json``; a resume, or a re-run on a finished workdir,
 whose config differs in any setting that changes the trained weights (seed,
-data split, model, schedule, optimiser, batch size, ...) is refused, naming
-the settings that changed (see `config_differences`). Two settings may
+data split, model, schedule, optimiser, batch size, ``--dtype``,
+``--matmul_precision``, ...) is refused, naming the settings that changed
+(see `config_differences`). Two settings may
 change: ``train.log_every`` and ``train.checkpoint_every`` (bookkeeping), and
 ``train.num_steps`` may grow while the run is unfinished (the learning rate
 schedule is a warm-up then constant, so the first steps do not depend on the
@@ -38,6 +40,7 @@ import orbax.checkpoint as ocp
 
 from mia_jax import checkpoints, compute, data, diffusion, errors, models
 from mia_jax import report, rundir, schedules
+from mia_jax.data import integrity
 from mia_jax.denoiser import InputSpec
 
 
@@ -45,6 +48,18 @@ _RECORD = "train_config.json"
 # Settings that do not change the trained weights (see the module docstring).
 _BOOKKEEPING = ("train.log_every", "train.checkpoint_every")
 _STEPS = "train.num_steps"
+# --dtype / --matmul_precision change the numbers every step computes, so a
+# resume that changes them mixes two numerics in one set of weights: they
+# are part of the record a resume is compared with, under their flag names.
+# A record written before they were recorded has neither; it is read as the
+# flags' defaults, which every run without the flags used (the common case,
+# and the only setting before --dtype existed): such a workdir resumes with
+# the defaults, and a resume with another setting is refused (one trained
+# with that setting can add the entries to its record).
+_COMPUTE_DEFAULTS = {"--dtype": "float32", "--matmul_precision": "default"}
+# Where `check_compute_record` keeps the settings of a workdir without a
+# train_config.json (train_sd.fit's).
+_COMPUTE_RECORD = "compute.json"
 
 
 class TrainingDiverged(errors.UserError):
@@ -92,6 +107,54 @@ def config_differences(recorded: dict[str, Any], current: dict[str, Any],
   return out
 
 
+def compute_record() -> dict[str, str]:
+  """This process's compute settings, keyed by flag (see _COMPUTE_DEFAULTS)."""
+  current = compute.settings()
+  return {"--dtype": current["dtype"],
+          "--matmul_precision": current["matmul_precision"]}
+
+
+def check_compute_record(workdir: str, what: str) -> None:
+  """Refuses resuming a `train_sd.fit` workdir with other compute settings.
+
+  Reads ``workdir/compute.json`` (a workdir with training state but without
+  it is read as the defaults, see _COMPUTE_DEFAULTS), refuses a changed
+  ``--dtype`` / ``--matmul_precision`` before any training step, then
+  records this run's settings.
+
+  Args:
+    workdir: the run's directory (``workdir/state`` holds its steps).
+    what: the run's name in the refusal (``"finetune"``).
+  Raises:
+    errors.UserError: naming the flags that changed.
+  """
+  path = os.path.join(workdir, _COMPUTE_RECORD)
+  recorded = None
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        recorded = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise errors.UserError(
+          f"{_COMPUTE_RECORD} is not valid JSON ({e})", path,
+          "restore it, or train in a new workdir") from e
+  elif _latest_step(os.path.join(workdir, "state")) is not None:
+    recorded = {}
+  current = compute_record()
+  if recorded is not None:
+    diffs = config_differences({**_COMPUTE_DEFAULTS, **recorded}, current,
+                               allow_more_steps=False)
+    if diffs:
+      raise errors.UserError(
+          f"{what}: the compute settings differ from the ones this training "
+          f"run was started with ({'; '.join(diffs)})", workdir,
+          f"resume with the recorded settings (see {_COMPUTE_RECORD}), or "
+          "train in a new workdir")
+  os.makedirs(workdir, exist_ok=True)
+  report.atomic_write_text(path, json.dumps(current, indent=2,
+                                            sort_keys=True))
+
+
 def _latest_step(state_dir: str) -> Optional[int]:
   """The newest committed orbax step in ``state_dir`` (without creating it)."""
   if not os.path.isdir(state_dir):
@@ -109,7 +172,7 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str,
   Raises:
     errors.UserError: naming the settings that differ from the record.
   """
-  current = flatten_config(cfg)
+  current = {**flatten_config(cfg), **compute_record()}
   record_path = os.path.join(workdir, _RECORD)
   finished = os.path.exists(os.path.join(target_dir, "model.json"))
   recorded = None
@@ -123,11 +186,15 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str,
           "restore it, or train in a new --workdir") from e
   elif finished:
     # Workdirs trained before the record existed: the export's provenance.
-    recorded = flatten_config((checkpoints.read_metadata(target_dir).get(
-        "provenance") or {}).get("config") or {}) or None
+    provenance = checkpoints.read_metadata(target_dir).get(
+        "provenance") or {}
+    recorded = flatten_config(provenance.get("config") or {}) or None
+    if recorded is not None and provenance.get("compute"):
+      recorded.update({f"--{k}": v for k, v in provenance["compute"].items()
+                       if f"--{k}" in _COMPUTE_DEFAULTS})
   latest = _latest_step(os.path.join(workdir, "state"))
   if recorded is not None:
-    diffs = config_differences(recorded, current,
+    diffs = config_differences({**_COMPUTE_DEFAULTS, **recorded}, current,
                                allow_more_steps=not finished)
     if diffs:
       raise errors.UserError(
@@ -370,6 +437,10 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, target_dir: str,
            max_steps_this_run: Optional[int]) -> Optional[str]:
   """`train` after the checks, holding the workdir's lock."""
   source, members, nonmembers, public = _member_data(cfg)
+  # Hashed before training, so the export records the images trained on,
+  # not whatever the files hold when training ends.
+  digests = integrity.record_digests(source, {
+      "members": members, "nonmembers": nonmembers, "public": public})
   images = np.asarray(source.get(members)).astype(np.float32) / 127.5 - 1.0
   spec = InputSpec(resolution=images.shape[1], channels=images.shape[3])
   model_config = dict(cfg.model)
@@ -397,7 +468,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, target_dir: str,
   # Recorded only now that the data and model resolved: a config that fails
   # before training must not bind the workdir.
   report.atomic_write_text(os.path.join(workdir, _RECORD), json.dumps(
-      flatten_config(cfg), indent=2, sort_keys=True))
+      {**flatten_config(cfg), **compute_record()}, indent=2, sort_keys=True))
 
   step_fn = make_train_step(module, cfg.family, sched, optimizer,
                             cfg.train.ema_decay, cfg.train.random_flip)
@@ -422,7 +493,7 @@ def _train(cfg: ml_collections.ConfigDict, workdir: str, target_dir: str,
                   "config": cfg.to_dict(), "compute": compute.settings()},
       data={"source": cfg.data.source, "members": ids[members].tolist(),
             "nonmembers": ids[nonmembers].tolist(),
-            "public": ids[public].tolist()})
+            "public": ids[public].tolist(), "content_sha256": digests})
   logging.info("exported the EMA target to %s", target_dir)
   return target_dir
 

@@ -273,6 +273,8 @@ def fit(workdir: str, name: str, loss_fn: Callable, params: Any,
     when stopped before ``num_steps``.
   """
   train_lib.check_train_settings(tcfg, name)
+  # A resume in another --dtype / --matmul_precision would mix numerics.
+  train_lib.check_compute_record(os.path.abspath(workdir), name)
   optimizer = train_lib.make_optimizer(tcfg)
   state = init_state(params, optimizer)
   manager = ocp.CheckpointManager(

@@ -506,3 +506,90 @@ def test_reference_of_another_shape_is_refused(ckpt, tmp_path):
   _refuses(_cfg(ckpt, tmp_path / "run", members=members, nonmembers=nonmembers,
                 attacks=("qr",), reference=str(tmp_path / "r.npz")),
            r"reference images are 16x16 but the model expects 8x8")
+
+
+# --- the recorded split's content digest -------------------------------------
+
+
+def _npz_target(tmp_path):
+  """A checkpoint whose record names an .npz (ids 100..123) split 12/12."""
+  from mia_jax import data
+  npz = _digits_npz(tmp_path / "pool.npz", np.arange(24),
+                    ids=np.arange(100, 124))
+  record = data.training_record(f"{npz}:members:seed=1",
+                                f"{npz}:nonmembers:seed=1")
+  assert set(record["content_sha256"]) == {"members", "nonmembers"}
+  return npz, toy_models.save_tiny_checkpoint(str(tmp_path / "target"),
+                                              data=record)
+
+
+def _edit_one_recorded(npz, ckpt, role):
+  """Rewrites the .npz with one image of ``role`` changed, same ids."""
+  from mia_jax import checkpoints
+  recorded = checkpoints.read_metadata(ckpt)["data"][role]
+  with np.load(npz) as f:
+    images, ids = f["images"].copy(), f["ids"]
+  row = int(np.flatnonzero(ids == recorded[0])[0])
+  images[row] = 255 - images[row]
+  np.savez(npz, images=images, ids=ids)
+
+
+@pytest.mark.parametrize("role,kw", [
+    ("members", {}),                                      # no sides given
+    ("members", {"members": audit.RECORDED, "max_samples": None}),
+    ("nonmembers", {"max_samples": None}),   # the audit's own hashes reused
+])
+def test_recorded_split_edited_since_training_is_refused(tmp_path, role, kw):
+  npz, ckpt = _npz_target(tmp_path)
+  _edit_one_recorded(npz, ckpt, role)
+  cfg = _cfg(ckpt, tmp_path / "out", **kw)
+  _refuses(cfg, rf"the recorded {role} are not the images the model was "
+                rf"trained on.*\({ckpt}, recorded {role}\).*restore the data")
+  assert not os.path.exists(tmp_path / "out" / "config.json")
+  # The CLI's one line names the checkpoint, the role and what to do.
+  from mia_jax import errors as errors_lib
+  with pytest.raises(errors.UserError) as e:
+    audit.run_audit(cfg, progress=False)
+  line = errors_lib.one_line(e.value)
+  assert "\n" not in line and "--members / --nonmembers explicitly" in line
+
+
+def test_recorded_split_unchanged_or_given_explicitly_runs(
+    tmp_path, caplog, monkeypatch):
+  from mia_jax.data import integrity
+  npz, ckpt = _npz_target(tmp_path)
+  reads = []
+  hashes = integrity.content_hashes
+  monkeypatch.setattr(integrity, "content_hashes",
+                      lambda *a, **k: reads.append(k["role"]) or hashes(*a, **k))
+  # max_samples=4 verifies by reading the whole recorded sides again; the
+  # whole sides reuse the hashes the audit's data check read.
+  for name, kw, again in (("a", {}, ["recorded members", "recorded nonmembers"]),
+                          ("b", {"max_samples": None}, [])):
+    reads.clear()
+    with caplog.at_level("WARNING"):
+      audit.run_audit(_cfg(ckpt, tmp_path / name, **kw), progress=False)
+    assert os.path.exists(tmp_path / name / "metrics.json")
+    assert reads == again
+  assert "could not be verified" not in caplog.text
+  # Edited: the documented way out, both sides given, runs; the edited
+  # record is not used to judge the given sides.
+  _edit_one_recorded(npz, ckpt, "members")
+  with caplog.at_level("WARNING"):
+    audit.run_audit(_cfg(ckpt, tmp_path / "c", members=f"{npz}:members:seed=1",
+                         nonmembers=f"{npz}:nonmembers:seed=1"), progress=False)
+  assert "recorded members are not the images it was trained on" in caplog.text
+
+
+def test_recorded_split_without_digest_runs_with_one_log_line(tmp_path, caplog):
+  npz, ckpt = _npz_target(tmp_path)
+  meta_path = os.path.join(ckpt, "model.json")
+  meta = json.load(open(meta_path))
+  del meta["data"]["content_sha256"]  # as written before the digest existed
+  json.dump(meta, open(meta_path, "w"))
+  _edit_one_recorded(npz, ckpt, "members")  # undetectable without it
+  with caplog.at_level("WARNING"):
+    audit.run_audit(_cfg(ckpt, tmp_path / "out"), progress=False)
+  lines = [r.getMessage() for r in caplog.records
+           if "could not be verified" in r.getMessage()]
+  assert len(lines) == 1 and ckpt in lines[0], lines

@@ -76,9 +76,10 @@ TINY_UNET = dict(ch=8, ch_mult=(1,), attn_levels=(), num_res_blocks=1,
                  num_timesteps=1000, norm_groups=4)
 
 
-def save_tiny_checkpoint(directory: str) -> str:
+def save_tiny_checkpoint(directory: str, data: dict = None) -> str:
   """A randomly initialised TINY_UNET checkpoint recording digits ids 0..39 as
-  members and 40..79 as non-members (training is tested separately)."""
+  members and 40..79 as non-members (training is tested separately), or the
+  ``data`` record given (e.g. `mia_jax.data.training_record`'s)."""
   import jax
   from mia_jax import checkpoints, models
   from mia_jax.denoiser import InputSpec
@@ -88,5 +89,5 @@ def save_tiny_checkpoint(directory: str) -> str:
   return checkpoints.save_denoiser(
       directory, family="ddpm_unet", model_config=TINY_UNET,
       schedule=schedules.linear(), spec=spec, params=params,
-      data={"source": "digits", "members": list(range(0, 40)),
-            "nonmembers": list(range(40, 80)), "public": []})
+      data=data or {"source": "digits", "members": list(range(0, 40)),
+                    "nonmembers": list(range(40, 80)), "public": []})

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mia_jax import checkpoints, train
+from mia_jax import checkpoints, compute, errors, sample_sets, train
 
 
 def tiny_config(num_steps=4):
@@ -47,6 +47,10 @@ def test_resume_reproduces_uninterrupted_training(tmp_path):
                                  ("members", "nonmembers", "public"))
   assert len(members) == 719 and len(nonmembers) == 719 and len(public) == 359
   assert not (members & nonmembers or members & public or nonmembers & public)
+  # The export records each side's pixels digest; reading it back checks it.
+  assert set(meta["data"]["content_sha256"]) == {"members", "nonmembers",
+                                                 "public"}
+  sample_sets.resolve(meta, checkpoint=resumed)
   # A finished run is not retrained.
   assert train.train(cfg, str(tmp_path / "b")) == resumed
 
@@ -234,3 +238,59 @@ def test_a_fractional_step_count_is_refused(tmp_path):
                      "least 1"):
     train.train(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")
+
+
+def _in_compute(monkeypatch, dtype="float32", matmul_precision="default"):
+  """This process's --dtype / --matmul_precision as the binaries set them."""
+  import dataclasses
+  monkeypatch.setattr(compute, "_current", dataclasses.replace(
+      compute.current(), dtype=dtype, matmul_precision=matmul_precision))
+
+
+def test_changed_compute_flags_refused_on_resume(tmp_path, monkeypatch):
+  _in_compute(monkeypatch)
+  workdir = str(tmp_path / "w")
+  assert train.train(tiny_config(), workdir, max_steps_this_run=2) is None
+  record_path = os.path.join(workdir, "train_config.json")
+  record = json.load(open(record_path))
+  assert record["--dtype"] == "float32"
+  assert record["--matmul_precision"] == "default"
+  steps = _state_steps(workdir)
+  for flag, kw, shown in (
+      ("--dtype", {"dtype": "bfloat16"}, "--dtype: 'float32' -> 'bfloat16'"),
+      ("--matmul_precision", {"matmul_precision": "highest"},
+       "--matmul_precision: 'default' -> 'highest'")):
+    _in_compute(monkeypatch, **kw)
+    with pytest.raises(errors.UserError) as e:
+      train.train(tiny_config(), workdir)
+    assert shown in errors.one_line(e.value), flag
+    assert _state_steps(workdir) == steps  # no training step ran
+  # A record from before the compute entries: read as the defaults.
+  json.dump({k: v for k, v in record.items() if not k.startswith("--")},
+            open(record_path, "w"))
+  target = os.path.join(workdir, "target")
+  _in_compute(monkeypatch)
+  assert train._check_workdir(tiny_config(), workdir, target) is False
+  _in_compute(monkeypatch, dtype="bfloat16")
+  with pytest.raises(errors.UserError, match="--dtype: 'float32' -> 'bfloat16'"):
+    train._check_workdir(tiny_config(), workdir, target)
+
+
+def test_fit_workdir_refuses_other_compute_flags(tmp_path, monkeypatch):
+  """`train_sd.fit`'s workdirs (the t2i recipe's fine-tunes) keep theirs."""
+  workdir = str(tmp_path / "fit")
+  _in_compute(monkeypatch, dtype="bfloat16")
+  train.check_compute_record(workdir, "finetune")
+  train.check_compute_record(workdir, "finetune")  # same: resumes
+  _in_compute(monkeypatch)
+  with pytest.raises(errors.UserError,
+                     match=r"finetune: .*--dtype: 'bfloat16' -> 'float32'"):
+    train.check_compute_record(workdir, "finetune")
+  # Training state from before compute.json: read as the defaults.
+  older = tmp_path / "older"
+  (older / "state" / "3").mkdir(parents=True)
+  train.check_compute_record(str(older), "vae")
+  os.remove(older / "compute.json")
+  _in_compute(monkeypatch, matmul_precision="high")
+  with pytest.raises(errors.UserError, match="--matmul_precision"):
+    train.check_compute_record(str(older), "vae")

@@ -485,7 +485,8 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
   shadow_x, shadow_y, shadow_g = [], [], []
   for i, directory in enumerate(ctx.shadow_checkpoints):
     shadow = load_shadow(directory, opts["max_shadow_samples"],
-                         latent_sample=ctx.latent_sample)
+                         latent_sample=ctx.latent_sample,
+                         verify=False)  # by check_shadows_disjoint above
     _check_compatible(target, shadow, mask)
     shadow_ids = {str(v) for v in
                   np.asarray(shadow.source.ids)[shadow.positions].tolist()}

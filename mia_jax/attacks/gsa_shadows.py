@@ -57,27 +57,47 @@ class ShadowData:
             runner.SampleSet(self.source, self.positions[~members], 0)]
 
 
-def _shadow_positions(directory: str, max_per_side: Optional[int]):
-  """(source, member positions, non-member positions) a shadow records."""
+_RESTORE_SHADOW = ("restore the data the shadow was trained on, or leave the "
+                   "shadow out of --shadow_checkpoints")
+
+
+def _shadow_positions(directory: str, max_per_side: Optional[int], *,
+                      verify: bool = True):
+  """(source, member positions, non-member positions) a shadow records.
+
+  ``verify``: refuse a recorded side whose images changed since the shadow
+  was trained (`sample_sets.verify_recorded`): GSA would learn labels of
+  images the shadow never saw.
+  """
   check_shadow_record(directory)
-  recorded = checkpoints.read_metadata(directory)["data"]
+  metadata = checkpoints.read_metadata(directory)
+  recorded = metadata["data"]
   source = data.parse_spec(recorded["source"])
   members = sample_sets.positions_of(source, recorded["members"],
                                      f"shadow {directory} member")
   nonmembers = sample_sets.positions_of(source, recorded["nonmembers"],
                                         f"shadow {directory} non-member")
+  if verify:
+    sample_sets.verify_recorded(
+        metadata, [("members", source, members),
+                   ("nonmembers", source, nonmembers)],
+        checkpoint=f"shadow {directory}", fix=_RESTORE_SHADOW)
   if max_per_side is not None:
     members, nonmembers = members[:max_per_side], nonmembers[:max_per_side]
   return source, members, nonmembers
 
 
 def load_shadow(directory: str, max_per_side: Optional[int] = None,
-                latent_sample: bool = False) -> ShadowData:
+                latent_sample: bool = False, verify: bool = True
+                ) -> ShadowData:
   """A shadow checkpoint with its recorded members / non-members.
 
   ``latent_sample``: encode with a posterior sample, as the run does.
+  ``verify``: check the recorded split's digest (False where
+  `check_shadows_disjoint` just did).
   """
-  source, members, nonmembers = _shadow_positions(directory, max_per_side)
+  source, members, nonmembers = _shadow_positions(directory, max_per_side,
+                                                  verify=verify)
   denoiser = checkpoints.load_denoiser(directory)
   if latent_sample:
     denoiser = denoiser_lib.with_latent_sample(denoiser)
@@ -127,10 +147,22 @@ def check_shadows_disjoint(ctx: fitted.FittedContext,
     for d, sid in zip(digests, ids):
       evaluated.setdefault(d, sid)
   for directory in ctx.shadow_checkpoints:
-    source, members, nonmembers = _shadow_positions(directory, max_per_side)
-    positions = np.concatenate([members, nonmembers])
-    digests = integrity.content_hashes(_PixelsOnly(source), positions,
-                                       role=f"shadow {directory}")
+    # Every recorded position is hashed once (pixels only): for the digest
+    # check of the shadow's record, and (the kept ones) for the overlap.
+    source, members, nonmembers = _shadow_positions(directory, None,
+                                                    verify=False)
+    digests = {
+        role: integrity.content_hashes(_PixelsOnly(source), pos,
+                                       role=f"shadow {directory} {role}")
+        for role, pos in (("members", members), ("nonmembers", nonmembers))}
+    sample_sets.verify_recorded(
+        checkpoints.read_metadata(directory),
+        [("members", source, members), ("nonmembers", source, nonmembers)],
+        checkpoint=f"shadow {directory}", pixel_hashes=digests,
+        fix=_RESTORE_SHADOW)
+    keep = len(members) if max_per_side is None else max_per_side
+    positions = np.concatenate([members[:keep], nonmembers[:keep]])
+    digests = digests["members"][:keep] + digests["nonmembers"][:keep]
     ids = np.asarray(source.ids)[positions].tolist()
     pairs = [f"{sid} = {evaluated[d]}" for d, sid in zip(digests, ids)
              if d in evaluated]

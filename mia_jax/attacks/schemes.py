@@ -382,7 +382,8 @@ def run_sweep(cfg: SweepConfig, *, progress: bool = True) -> list[dict]:
   denoiser = checkpoints.load_denoiser(cfg.checkpoint)
   sets = sample_sets.resolve(metadata, members=cfg.members,
                              nonmembers=cfg.nonmembers,
-                             max_samples=cfg.max_samples)
+                             max_samples=cfg.max_samples,
+                             checkpoint=cfg.checkpoint)
   schemes = [fixed_point.parse_scheme(s) for s in cfg.schemes]
   built = [make_sweep_attack(a, denoiser.eps_fn, schemes, max(cfg.budgets))
            for a in cfg.attacks]

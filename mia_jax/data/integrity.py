@@ -136,12 +136,48 @@ def content_hashes(source, positions: np.ndarray, *, role: str,
   return _scan(source, positions, role=role, captions=captions)[0]
 
 
-def _scan(source, positions: np.ndarray, *, role: str,
-          captions: bool = True) -> tuple[list[Optional[str]], int]:
-  """(`content_hashes`, the largest pixel value read) in one read."""
+def split_digest(pixel_hashes: Sequence[str]) -> str:
+  """sha256 over a recorded side's per-sample hashes, in recorded order.
+
+  What a checkpoint records of each side of its training split
+  (`record_digests`) and what `sample_sets` compares when that split is read
+  back.
+
+  Args:
+    pixel_hashes: [K] `content_hashes(..., captions=False)` of the side.
+  Returns:
+    A hex digest.
+  """
+  return hashlib.sha256("\n".join(pixel_hashes).encode()).hexdigest()
+
+
+def record_digests(source, parts: dict[str, np.ndarray]) -> dict[str, str]:
+  """``{role: split_digest}`` of a training split, for the checkpoint.
+
+  Pixels only (``captions=False``): the record names a data spec and ids,
+  and the spec fixes the pixels; the captions an audit reads may come from
+  another input (``--captions``), so a digest that included them would
+  refuse a correct audit that captions the same images from a file.
+
+  Args:
+    source: the training data source.
+    parts: role ("members", "nonmembers", "public") -> [K] positions; empty
+      roles are left out.
+  Raises:
+    UserError: an image cannot be read.
+  """
+  return {role: split_digest(content_hashes(source, positions, role=role,
+                                            captions=False))
+          for role, positions in parts.items() if len(positions)}
+
+
+def _scan(source, positions: np.ndarray, *, role: str, captions: bool = True
+          ) -> tuple[list[Optional[str]], int, list[Optional[str]]]:
+  """(`content_hashes`, the largest pixel value read, the pixels-only
+  hashes) in one read."""
   from mia_jax.data import sources as sources_lib
   captioned = captions and sources_lib.has_captions(source)
-  digests, bad, peak = [], [], 0
+  digests, bad, peak, pixels = [], [], 0, []
   positions = np.asarray(positions, np.int64)
   for start in range(0, positions.size, _CHUNK):
     chunk = positions[start:start + _CHUNK]
@@ -150,11 +186,13 @@ def _scan(source, positions: np.ndarray, *, role: str,
     for image, caption in zip(images, texts):
       if image is None:
         digests.append(None)
+        pixels.append(None)
         continue
       peak = max(peak, int(np.max(image))) if image.size else peak
       h = hashlib.sha256()
       h.update(repr((image.shape, str(image.dtype))).encode())
       h.update(np.ascontiguousarray(image).tobytes())
+      pixels.append(h.hexdigest())  # hashlib objects stay updatable
       if caption is not None:
         h.update(b"\0caption\0" + str(caption).encode("utf-8"))
       digests.append(h.hexdigest())
@@ -163,7 +201,7 @@ def _scan(source, positions: np.ndarray, *, role: str,
         f"{len(bad)} {role} image(s) cannot be read",
         getattr(source, "name", role),
         f"fix or remove them before the audit; {_shown(bad)}")
-  return digests, peak
+  return digests, peak, pixels
 
 
 # What a checkpoint's recorded split rules out for each side of an audit:
@@ -176,14 +214,27 @@ _RECORDED_AS = {"members": "members (trained on)",
                 "public": "public reference images (never trained on)"}
 
 
-def _check_record(named_sets, digests, recorded, captions: bool) -> None:
-  """Refuses a given set that the checkpoint's recorded split contradicts."""
+def _check_record(named_sets, digests, recorded, captions: bool,
+                  recorded_sha256: Optional[dict]) -> None:
+  """Refuses a given set that the checkpoint's recorded split contradicts.
+
+  A recorded role whose images no longer match its ``recorded_sha256``
+  (edited since training) is not evidence: it is left out, with a warning.
+  """
   recorded_digests = {}
   for role, source, positions in recorded:
     if role == "members" or any(role in _CONTRADICTS.get(r, ())
                                 for r, _, _ in named_sets):
-      recorded_digests[role] = content_hashes(
-          source, positions, role=f"recorded {role}", captions=captions)
+      hashes, _, pixels = _scan(source, positions, role=f"recorded {role}",
+                                captions=captions)
+      want = (recorded_sha256 or {}).get(role)
+      if want is not None and split_digest(pixels) != want:
+        logging.warning(
+            "the checkpoint's recorded %s are not the images it was trained "
+            "on (%s changed since training); the given sets are not checked "
+            "against them", role, getattr(source, "name", "the data"))
+        continue
+      recorded_digests[role] = hashes
   for role, source, positions in named_sets:
     for other in _CONTRADICTS.get(role, ()):
       if other not in recorded_digests:
@@ -229,7 +280,9 @@ def check_pixel_levels(peak: int, role: str, name: str) -> None:
 
 def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
                       drop_overlap: bool = False, captions: bool = True,
-                      recorded: Sequence[tuple[str, Any, np.ndarray]] = ()
+                      recorded: Sequence[tuple[str, Any, np.ndarray]] = (),
+                      pixel_hashes: Optional[dict] = None,
+                      recorded_sha256: Optional[dict] = None
                       ) -> dict[str, np.ndarray]:
   """Reads every image once; refuses unreadable ones and cross-set overlap.
 
@@ -244,6 +297,12 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
       ("members", "nonmembers", "public"); a given member recorded as a
       non-member or public image, or a given non-member / reference image
       recorded as a member, is refused (`_CONTRADICTS`).
+    pixel_hashes: a dict to fill with role -> the pixels-only hashes of
+      every given position (before ``drop_overlap``), read in the same pass:
+      what a caller compares with a checkpoint's `record_digests` without
+      reading the images again.
+    recorded_sha256: the checkpoint's `record_digests` of ``recorded``; a
+      recorded role that no longer matches it is not checked against.
   Returns:
     role -> [K'] positions to keep (all of them unless ``drop_overlap``).
   Raises:
@@ -253,8 +312,10 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
   """
   digests = {}
   for role, source, positions in named_sets:
-    digests[role], peak = _scan(source, positions, role=role,
-                                captions=captions)
+    digests[role], peak, pixels = _scan(source, positions, role=role,
+                                        captions=captions)
+    if pixel_hashes is not None:
+      pixel_hashes[role] = pixels
     check_pixel_levels(peak, role, getattr(source, "name", role))
     repeats = len(digests[role]) - len(set(digests[role]))
     if repeats:
@@ -292,5 +353,5 @@ def check_sample_sets(named_sets: Sequence[tuple[str, Any, np.ndarray]], *,
       logging.warning("--drop_overlap: dropped %d %s sample(s) whose content "
                       "is also in another set", int((~keep).sum()), role)
   _check_record([(role, source, kept[role]) for role, source, _ in named_sets],
-                kept_digests, recorded, captions)
+                kept_digests, recorded, captions, recorded_sha256)
   return kept

@@ -48,6 +48,7 @@ from typing import Optional
 import numpy as np
 
 from mia_jax import errors
+from mia_jax.data import integrity
 from mia_jax.data import sources as sources_lib
 from mia_jax.data import splits as splits_lib
 
@@ -353,7 +354,9 @@ def training_record(members_spec: str, nonmembers_spec: str) -> dict:
   ``nonmembers_spec`` images of the same data set held out from it. The
   record (``{"source": base spec, "members": ids, "nonmembers": ids}``) is
   the one `experiments/train.py` writes, so the checkpoint can serve as a
-  GSA shadow or be audited with ``--members recorded``.
+  GSA shadow or be audited with ``--members recorded``; it includes
+  ``content_sha256`` (`integrity.record_digests`), so a later edit of the
+  data under the same ids is refused when the split is read back.
 
   Raises:
     SpecError: the sides come from different data sets, overlap, or one
@@ -370,11 +373,13 @@ def training_record(members_spec: str, nonmembers_spec: str) -> dict:
   except SpecError as e:
     raise SpecError(str(e).replace("--members", "--trained_on").replace(
         "--nonmembers", "--held_out")) from None
-  ids = {}
+  ids, parts = {}, {}
   for name, side, text in (("members", members, members_spec),
                            ("nonmembers", nonmembers, nonmembers_spec)):
     if len(side) == 0:
       raise SpecError(f"data spec {text!r} selects no images.")
     ids[name] = [v.item() if hasattr(v, "item") else v
                  for v in np.asarray(side.ids)]
-  return {"source": source, **ids}
+    parts[name] = integrity.record_digests(
+        side, {name: np.arange(len(side), dtype=np.int64)})[name]
+  return {"source": source, **ids, "content_sha256": parts}

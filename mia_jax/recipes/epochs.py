@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from mia_jax import audit, checkpoints, report
+from mia_jax.data import integrity
 from mia_jax.recipes import common
 
 
@@ -77,7 +78,11 @@ def export_state_checkpoint(tcfg: ml_collections.ConfigDict, train_dir: str,
                   "config": tcfg.to_dict()},
       data={"source": tcfg.data.source, "members": ids[members].tolist(),
             "nonmembers": ids[nonmembers].tolist(),
-            "public": ids[public].tolist()})
+            "public": ids[public].tolist(),
+            # Hashed at export (the snapshot's training read the same spec).
+            "content_sha256": integrity.record_digests(source, {
+                "members": members, "nonmembers": nonmembers,
+                "public": public})})
   return output
 
 

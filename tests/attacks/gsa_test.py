@@ -6,6 +6,7 @@ loss" for GSA1, and float64 central finite differences of a NumPy twin.
 """
 
 import importlib.util
+import json
 import os
 
 import flax.linen as nn
@@ -439,3 +440,44 @@ def test_balanced_classes_skip_the_weights_with_the_same_fit():
                                   weighted.predict_proba(test))
   uneven = gsa_classifier.fit_classifier("hgb", 0, x[:60], y[:60])
   assert uneven.get_params()["class_weight"] == "balanced"
+
+
+def test_shadow_whose_recorded_data_changed_is_refused(tmp_path, monkeypatch,
+                                                       caplog):
+  """A shadow's split is checked against the digest its record holds."""
+  from mia_jax.attacks import gsa_shadows
+  monkeypatch.setitem(models.FAMILIES, "gsa_toy", __name__)
+  pool = data.parse_spec("digits:public")
+  npz = str(tmp_path / "pool.npz")
+  np.savez(npz, images=np.asarray(pool.get(np.arange(12))),
+           ids=np.arange(500, 512))
+  record = data.training_record(f"{npz}:members:seed=0",
+                                f"{npz}:nonmembers:seed=0")
+  shadow = _save(tmp_path / "shadow", 1, record)
+  digits = data.parse_spec("digits:members")
+  ctx = fitted.FittedContext(
+      denoiser=None, eval_sets=[runner.SampleSet(digits, np.arange(3), 1),
+                                runner.SampleSet(digits, np.arange(3, 6), 0)],
+      reference_set=None, shadow_checkpoints=[shadow], batch_size=3, seed=0,
+      work_dir=str(tmp_path / "work"))
+  gsa_shadows.check_shadows_disjoint(ctx, max_per_side=2)  # unchanged: fine
+  with np.load(npz) as f:
+    images, ids = f["images"].copy(), f["ids"]
+  row = int(np.flatnonzero(ids == record["nonmembers"][-1])[0])
+  images[row] = 255 - images[row]
+  np.savez(npz, images=images, ids=ids)
+  # Even a sample past --max_shadow_samples: the digest covers the record.
+  for call in (lambda: gsa_shadows.check_shadows_disjoint(ctx, 2),
+               lambda: gsa_shadows.load_shadow(shadow)):
+    with pytest.raises(errors.UserError, match=(
+        r"recorded nonmembers are not the images.*shadow .*shadow, recorded "
+        r"nonmembers.*restore the data the shadow was trained on")):
+      call()
+  # A record written before the digest: read, with one warning.
+  meta_path = os.path.join(shadow, "model.json")
+  meta = json.load(open(meta_path))
+  del meta["data"]["content_sha256"]
+  json.dump(meta, open(meta_path, "w"))
+  with caplog.at_level("WARNING"):
+    gsa_shadows.check_shadows_disjoint(ctx, 2)
+  assert "could not be verified" in caplog.text
