@@ -131,13 +131,7 @@ def check_compute_record(workdir: str, what: str) -> None:
   path = os.path.join(workdir, _COMPUTE_RECORD)
   recorded = None
   if os.path.isfile(path):
-    try:
-      with open(path) as f:
-        recorded = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise errors.UserError(
-          f"{_COMPUTE_RECORD} is not valid JSON ({e})", path,
-          "restore it, or train in a new workdir") from e
+    recorded = _read_record(path, "restore it, or train in a new workdir")
   elif _latest_step(os.path.join(workdir, "state")) is not None:
     recorded = {}
   current = compute_record()
@@ -153,6 +147,16 @@ def check_compute_record(workdir: str, what: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   report.atomic_write_text(path, json.dumps(current, indent=2,
                                             sort_keys=True))
+
+
+def _read_record(path: str, todo: str) -> dict:
+  """A run's JSON record; a torn or hand-broken one is a one-line refusal."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.UserError(
+        f"{os.path.basename(path)} is not valid JSON ({e})", path, todo) from e
 
 
 def _latest_step(state_dir: str) -> Optional[int]:
@@ -177,13 +181,8 @@ def _check_workdir(cfg: ml_collections.ConfigDict, workdir: str,
   finished = os.path.exists(os.path.join(target_dir, "model.json"))
   recorded = None
   if os.path.isfile(record_path):
-    try:
-      with open(record_path) as f:
-        recorded = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise errors.UserError(
-          f"{_RECORD} is not valid JSON ({e})", record_path,
-          "restore it, or train in a new --workdir") from e
+    recorded = _read_record(record_path,
+                            "restore it, or train in a new --workdir")
   elif finished:
     # Workdirs trained before the record existed: the export's provenance.
     provenance = checkpoints.read_metadata(target_dir).get(

@@ -294,3 +294,7 @@ def test_fit_workdir_refuses_other_compute_flags(tmp_path, monkeypatch):
   _in_compute(monkeypatch, matmul_precision="high")
   with pytest.raises(errors.UserError, match="--matmul_precision"):
     train.check_compute_record(str(older), "vae")
+  # A torn record: one line naming the file, not a JSONDecodeError.
+  (older / "compute.json").write_text('{"--dtype": ')
+  with pytest.raises(errors.UserError, match=r"compute.json is not valid JSON"):
+    train.check_compute_record(str(older), "vae")
