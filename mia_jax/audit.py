@@ -549,6 +549,9 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
     runner.check_shards(shard_dir, runner.shard_fingerprint(
         run_fingerprint, batch_size=cfg.batch_size, seed=cfg.seed,
         variants=variants, total=sum(len(s.indices) for s in sets)))
+  contexts = fitted_contexts(cfg, denoiser, sets, reference)
+  for name, ctx, overrides in contexts:  # e.g. GSA shadows that saw the data
+    fitted.check(name, ctx, **overrides)
   if lead:
     rundir.write_config(cfg.output, resolved)
   logging.info("auditing %s: %d members, %d non-members, attacks %s, OMS 0..%d",
@@ -558,7 +561,7 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
       denoiser, built, sets, batch_size=cfg.batch_size, seed=cfg.seed,
       shard_dir=shard_dir, run_fingerprint=run_fingerprint, progress=progress)
   if lead:
-    fitted_variants = run_fitted_attacks(cfg, denoiser, sets, reference)
+    fitted_variants = run_fitted_attacks(contexts)
     manifest["compute"] = {**compute.settings(), **compute.compile_stats()}
     logging.info("compilation: %.1f s in %d programs, %d loaded from the "
                  "persistent cache", manifest["compute"]["compile_s"],
@@ -573,9 +576,9 @@ def _run_locked(cfg: AuditConfig, metadata: dict, denoiser, progress: bool,
     return json.load(f)
 
 
-def run_fitted_attacks(cfg: AuditConfig, denoiser: Denoiser, sets,
-                       reference) -> list[fitted.FittedVariant]:
-  """Runs the fitted attacks (QR, GSA) of ``cfg`` on the evaluation sets."""
+def fitted_contexts(cfg: AuditConfig, denoiser: Denoiser, sets, reference
+                    ) -> list[tuple[str, fitted.FittedContext, dict]]:
+  """(name, context, options) of each fitted attack (QR, GSA) of ``cfg``."""
   out = []
   for name in cfg.attacks:
     if not fitted.is_fitted(name):
@@ -586,9 +589,17 @@ def run_fitted_attacks(cfg: AuditConfig, denoiser: Denoiser, sets,
         batch_size=cfg.batch_size, seed=cfg.seed,
         work_dir=os.path.join(cfg.output, "fitted", name),
         latent_sample=cfg.latent_sample)
-    os.makedirs(ctx.work_dir, exist_ok=True)
     overrides = dict(cfg.attack_overrides.get(name, {}))
     overrides.setdefault("oms_steps", cfg.oms_steps)
+    out.append((name, ctx, overrides))
+  return out
+
+
+def run_fitted_attacks(contexts) -> list[fitted.FittedVariant]:
+  """Runs the fitted attacks of `fitted_contexts` on the evaluation sets."""
+  out = []
+  for name, ctx, overrides in contexts:
+    os.makedirs(ctx.work_dir, exist_ok=True)
     logging.info("running fitted attack %s", name)
     out.extend(fitted.run(name, ctx, **overrides))
   return out

@@ -409,6 +409,22 @@ def test_bad_gsa_timesteps_refused_before_any_write(ckpt, tmp_path, value):
   _refuses(cfg, "timestep")
 
 
+@pytest.mark.parametrize("option,match", [
+    (None, r"shadow .* was trained or held out on \d+ image"),
+    ("gsa.classifier=forest", r"unknown classifier 'forest'"),
+])
+def test_gsa_inputs_refused_before_any_write(ckpt, tmp_path, option, match):
+  """The target given as its own shadow (its recorded members are the
+  evaluated ones: GSA would learn the labels) and a bad classifier are
+  refused before config.json, not after the loss attacks ran."""
+  cfg = _cfg(ckpt, tmp_path / "run", attacks=("naive", "gsa"),
+             shadow_checkpoints=(ckpt,))
+  if option:
+    name, key, parsed = audit.parse_attack_option(option)
+    cfg.attack_overrides[name] = {key: parsed}
+  _refuses(cfg, match)
+
+
 def test_a_presets_options_for_attacks_not_run_are_dropped_not_refused():
   # attack_sd.py gives timesteps for naive/secmi/pia/pian; `--attacks gsa`
   # with that config once failed on options the user never wrote.

@@ -72,6 +72,8 @@ class FittedContext:
       write atomically there so a killed run resumes.
     latent_sample: latent models: the run encodes images with a posterior
       sample (``--latent_sample``); shadow models must encode the same way.
+    inputs_checked: True once `check` passed for this context, so the attack
+      need not read its inputs (e.g. hash every shadow image) again.
   """
 
   denoiser: Denoiser
@@ -82,6 +84,7 @@ class FittedContext:
   seed: int
   work_dir: str
   latent_sample: bool = False
+  inputs_checked: bool = False
 
   def num_eval(self) -> int:
     return int(sum(len(s.indices) for s in self.eval_sets))
@@ -103,6 +106,17 @@ def option_names(name: str) -> set[str]:
     return set(module.OPTIONS)
   params = inspect.signature(module.run_fitted).parameters
   return {k for k in params if k != "ctx"}
+
+
+def check(name: str, ctx: FittedContext, **overrides) -> None:
+  """Checks fitted attack ``name``'s inputs before anything is written: its
+  module's ``check_inputs(ctx, **overrides)``, where it has one (raises a
+  `mia_jax.errors.UserError`). Marks ``ctx.inputs_checked``."""
+  module = importlib.import_module(FITTED[name])
+  check_inputs = getattr(module, "check_inputs", None)
+  if check_inputs is not None:
+    check_inputs(ctx, **overrides)
+  ctx.inputs_checked = True
 
 
 def run(name: str, ctx: FittedContext, **overrides) -> list[FittedVariant]:

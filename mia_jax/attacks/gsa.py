@@ -77,8 +77,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mia_jax import (checkpoints, compute, fixed_point, parallel, rundir,
-                     runner, schedules)
+from mia_jax import (checkpoints, compute, errors, fixed_point, parallel,
+                     rundir, runner, schedules)
 from mia_jax.attacks import fitted
 from mia_jax.attacks.gsa_shadows import (  # pylint: disable=unused-import
     SHADOW_CONFIG, ShadowData, check_shadows_disjoint, load_shadow,
@@ -406,15 +406,15 @@ def _setup(ctx: fitted.FittedContext, overrides: dict):
   """(options, target feature function, trainable mask, cache key parts)."""
   unknown = sorted(set(overrides) - set(_DEFAULTS))
   if unknown:
-    raise ValueError(f"unknown gsa option(s) {unknown}; expected some of "
-                     f"{sorted(_DEFAULTS)}")
+    raise errors.UserError(f"unknown gsa option(s) {unknown}",
+                           "--attack_option gsa.KEY=VALUE",
+                           f"use some of {sorted(_DEFAULTS)}")
   opts = {**_DEFAULTS, **{k: v for k, v in overrides.items() if v is not None}}
-  if opts["classifier"] not in CLASSIFIERS:
-    raise ValueError(f"unknown classifier {opts['classifier']!r}; expected one "
-                     f"of {CLASSIFIERS}")
-  if opts["scaling"] not in SCALINGS:
-    raise ValueError(f"unknown scaling {opts['scaling']!r}; expected one of "
-                     f"{SCALINGS}")
+  for key, allowed in (("classifier", CLASSIFIERS), ("scaling", SCALINGS)):
+    if opts[key] not in allowed:
+      raise errors.UserError(f"unknown {key} {opts[key]!r}",
+                             f"--attack_option gsa.{key}",
+                             f"use one of {list(allowed)}")
   oms_steps = int(opts["oms_steps"])
   target = ctx.denoiser
   timesteps = schedules.validate_timesteps(target.schedule, opts["timesteps"],
@@ -432,6 +432,17 @@ def _setup(ctx: fitted.FittedContext, overrides: dict):
             "batch": int(opts["feature_batch_size"]),
             "exclude": list(opts["exclude"])}
   return opts, feature_fn, mask, common
+
+
+def check_inputs(ctx: fitted.FittedContext, **overrides) -> None:
+  """Everything `run_fitted` would refuse, without computing anything: the
+  options, and shadows that saw an evaluated image (`fitted.check` runs it
+  before the audit writes its run directory)."""
+  opts, _, _, _ = _setup(ctx, overrides)
+  if not ctx.shadow_checkpoints:
+    raise errors.UserError("gsa needs shadow models", "--shadow_checkpoints",
+                           "pass DIR[,DIR...]; " + shadow_training_help())
+  check_shadows_disjoint(ctx, opts["max_shadow_samples"])
 
 
 def warm_target_cache(ctx: fitted.FittedContext, **overrides) -> np.ndarray:
@@ -472,7 +483,8 @@ def run_fitted(ctx: fitted.FittedContext, **overrides) -> list[fitted.FittedVari
   feature_dir = os.path.join(ctx.work_dir, "features")
   shadow_dir = opts["shadow_cache_dir"] or feature_dir
 
-  check_shadows_disjoint(ctx, opts["max_shadow_samples"])  # before the long part
+  if not ctx.inputs_checked:  # before the long part
+    check_shadows_disjoint(ctx, opts["max_shadow_samples"])
   stats = FeatureStats()
   target_x = target_features(ctx, feature_fn, common, stats)
   seconds_per_sample = (stats.seconds / stats.computed if stats.computed
