@@ -439,9 +439,6 @@ def check_inputs(ctx: fitted.FittedContext, **overrides) -> None:
   options, and shadows that saw an evaluated image (`fitted.check` runs it
   before the audit writes its run directory)."""
   opts, _, _, _ = _setup(ctx, overrides)
-  if not ctx.shadow_checkpoints:
-    raise errors.UserError("gsa needs shadow models", "--shadow_checkpoints",
-                           "pass DIR[,DIR...]; " + shadow_training_help())
   check_shadows_disjoint(ctx, opts["max_shadow_samples"])
 
 

@@ -108,24 +108,6 @@ def load_shadow(directory: str, max_per_side: Optional[int] = None,
                              np.zeros(len(nonmembers), np.int64)]))
 
 
-class _PixelsOnly:
-  """A source seen without its captions: GSA's shadow check compares
-  pixels, since a shadow's recorded source and the audit's ``--captions``
-  may caption one image differently."""
-
-  has_captions = False
-  captions = None
-
-  def __init__(self, source):
-    self._source = source
-
-  def __getattr__(self, name):
-    return getattr(self._source, name)
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-
 def check_shadows_disjoint(ctx: fitted.FittedContext,
                            max_per_side: Optional[int] = None) -> None:
   """Refuses shadows trained or held out on an image the audit evaluates.
@@ -142,8 +124,10 @@ def check_shadows_disjoint(ctx: fitted.FittedContext,
   evaluated = {}
   for s in ctx.eval_sets:
     ids = np.asarray(s.source.ids)[s.indices].tolist()
-    digests = integrity.content_hashes(_PixelsOnly(s.source), s.indices,
-                                       role="evaluated")
+    # Pixels only: a shadow's recorded source and the audit's --captions may
+    # caption one image differently.
+    digests = integrity.content_hashes(s.source, s.indices, role="evaluated",
+                                       captions=False)
     for d, sid in zip(digests, ids):
       evaluated.setdefault(d, sid)
   for directory in ctx.shadow_checkpoints:
@@ -152,7 +136,7 @@ def check_shadows_disjoint(ctx: fitted.FittedContext,
     source, members, nonmembers = _shadow_positions(directory, None,
                                                     verify=False)
     digests = {
-        role: integrity.content_hashes(_PixelsOnly(source), pos,
+        role: integrity.content_hashes(source, pos, captions=False,
                                        role=f"shadow {directory} {role}")
         for role, pos in (("members", members), ("nonmembers", nonmembers))}
     sample_sets.verify_recorded(
