@@ -71,6 +71,11 @@ def _holder(path: str) -> str:
     return "another process"
 
 
+def _write_holder(fd: int, record: bytes) -> None:
+  os.ftruncate(fd, 0)
+  os.pwrite(fd, record, 0)
+
+
 @contextlib.contextmanager
 def lock(run_dir: str, *, enabled: bool = True) -> Iterator[None]:
   """Holds the exclusive lock of ``run_dir`` (created if needed).
@@ -99,15 +104,19 @@ def lock(run_dir: str, *, enabled: bool = True) -> Iterator[None]:
     info = {"pid": os.getpid(), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": " ".join(sys.argv)}
-    os.ftruncate(fd, 0)
-    os.write(fd, json.dumps(info).encode())
+    previous = os.pread(fd, 1 << 16, 0)
+    _write_holder(fd, json.dumps(info).encode())
     try:
       yield
-    except BaseException:
-      # A run refused before it wrote anything leaves no directory behind.
+    except BaseException as e:
+      # A run refused before it wrote anything leaves no directory behind,
+      # and an existing one's holder record as it was (the refused command
+      # never held its results).
       if created and os.listdir(run_dir) == [LOCK_NAME]:
         os.remove(path)
         os.rmdir(run_dir)
+      elif isinstance(e, errors.UserError):
+        _write_holder(fd, previous)
       raise
   finally:
     os.close(fd)  # releases the flock

@@ -262,6 +262,24 @@ def test_a_second_run_on_a_locked_directory_refuses_at_once(ckpt, tmp_path):
     pass
 
 
+def test_a_refused_run_leaves_an_existing_lock_record_as_it_was(tmp_path):
+  """The holder record names who wrote the results: a run refused while it
+  held the lock restores it (any other error keeps its own, for forensics)."""
+  out = tmp_path / "run"
+  out.mkdir()
+  (out / ".lock").write_text('{"pid": 1, "command": "the run that wrote it"}')
+  before = _snapshot(out)
+  with pytest.raises(errors.UserError):
+    with rundir.lock(str(out)):
+      assert "the run that wrote it" not in (out / ".lock").read_text()
+      raise errors.UserError("refused", "--x", "fix it")
+  assert _snapshot(out) == before
+  with pytest.raises(RuntimeError):
+    with rundir.lock(str(out)):
+      raise RuntimeError("a bug")
+  assert "the run that wrote it" not in (out / ".lock").read_text()
+
+
 def test_two_attack_processes_on_one_output(ckpt, tmp_path):
   """Two real attack.py runs at once: one runs, the other refuses at once."""
   out = tmp_path / "run"
