@@ -165,9 +165,13 @@ def test_nan_loss_stops_training_and_exports_nothing(tmp_path):
 
 
 def test_finished_workdir_of_an_older_version_is_checked_by_provenance(
-    tmp_path):
+    tmp_path, monkeypatch):
   """No train_config.json: the exported target's recorded config is used."""
   from mia_jax import errors
+  # Its provenance predates recorded compute flags (read as the defaults):
+  # this process runs with the defaults too, whatever an earlier test of
+  # this worker configured.
+  _in_compute(monkeypatch)
   from tests import toy_models
   workdir = tmp_path / "w"
   target = toy_models.save_tiny_checkpoint(str(workdir / "target"))
